@@ -1,0 +1,1 @@
+"""Training: the fit loop and what it trains."""

@@ -1,0 +1,69 @@
+"""``python -m gateway serve``: settings → ``uvicorn.run(create_app(settings))``.
+
+CLI flags override ``GATEWAY_*`` variables, which override the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+    from pydantic import ValidationError
+
+    from gateway.app import create_app
+    from gateway.errors import BundleError
+    from gateway.settings import GatewaySettings
+
+    overrides: dict[str, Any] = {
+        k: v for k, v in {"artifacts": args.artifacts, "host": args.host, "port": args.port,
+                          "defense": args.defense}.items() if v is not None
+    }
+    if args.demo:
+        overrides["demo"] = True
+    try:
+        settings = GatewaySettings(**overrides)
+    except ValidationError as exc:
+        print(f"invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.demo and settings.artifacts is None:
+        from gateway.demo import ensure_demo_bundle
+
+        try:
+            settings = settings.model_copy(update={"artifacts": ensure_demo_bundle(settings.demo_cache)})
+        except BundleError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    app = create_app(settings)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=settings.access_log,
+        timeout_graceful_shutdown=20,
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gateway", description="Membership-inference-defending prediction gateway.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("serve", help="serve a bundle (or the embedded demo) over HTTP")
+    p.add_argument("--artifacts", help="artifact bundle directory (GATEWAY_ARTIFACTS)")
+    p.add_argument("--demo", action="store_true", help="serve the embedded Location30 demo, built on first use")
+    p.add_argument("--host", help="bind address (GATEWAY_HOST, default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (GATEWAY_PORT, default 8000)")
+    p.add_argument("--defense", help="defense name (GATEWAY_DEFENSE, default none)")
+    p.set_defaults(func=_serve)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

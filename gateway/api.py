@@ -1,0 +1,64 @@
+"""``POST /predict``, health, readiness and metrics. Handlers stay thin."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.requests import Request
+from starlette.responses import Response
+
+from gateway.errors import ServiceUnavailable
+from gateway.schemas import dumps, parse_predict, read_json
+
+router = APIRouter()
+
+
+def _json(obj: object, status: int = 200) -> Response:
+    return Response(dumps(obj), status_code=status, media_type="application/json")
+
+
+def serving_state(request: Request):  # type: ignore[no-untyped-def]
+    """Auth first (401 before anything else), then readiness (503)."""
+    state = request.app.state.gateway
+    state.auth.check(request)
+    if state.batcher is None or state.draining:
+        raise ServiceUnavailable("the gateway is not ready (loading or draining); retry shortly")
+    return state
+
+
+@router.post("/predict")
+async def predict(request: Request) -> Response:
+    state = serving_state(request)
+    manifest = state.bundle.manifest
+    body = await read_json(request, state.settings.max_body_bytes)
+    x = parse_predict(body, width=manifest.input.width, max_rows=state.settings.max_batch_rows)
+    out = await state.batcher.submit(x)
+    return _json(
+        {
+            "probabilities": out.probabilities,
+            "labels": out.labels,
+            "model": manifest.name,
+            "model_version": manifest.version,
+            "defense": state.defense.name,
+        }
+    )
+
+
+@router.get("/healthz")
+async def healthz() -> Response:
+    return _json({"status": "alive"})
+
+
+@router.get("/readyz")
+async def readyz(request: Request) -> Response:
+    state = request.app.state.gateway
+    reason = state.not_ready_reason()
+    if reason is not None:
+        return _json({"error": reason}, status=503)
+    return _json({"status": "ready", "provider": state.runner.provider, "defense": state.defense.name})
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    registry = request.app.state.gateway.metrics.registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,242 @@
+"""App factory and lifespan.
+
+Startup: bundle (sha256-verified) → runner (provider read back) → defense → pipeline → batch
+queue → warm-up → ready. Shutdown: not ready (readiness 503) → queue drained → runner closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway import __version__
+from gateway.artifacts import Bundle, load_bundle
+from gateway.auth import ApiKeyAuth
+from gateway.batching import BatchQueue
+from gateway.defenses import Defense, create_defense
+from gateway.defenses._keyed import RowKeyer, key_context
+from gateway.errors import BundleError, GatewayError
+from gateway.metrics import GatewayMetrics
+from gateway.pipeline import Pipeline
+from gateway.runner import CUDA, ModelRunner, OnnxRunner
+from gateway.settings import GatewaySettings
+
+log = logging.getLogger("gateway")
+
+RunnerFactory = Callable[[Bundle, GatewaySettings], ModelRunner]
+
+
+@dataclass
+class GatewayState:
+    settings: GatewaySettings
+    metrics: GatewayMetrics
+    auth: ApiKeyAuth
+    bundle: Bundle | None = None
+    runner: ModelRunner | None = None
+    defense: Defense | None = None
+    batcher: BatchQueue | None = None
+    ready: bool = False
+    draining: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def gpu_ok(self) -> bool:
+        return not self.settings.require_gpu or (self.runner is not None and self.runner.provider == CUDA)
+
+    def not_ready_reason(self) -> str | None:
+        if self.draining:
+            return "the gateway is draining for shutdown"
+        if not self.ready:
+            return "the model and defense are still loading"
+        if not self.gpu_ok:
+            provider = self.runner.provider if self.runner else "none"
+            return f"GATEWAY_REQUIRE_GPU=true but ONNX Runtime runs on {provider}; check the CUDA libraries and driver"
+        return None
+
+
+def default_runner(bundle: Bundle, settings: GatewaySettings) -> ModelRunner:
+    m = bundle.manifest
+    return OnnxRunner(
+        bundle.model_path,
+        input_name=m.input.name,
+        output_name=m.output.name,
+        intra_op_threads=settings.ort_intra_op_threads,
+    )
+
+
+def _build(state: GatewayState, runner_factory: RunnerFactory) -> Pipeline:
+    settings = state.settings
+    assert settings.artifacts is not None
+    bundle = load_bundle(settings.artifacts)
+    manifest = bundle.manifest
+    runner = runner_factory(bundle, settings)
+    device = torch.device("cuda") if runner.provider == CUDA and torch.cuda.is_available() else torch.device("cpu")
+    overrides = dict(settings.defense_params)
+    defense = create_defense(settings.defense, bundle, overrides, device)
+    keyer = None
+    if defense.randomized:
+        if settings.uses_default_secret() and not settings.development:
+            raise BundleError(
+                "GATEWAY_NOISE_SECRET is unset or the development default: set a random secret shared by all "
+                "replicas (e.g. `openssl rand -hex 32`), or use --demo for local experiments"
+            )
+        context = key_context(manifest.version, defense.name, defense.params())
+        keyer = RowKeyer(settings.noise_secret.get_secret_value().encode(), context)
+    state.bundle, state.runner, state.defense = bundle, runner, defense
+    return Pipeline(
+        runner,
+        defense,
+        classes=manifest.output.classes,
+        output_kind=manifest.output.kind,
+        on_defense_error=settings.on_defense_error,
+        metrics=state.metrics,
+        keyer=keyer,
+        device=device,
+    )
+
+
+def _warm_up(pipeline: Pipeline, width: int, max_batch: int) -> None:
+    """Run the shapes the batcher will produce once, on throwaway metrics."""
+    probe = Pipeline(
+        pipeline.runner,
+        pipeline.defense,
+        classes=pipeline.classes,
+        output_kind=pipeline.output_kind,
+        on_defense_error=pipeline.on_defense_error,
+        metrics=GatewayMetrics(max_batch_size=max_batch),
+        keyer=pipeline.keyer,
+        device=pipeline.device,
+    )
+    for b in sorted({1, max_batch}):
+        probe(np.zeros((b, width), dtype=np.float32))
+
+
+class _RequestTimer:
+    """Pure ASGI middleware: request latency by route template and status (bounded labels)."""
+
+    def __init__(self, app: ASGIApp, metrics: GatewayMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            self.metrics.request_duration.labels(template, str(status)).observe(time.perf_counter() - start)
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def create_app(settings: GatewaySettings, *, runner_factory: RunnerFactory = default_runner) -> FastAPI:
+    metrics = GatewayMetrics(max_batch_size=settings.max_batch_size)
+    state = GatewayState(settings=settings, metrics=metrics, auth=ApiKeyAuth(settings.all_api_keys()))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        pipeline = await asyncio.to_thread(_build, state, runner_factory)
+        assert state.bundle is not None and state.runner is not None and state.defense is not None
+        manifest = state.bundle.manifest
+        metrics.model_info.labels(manifest.name, manifest.version, state.runner.provider).set(1)
+        metrics.init_defense(state.defense.name)
+        metrics.queue_depth.set(0)
+        log.info(
+            "serving %s %s (%d features -> %d classes, %s) on %s with defense %r %s",
+            manifest.name, manifest.version, manifest.input.width, manifest.output.classes,
+            manifest.output.kind, state.runner.provider, state.defense.name, state.defense.params(),
+        )
+        if settings.require_gpu and not state.gpu_ok:
+            log.error("GATEWAY_REQUIRE_GPU=true but the provider is %s: readiness stays 503", state.runner.provider)
+        await asyncio.to_thread(_warm_up, pipeline, manifest.input.width, settings.max_batch_size)
+        batcher = BatchQueue(
+            pipeline,
+            max_batch_size=settings.max_batch_size,
+            max_delay_s=settings.max_queue_delay_ms / 1000,
+            max_queue_rows=settings.max_queue_rows,
+            metrics=metrics,
+        )
+        batcher.start()
+        state.batcher = batcher
+        metrics_server = None
+        if settings.metrics_port is not None:
+            from prometheus_client import start_http_server
+
+            metrics_server, _ = start_http_server(settings.metrics_port, addr=settings.host, registry=metrics.registry)
+        state.ready = True
+        try:
+            yield
+        finally:
+            state.ready = False
+            state.draining = True
+            await batcher.close()
+            if metrics_server is not None:
+                metrics_server.shutdown()
+            state.runner.close()
+            log.info("drained and stopped")
+
+    app = FastAPI(
+        title="mi-gateway",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    app.state.gateway = state
+
+    @app.exception_handler(GatewayError)
+    async def _gateway_error(request: Request, exc: GatewayError) -> Response:
+        return error_response(exc.status, exc.message, exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        if exc.status_code == 404:
+            message = f"no route {request.url.path}; see /docs for the API"
+        elif exc.status_code == 405:
+            message = f"method {request.method} is not allowed on {request.url.path}"
+        return error_response(exc.status_code, message, getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+        return error_response(400, f"invalid request: {exc.errors()[0].get('msg', 'bad input')}")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        log.error("unhandled %s on %s", type(exc).__name__, request.url.path)
+        return error_response(500, "internal error; see the gateway log")
+
+    from gateway import api, oip
+
+    app.include_router(api.router)
+    app.include_router(oip.router)
+    app.add_middleware(_RequestTimer, metrics=metrics)
+    return app

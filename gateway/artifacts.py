@@ -1,0 +1,120 @@
+"""Artifact bundles: a directory with ``manifest.json``, ``model.onnx`` and defense weights.
+
+The manifest is the contract between the offline job (which writes it, atomically) and the
+gateway (which loads it unchanged). Every file listed in ``files`` is checked against its
+SHA-256 before anything is served; a mismatch or a missing file refuses startup with a message
+that names the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from gateway.errors import BundleError
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+_REBUILD_HINT = "re-run `python -m defense_models train ... --out DIR` (or `export`) to rebuild the bundle"
+
+
+class TensorSpec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: str
+    width: int = Field(ge=1)
+    dtype: Literal["float32"] = "float32"
+
+
+class OutputSpec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: str
+    #: ``logits`` (preferred: MemGuard works on logits) or ``probabilities`` (rows on the simplex).
+    kind: Literal["logits", "probabilities"]
+    classes: int = Field(ge=2)
+
+
+class DefenseEntry(BaseModel):
+    """Weights (relative path in the bundle) and calibrated parameters of one defense."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    weights: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    format_version: int = FORMAT_VERSION
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    version: str = Field(min_length=1)
+    created: str = ""
+    model_file: str = "model.onnx"
+    input: TensorSpec
+    output: OutputSpec
+    files: dict[str, str] = Field(description="relative path -> sha256 hex of every file in the bundle")
+    defenses: dict[str, DefenseEntry] = Field(default_factory=dict)
+    #: Free-form provenance from the offline job: resolved config, seeds, splits, accuracies, versions.
+    training: dict[str, Any] = Field(default_factory=dict)
+
+
+class Bundle(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    root: Path
+    manifest: Manifest
+
+    def path(self, relative: str) -> Path:
+        return self.root / relative
+
+    @property
+    def model_path(self) -> Path:
+        return self.path(self.manifest.model_file)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_bundle(root: Path) -> Bundle:
+    """Read and verify a bundle; raise ``BundleError`` with the fix on any problem."""
+    root = Path(root)
+    manifest_path = root / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise BundleError(f"{manifest_path} not found: point GATEWAY_ARTIFACTS at a bundle directory or {_REBUILD_HINT}")
+    try:
+        raw = json.loads(manifest_path.read_text())
+        manifest = Manifest.model_validate(raw)
+    except (json.JSONDecodeError, ValidationError) as exc:
+        raise BundleError(f"{manifest_path} is not a valid manifest ({exc}); {_REBUILD_HINT}") from exc
+    if manifest.format_version != FORMAT_VERSION:
+        raise BundleError(
+            f"{manifest_path} has format_version {manifest.format_version}, this gateway reads {FORMAT_VERSION}; "
+            f"{_REBUILD_HINT}"
+        )
+    listed = set(manifest.files)
+    needed = {manifest.model_file} | {d.weights for d in manifest.defenses.values() if d.weights}
+    if unlisted := sorted(needed - listed):
+        raise BundleError(f"{manifest_path} uses files without a sha256 entry: {unlisted}; {_REBUILD_HINT}")
+    for rel, expected in sorted(manifest.files.items()):
+        path = (root / rel).resolve()
+        if root.resolve() not in path.parents:
+            raise BundleError(f"{manifest_path} lists {rel!r}, which is outside the bundle; {_REBUILD_HINT}")
+        if not path.is_file():
+            raise BundleError(f"{rel} is listed in {manifest_path} but missing from {root}; {_REBUILD_HINT}")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise BundleError(
+                f"sha256 of {rel} does not match the manifest (expected {expected[:12]}…, found {actual[:12]}…): "
+                f"the bundle was modified or copied incompletely; {_REBUILD_HINT}"
+            )
+    return Bundle(root=root, manifest=manifest)
+
+
+def write_manifest(root: Path, manifest: Manifest) -> None:
+    (Path(root) / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n")

@@ -1,0 +1,197 @@
+"""Dynamic batching: many requests, one model+defense call, answers split back in order.
+
+Contract (cf. ray-project/ray ``serve/batching.py``):
+
+* ``submit(rows[n, D])`` is called with rows that are already validated; it returns a future
+  that settles with exactly those ``n`` rows of output, in order.
+* A batch flushes when it holds ``max_batch_size`` rows or when its oldest request has waited
+  ``max_delay_s``. A request larger than ``max_batch_size`` runs as a batch of its own.
+* The queue is bounded in rows; beyond it ``submit`` raises ``TooManyRequests`` (429).
+* Requests whose client went away (cancelled futures) are dropped before their batch runs.
+* If a batch call raises, every request in it is retried alone, so one poisonous request
+  never fails its batch-mates; a request that fails alone gets a 500.
+* Every waiter is settled: with a result, an error, or on ``close`` after the queue drains.
+* The blocking call runs on a single worker thread: the event loop stays free, and batches
+  reach the model (and the GPU) one at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gateway.errors import DefenseRejected, GatewayError, ServiceUnavailable, TooManyRequests
+from gateway.metrics import GatewayMetrics
+from gateway.pipeline import BatchOutput
+
+log = logging.getLogger("gateway.batching")
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    probabilities: np.ndarray  # [n, C] float64
+    labels: np.ndarray  # [n] int64
+
+
+@dataclass
+class _Item:
+    rows: np.ndarray  # [n, D] float32
+    future: asyncio.Future[RequestOutput]
+    enqueued: float = field(default_factory=time.perf_counter)
+
+    @property
+    def n(self) -> int:
+        return int(self.rows.shape[0])
+
+
+class BatchQueue:
+    def __init__(
+        self,
+        process: Callable[[np.ndarray], BatchOutput],
+        *,
+        max_batch_size: int,
+        max_delay_s: float,
+        max_queue_rows: int,
+        metrics: GatewayMetrics,
+    ) -> None:
+        self._process = process
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_s
+        self.max_queue_rows = max_queue_rows
+        self._metrics = metrics
+        self._pending: collections.deque[_Item] = collections.deque()
+        self._pending_rows = 0
+        self._wakeup = asyncio.Event()
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-batch")
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name="gateway-batcher")
+
+    async def close(self) -> None:
+        """Stop accepting, finish everything queued, then stop the worker."""
+        self._closing = True
+        self._wakeup.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+        self._executor.shutdown(wait=True)
+
+    @property
+    def depth(self) -> int:
+        return self._pending_rows
+
+    # --- producer side ---------------------------------------------------------------------
+    async def submit(self, rows: np.ndarray) -> RequestOutput:
+        if self._closing:
+            raise ServiceUnavailable("the gateway is shutting down; retry on another replica")
+        n = int(rows.shape[0])
+        if self._pending_rows + n > self.max_queue_rows:
+            raise TooManyRequests(
+                f"the batch queue is full ({self._pending_rows} rows waiting, limit {self.max_queue_rows}); "
+                "retry after the Retry-After delay or send fewer rows per request",
+                retry_after_s=1,
+            )
+        item = _Item(rows=rows, future=asyncio.get_running_loop().create_future())
+        self._pending.append(item)
+        self._pending_rows += n
+        self._metrics.queue_depth.set(self._pending_rows)
+        self._wakeup.set()
+        return await item.future
+
+    # --- consumer side ---------------------------------------------------------------------
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._pending:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            deadline = self._pending[0].enqueued + self.max_delay_s
+            while self._pending_rows < self.max_batch_size and not self._closing:
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    break
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                except TimeoutError:
+                    break
+            batch = self._take()
+            if batch:
+                await self._run(loop, batch)
+
+    def _take(self) -> list[_Item]:
+        """Pop requests (skipping cancelled ones) up to max_batch_size rows; at least one."""
+        batch: list[_Item] = []
+        rows = 0
+        while self._pending:
+            item = self._pending[0]
+            if item.future.done():  # client went away
+                self._pending.popleft()
+                self._pending_rows -= item.n
+                continue
+            if batch and rows + item.n > self.max_batch_size:
+                break
+            self._pending.popleft()
+            self._pending_rows -= item.n
+            batch.append(item)
+            rows += item.n
+        self._metrics.queue_depth.set(self._pending_rows)
+        return batch
+
+    async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
+        start = time.perf_counter()
+        for item in batch:
+            self._metrics.queue_wait.observe(start - item.enqueued)
+        x = batch[0].rows if len(batch) == 1 else np.concatenate([it.rows for it in batch])  # [B, D]
+        self._metrics.batch_size.observe(x.shape[0])
+        try:
+            out = await loop.run_in_executor(self._executor, self._process, x)
+            if len(out) != x.shape[0]:
+                raise RuntimeError(f"batch call returned {len(out)} rows for {x.shape[0]}")
+        except Exception as exc:
+            if len(batch) > 1:
+                log.warning("batch of %d requests failed (%s); retrying each alone", len(batch), type(exc).__name__)
+                for item in batch:
+                    if not item.future.done():
+                        await self._run(loop, [item])
+                return
+            log.error("model or defense failed for a request: %s", type(exc).__name__, exc_info=False)
+            _settle_error(batch[0], GatewayError("the model failed on this request; see the gateway log"))
+            return
+        offset = 0
+        for item in batch:
+            part = slice(offset, offset + item.n)
+            offset += item.n
+            if item.future.done():
+                continue
+            if out.rejected[part].any():
+                _settle_error(
+                    item,
+                    DefenseRejected(
+                        "the defense could not protect the output for this request, so it is withheld; "
+                        "retry later (the operator can set GATEWAY_ON_DEFENSE_ERROR=label_only)"
+                    ),
+                )
+            else:
+                item.future.set_result(
+                    RequestOutput(probabilities=out.probabilities[part], labels=out.labels[part])
+                )
+
+
+def _settle_error(item: _Item, exc: Exception) -> None:
+    if not item.future.done():
+        item.future.set_exception(exc)

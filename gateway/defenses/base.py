@@ -1,0 +1,40 @@
+"""The defense interface.
+
+A defense maps a batch of undefended vectors to released vectors::
+
+    defend(probs[B, C], logits[B, C], keys[B, 32]) -> released[B, C]
+
+* ``probs``: the clean softmax, float64, on ``device``; ``logits``: float32 on ``device`` (for a
+  probability-only backend, ``log(max(p, 1e-30))``, which has the same softmax).
+* ``keys``: per-row HMAC-SHA256 digests (uint8, CPU) — the *only* source of randomness a
+  defense may use, so the same row gets the same answer on every call and replica.
+* The result must, for every row, be finite, non-negative, sum to 1 (±1e-4 before the pipeline's
+  float64 renormalisation), keep ``argmax(probs)`` (first index on ties) and stay within
+  ``l1_bound`` of ``probs``. The pipeline checks all of this per row and never releases a row that
+  fails: it gets the configured fallback instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class Defense(Protocol):
+    #: Registry name; also the ``defense`` label of the metrics and the response.
+    name: ClassVar[str]
+    #: Whether ``defend`` consumes ``keys`` (the pipeline only computes digests when needed).
+    randomized: ClassVar[bool]
+
+    @property
+    def l1_bound(self) -> float:
+        """Largest per-row L1 distance ``defend`` may introduce (2.0 means unbounded on the simplex)."""
+        ...
+
+    def params(self) -> dict[str, Any]:
+        """Effective parameters, JSON-serialisable; logged at startup and bound into the row keys."""
+        ...
+
+    def defend(self, probs: torch.Tensor, logits: torch.Tensor, keys: torch.Tensor) -> torch.Tensor: ...

@@ -1,0 +1,119 @@
+"""Open Inference Protocol V2 (JSON): health, server and model metadata, infer."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from starlette.requests import Request
+from starlette.responses import Response
+
+from gateway import __version__
+from gateway.api import _json, serving_state
+from gateway.errors import ModelNotFound
+from gateway.schemas import parse_oip_infer, read_json
+
+router = APIRouter(prefix="/v2")
+
+
+def _check_model(state, model: str, version: str | None = None) -> None:  # type: ignore[no-untyped-def]
+    manifest = state.bundle.manifest if state.bundle is not None else None
+    if manifest is None or model != manifest.name:
+        served = manifest.name if manifest else "none yet"
+        raise ModelNotFound(f"unknown model {model!r}; this gateway serves {served!r}")
+    if version is not None and version != manifest.version:
+        raise ModelNotFound(f"unknown version {version!r} of {model!r}; the served version is {manifest.version!r}")
+
+
+@router.get("")
+async def server_metadata() -> Response:
+    return _json({"name": "mi-gateway", "version": __version__, "extensions": []})
+
+
+@router.get("/health/live")
+async def live() -> Response:
+    return _json({"live": True})
+
+
+@router.get("/health/ready")
+async def ready(request: Request) -> Response:
+    ok = request.app.state.gateway.not_ready_reason() is None
+    return _json({"ready": ok}, status=200 if ok else 503)
+
+
+async def _metadata(request: Request, model: str, version: str | None) -> Response:
+    state = request.app.state.gateway
+    _check_model(state, model, version)
+    m = state.bundle.manifest
+    return _json(
+        {
+            "name": m.name,
+            "versions": [m.version],
+            "platform": "onnxruntime_onnx",
+            "inputs": [{"name": m.input.name, "datatype": "FP32", "shape": [-1, m.input.width]}],
+            "outputs": [
+                {"name": "probabilities", "datatype": "FP32", "shape": [-1, m.output.classes]},
+                {"name": "labels", "datatype": "INT64", "shape": [-1]},
+            ],
+            "parameters": {"defense": state.defense.name},
+        }
+    )
+
+
+async def _model_ready(request: Request, model: str, version: str | None) -> Response:
+    state = request.app.state.gateway
+    _check_model(state, model, version)
+    ok = state.not_ready_reason() is None
+    return _json({"name": model, "ready": ok}, status=200 if ok else 503)
+
+
+async def _infer(request: Request, model: str, version: str | None) -> Response:
+    state = serving_state(request)
+    _check_model(state, model, version)
+    m = state.bundle.manifest
+    body = await read_json(request, state.settings.max_body_bytes)
+    x, request_id = parse_oip_infer(
+        body, input_name=m.input.name, width=m.input.width, max_rows=state.settings.max_batch_rows
+    )
+    out = await state.batcher.submit(x)
+    B, C = out.probabilities.shape
+    response = {
+        "model_name": m.name,
+        "model_version": m.version,
+        "outputs": [
+            {"name": "probabilities", "shape": [B, C], "datatype": "FP32", "data": out.probabilities.ravel()},
+            {"name": "labels", "shape": [B], "datatype": "INT64", "data": out.labels},
+        ],
+        "parameters": {"defense": state.defense.name},
+    }
+    if request_id is not None:
+        response["id"] = request_id
+    return _json(response)
+
+
+@router.get("/models/{model}")
+async def model_metadata(request: Request, model: str) -> Response:
+    return await _metadata(request, model, None)
+
+
+@router.get("/models/{model}/versions/{version}")
+async def model_version_metadata(request: Request, model: str, version: str) -> Response:
+    return await _metadata(request, model, version)
+
+
+@router.get("/models/{model}/ready")
+async def model_ready(request: Request, model: str) -> Response:
+    return await _model_ready(request, model, None)
+
+
+@router.get("/models/{model}/versions/{version}/ready")
+async def model_version_ready(request: Request, model: str, version: str) -> Response:
+    return await _model_ready(request, model, version)
+
+
+@router.post("/models/{model}/infer")
+async def infer(request: Request, model: str) -> Response:
+    return await _infer(request, model, None)
+
+
+@router.post("/models/{model}/versions/{version}/infer")
+async def infer_version(request: Request, model: str, version: str) -> Response:
+    return await _infer(request, model, version)

@@ -1,0 +1,130 @@
+"""One batch through model and defense, with the fail-closed guard. No HTTP here.
+
+``Pipeline.__call__`` is blocking (it runs on the batch worker thread): runner → clean softmax
+→ defense → per-row invariants → released vectors. A row whose defended vector breaks an
+invariant (or whose defense raised) is never released raw: it becomes the one-hot label vector
+(``label_only``) or is flagged for rejection (``reject``: its request gets a 503).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from gateway.defenses.base import Defense
+from gateway.defenses._keyed import DIGEST_BYTES, RowKeyer
+from gateway.defenses._simplex import logits_from_probs, one_hot, row_violations
+from gateway.metrics import GatewayMetrics
+from gateway.runner import ModelRunner
+
+log = logging.getLogger("gateway.pipeline")
+
+
+@dataclass(frozen=True)
+class BatchOutput:
+    probabilities: np.ndarray  # [B, C] float64, defended (or the one-hot fallback)
+    labels: np.ndarray  # [B] int64, argmax of the undefended vector
+    rejected: np.ndarray  # [B] bool: rows that must not be answered (their request gets 503)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+class Pipeline:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        defense: Defense,
+        *,
+        classes: int,
+        output_kind: Literal["logits", "probabilities"],
+        on_defense_error: Literal["reject", "label_only"],
+        metrics: GatewayMetrics,
+        keyer: RowKeyer | None,
+        device: torch.device,
+    ) -> None:
+        if defense.randomized and keyer is None:
+            raise ValueError(f"defense {defense.name!r} is randomized and needs a RowKeyer")
+        self.runner = runner
+        self.defense = defense
+        self.classes = classes
+        self.output_kind = output_kind
+        self.on_defense_error = on_defense_error
+        self.metrics = metrics
+        self.keyer = keyer
+        self.device = device
+
+    def __call__(self, x: np.ndarray) -> BatchOutput:
+        """x[B, D] float32, already validated -> BatchOutput."""
+        B, C = x.shape[0], self.classes
+        t0 = time.perf_counter()
+        raw = self.runner.run(x)  # [B, C]
+        self.metrics.model_inference.observe(time.perf_counter() - t0)
+        if raw.shape != (B, C):
+            raise RuntimeError(f"model returned shape {tuple(raw.shape)}, expected ({B}, {C}); check the bundle")
+
+        out = torch.from_numpy(np.ascontiguousarray(raw, dtype=np.float32)).to(self.device)  # [B, C]
+        model_ok = torch.isfinite(out).all(dim=1)  # [B]
+        out = torch.where(model_ok[:, None], out, torch.zeros_like(out))
+        if self.output_kind == "logits":
+            logits = out
+            probs = torch.softmax(out.double(), dim=1)  # [B, C] float64
+        else:
+            p = out.double().clamp_min(0)
+            probs = p / p.sum(dim=1, keepdim=True).clamp_min(1e-300)  # [B, C]
+            logits = logits_from_probs(probs).float()
+        labels = probs.argmax(dim=1)  # [B], first index on ties
+
+        keys = (
+            torch.from_numpy(self.keyer.digests(x))  # [B, 32] uint8
+            if self.keyer is not None and self.defense.randomized
+            else torch.empty((B, DIGEST_BYTES), dtype=torch.uint8)
+        )
+        name = self.defense.name
+        t1 = time.perf_counter()
+        try:
+            released = self.defense.defend(probs, logits, keys)
+            if tuple(released.shape) != (B, C):
+                raise RuntimeError(f"defense returned shape {tuple(released.shape)}, expected ({B}, {C})")
+            released = released.to(self.device, torch.float64)
+            bad = row_violations(released, probs, labels, self.defense.l1_bound) | ~model_ok  # [B]
+            label_changed = (released.argmax(dim=1) != labels) & model_ok  # [B]
+        except Exception as exc:  # fail closed: no row of this batch is released from the defense
+            log.error("defense %r failed on a batch of %d rows: %s", name, B, type(exc).__name__)
+            released = probs.clone()
+            bad = torch.ones(B, dtype=torch.bool, device=self.device)
+            label_changed = torch.zeros(B, dtype=torch.bool, device=self.device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.metrics.defense_seconds.labels(name).observe(time.perf_counter() - t1)
+
+        # Renormalise in float64 (order-preserving) so released rows sum to 1 within ~1e-15.
+        released = released / released.sum(dim=1, keepdim=True).clamp_min(1e-300)
+        fallback = one_hot(labels, C)  # [B, C]
+        released = torch.where(bad[:, None], fallback, released)
+        rejected = (bad & (self.on_defense_error == "reject")) | ~model_ok  # [B]
+        l1 = (released - probs).abs().sum(dim=1)  # [B]
+
+        released_np = released.cpu().numpy()
+        labels_np = labels.cpu().numpy()
+        rejected_np = rejected.cpu().numpy()
+        bad_np = bad.cpu().numpy()
+        l1_np = l1.cpu().numpy()
+        n_bad = int(bad_np.sum())
+        n_perturbed = int(((l1_np > 0) & ~bad_np).sum())
+        self.metrics.defended_rows.labels(name, "fallback").inc(n_bad)
+        self.metrics.defended_rows.labels(name, "perturbed").inc(n_perturbed)
+        self.metrics.defended_rows.labels(name, "unchanged").inc(B - n_bad - n_perturbed)
+        if changed := int(label_changed.sum()):
+            self.metrics.label_changes.labels(name).inc(changed)
+        hist = self.metrics.l1_distortion.labels(name)
+        for value in l1_np[~rejected_np]:
+            hist.observe(float(value))
+        if n_bad:
+            log.warning("defense %r: %d of %d rows fell back (%s)", name, n_bad, B, self.on_defense_error)
+        return BatchOutput(probabilities=released_np, labels=labels_np, rejected=rejected_np)

@@ -1,0 +1,109 @@
+"""Typed runtime settings, read once at startup from ``GATEWAY_*`` variables.
+
+Precedence (highest first): keyword arguments (the CLI flags), environment variables, a ``.env``
+file in the working directory, the defaults below. Nothing here runs at import time; the app
+factory receives a built ``GatewaySettings`` and never reads the environment itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+#: The placeholder secret. Accepted only in demo/development mode: with a known secret an
+#: attacker could recompute every keyed coin and strip the noise.
+DEFAULT_NOISE_SECRET = "insecure-development-secret"
+
+
+class GatewaySettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="GATEWAY_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        frozen=True,
+        env_nested_delimiter="__",
+    )
+
+    # --- what to serve -------------------------------------------------------------------
+    artifacts: Path | None = Field(None, description="Artifact bundle directory (manifest.json, model.onnx, ...).")
+    demo: bool = Field(False, description="Serve the embedded Location30 demo bundle (built on first use).")
+    demo_cache: Path = Field(
+        Path.home() / ".cache" / "mi-gateway",
+        description="Where the demo bundle is built and cached.",
+    )
+    defense: str = Field("none", description="Defense applied to every confidence vector (see `gateway.defenses`).")
+    defense_params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Overrides of the manifest's defense parameters, e.g. GATEWAY_DEFENSE_PARAMS__EPSILON=0.5.",
+    )
+    on_defense_error: Literal["reject", "label_only"] = Field(
+        "reject",
+        description="A row whose defense fails: reject its request (503) or release the one-hot label.",
+    )
+
+    # --- network -------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="Serve /metrics on this separate port as well (e.g. for a NetworkPolicy)."
+    )
+
+    # --- batching and limits ---------------------------------------------------------------
+    max_batch_size: int = Field(64, ge=1, description="Rows per model+defense call.")
+    max_queue_delay_ms: float = Field(
+        1.0, ge=0, description="How long the first queued row waits for batch-mates before a flush."
+    )
+    max_queue_rows: int = Field(4096, ge=1, description="Rows waiting at most; beyond it requests get 429.")
+    max_batch_rows: int = Field(1024, ge=1, description="Rows one request may carry.")
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Largest request body accepted.")
+
+    # --- runtime ---------------------------------------------------------------------------
+    require_gpu: bool = Field(False, description="Stay not-ready unless ONNX Runtime runs on CUDA.")
+    ort_intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0 = its default).")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    access_log: bool = Field(False, description="uvicorn access log (method, path, status; never bodies).")
+
+    # --- secrets ---------------------------------------------------------------------------
+    api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = Field(
+        (), description="Comma-separated bearer keys; when set, inference routes need one."
+    )
+    api_keys_file: Path | None = Field(None, description="File with one API key per line (a mounted secret).")
+    noise_secret: SecretStr = Field(
+        SecretStr(DEFAULT_NOISE_SECRET), description="Key of the per-row HMAC that seeds the defense's randomness."
+    )
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(k.strip() for k in value.split(",") if k.strip())
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> GatewaySettings:
+        if self.artifacts is None and not self.demo:
+            raise ValueError("nothing to serve: set GATEWAY_ARTIFACTS (or --artifacts DIR), or use --demo")
+        if self.api_keys_file is not None and not self.api_keys_file.is_file():
+            raise ValueError(f"GATEWAY_API_KEYS_FILE={self.api_keys_file} does not exist")
+        return self
+
+    # --- derived ---------------------------------------------------------------------------
+    @property
+    def development(self) -> bool:
+        """Demo mode is the only development mode: it permits the default noise secret."""
+        return self.demo
+
+    def all_api_keys(self) -> tuple[bytes, ...]:
+        """Configured keys (environment plus file), as bytes for constant-time comparison."""
+        keys = [k.get_secret_value() for k in self.api_keys]
+        if self.api_keys_file is not None:
+            keys += [line.strip() for line in self.api_keys_file.read_text().splitlines() if line.strip()]
+        return tuple(k.encode() for k in keys)
+
+    def uses_default_secret(self) -> bool:
+        secret = self.noise_secret.get_secret_value()
+        return secret in ("", DEFAULT_NOISE_SECRET)
