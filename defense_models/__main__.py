@@ -1,7 +1,7 @@
 """``python -m defense_models``: the offline job's CLI.
 
-    train --dataset location30 --out DIR [--preset demo|official] [--seed N]
-    info DIR
+train --dataset location30 --out DIR [--preset demo|official] [--seed N]
+info DIR
 """
 
 from __future__ import annotations
@@ -36,13 +36,19 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="defense_models", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="defense_models", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a target model and write a servable bundle")
     p.add_argument("--dataset", default="location30")
     p.add_argument("--out", required=True, help="bundle directory to write (replaced atomically)")
-    p.add_argument("--preset", choices=("demo", "official"), default="official",
-                   help="demo: small MLP in seconds; official: the published target recipe")
+    p.add_argument(
+        "--preset",
+        choices=("demo", "official"),
+        default="official",
+        help="demo: small MLP in seconds; official: the published target recipe",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_train)

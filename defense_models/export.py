@@ -51,7 +51,9 @@ def export_onnx(model: nn.Module, width: int) -> bytes:
     return buf.getvalue()
 
 
-def check_parity(onnx_bytes: bytes, model: nn.Module, X: np.ndarray, *, atol: float = 1e-4, rtol: float = 1e-4) -> float:
+def check_parity(
+    onnx_bytes: bytes, model: nn.Module, X: np.ndarray, *, atol: float = 1e-4, rtol: float = 1e-4
+) -> float:
     """Compare ORT and torch on X[N, D]; returns the max abs difference or raises."""
     import onnxruntime as ort
 
@@ -127,5 +129,9 @@ def _versions() -> dict[str, str]:
 
     import gateway
 
-    return {"mi-gateway": gateway.__version__, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-            "numpy": np.__version__}
+    return {
+        "mi-gateway": gateway.__version__,
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": np.__version__,
+    }

@@ -18,8 +18,10 @@ from defense_models.training.loop import FitConfig, accuracy, fit
 #: (``train_user_classification_model.py``: SGD lr 0.01, batch 64, 200 epochs, ×0.1 after 150).
 PRESETS: dict[str, tuple[tuple[int, ...], FitConfig]] = {
     "demo": ((256, 128), FitConfig(epochs=30, batch_size=64, lr=1e-3, optimizer="adam")),
-    "official": ((1024, 512, 256, 128), FitConfig(epochs=200, batch_size=64, lr=0.01, optimizer="sgd",
-                                                  lr_milestones=(150,))),
+    "official": (
+        (1024, 512, 256, 128),
+        FitConfig(epochs=200, batch_size=64, lr=0.01, optimizer="sgd", lr_milestones=(150,)),
+    ),
 }
 
 
@@ -47,7 +49,15 @@ def train_bundle(config: TrainConfig, out: Path) -> dict[str, Any]:
 
     X_tr, y_tr = tensors("target_train")
     X_te, y_te = tensors("target_test")
-    fit(model, X_tr, y_tr, fit_config, val=(X_te, y_te), progress=config.progress, desc=f"target ({config.preset})")
+    fit(
+        model,
+        X_tr,
+        y_tr,
+        fit_config,
+        val=(X_te, y_te),
+        progress=config.progress,
+        desc=f"target ({config.preset})",
+    )
     train_acc, test_acc = accuracy(model, X_tr, y_tr), accuracy(model, X_te, y_te)
     parity = np.concatenate([data.X[split.parts["target_train"][:256]], data.X[split.parts["target_test"][:256]]])
     name = f"{config.dataset}-{config.preset}" if config.preset == "demo" else config.dataset

@@ -20,8 +20,14 @@ def _serve(args: argparse.Namespace) -> int:
     from gateway.settings import GatewaySettings
 
     overrides: dict[str, Any] = {
-        k: v for k, v in {"artifacts": args.artifacts, "host": args.host, "port": args.port,
-                          "defense": args.defense}.items() if v is not None
+        k: v
+        for k, v in {
+            "artifacts": args.artifacts,
+            "host": args.host,
+            "port": args.port,
+            "defense": args.defense,
+        }.items()
+        if v is not None
     }
     if args.demo:
         overrides["demo"] = True

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Route
 
 from gateway.errors import ServiceUnavailable
 from gateway.schemas import dumps, parse_predict, read_json
-
-router = APIRouter()
 
 
 def _json(obj: object, status: int = 200) -> Response:
@@ -26,7 +24,6 @@ def serving_state(request: Request):  # type: ignore[no-untyped-def]
     return state
 
 
-@router.post("/predict")
 async def predict(request: Request) -> Response:
     state = serving_state(request)
     manifest = state.bundle.manifest
@@ -44,12 +41,10 @@ async def predict(request: Request) -> Response:
     )
 
 
-@router.get("/healthz")
-async def healthz() -> Response:
+async def healthz(request: Request) -> Response:
     return _json({"status": "alive"})
 
 
-@router.get("/readyz")
 async def readyz(request: Request) -> Response:
     state = request.app.state.gateway
     reason = state.not_ready_reason()
@@ -58,7 +53,16 @@ async def readyz(request: Request) -> Response:
     return _json({"status": "ready", "provider": state.runner.provider, "defense": state.defense.name})
 
 
-@router.get("/metrics")
 async def metrics(request: Request) -> Response:
     registry = request.app.state.gateway.metrics.registry
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+# Plain Starlette routes: the handlers take a raw Request, so FastAPI's dependency machinery would
+# only add per-request overhead on the hot path (measured in docs/BENCHMARKS.md).
+routes = [
+    Route("/predict", predict, methods=["POST"]),
+    Route("/healthz", healthz, methods=["GET"]),
+    Route("/readyz", readyz, methods=["GET"]),
+    Route("/metrics", metrics, methods=["GET"]),
+]

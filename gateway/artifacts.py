@@ -86,7 +86,9 @@ def load_bundle(root: Path) -> Bundle:
     root = Path(root)
     manifest_path = root / MANIFEST_NAME
     if not manifest_path.is_file():
-        raise BundleError(f"{manifest_path} not found: point GATEWAY_ARTIFACTS at a bundle directory or {_REBUILD_HINT}")
+        raise BundleError(
+            f"{manifest_path} not found: point GATEWAY_ARTIFACTS at a bundle directory or {_REBUILD_HINT}"
+        )
     try:
         raw = json.loads(manifest_path.read_text())
         manifest = Manifest.model_validate(raw)

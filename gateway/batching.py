@@ -187,9 +187,7 @@ class BatchQueue:
                     ),
                 )
             else:
-                item.future.set_result(
-                    RequestOutput(probabilities=out.probabilities[part], labels=out.labels[part])
-                )
+                item.future.set_result(RequestOutput(probabilities=out.probabilities[part], labels=out.labels[part]))
 
 
 def _settle_error(item: _Item, exc: Exception) -> None:

@@ -34,8 +34,19 @@ def ensure_demo_bundle(cache_root: Path) -> Path:
     except BundleError:
         pass
     log.info("building the demo bundle at %s (Location30, small MLP; takes seconds)", path)
-    cmd = [sys.executable, "-m", "defense_models", "train", "--dataset", "location30", "--preset", "demo",
-           "--out", str(path), "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "defense_models",
+        "train",
+        "--dataset",
+        "location30",
+        "--preset",
+        "demo",
+        "--out",
+        str(path),
+        "--quiet",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-5:])

@@ -31,37 +31,59 @@ class GatewayMetrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.request_duration = Histogram(
-            "gateway_request_duration_seconds", "End-to-end request latency.", ("route", "status"),
-            buckets=LATENCY_BUCKETS, registry=r,
+            "gateway_request_duration_seconds",
+            "End-to-end request latency.",
+            ("route", "status"),
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.batch_size = Histogram(
-            "gateway_batch_size", "Rows per model+defense call.", buckets=_size_buckets(max_batch_size), registry=r
+            "gateway_batch_size",
+            "Rows per model+defense call.",
+            buckets=_size_buckets(max_batch_size),
+            registry=r,
         )
         self.queue_wait = Histogram(
-            "gateway_queue_wait_seconds", "Time a request waited before its batch ran.",
-            buckets=LATENCY_BUCKETS, registry=r,
+            "gateway_queue_wait_seconds",
+            "Time a request waited before its batch ran.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.model_inference = Histogram(
             "gateway_model_inference_seconds", "Model call per batch.", buckets=LATENCY_BUCKETS, registry=r
         )
         self.defense_seconds = Histogram(
-            "gateway_defense_seconds", "Defense call per batch.", ("defense",), buckets=LATENCY_BUCKETS, registry=r
+            "gateway_defense_seconds",
+            "Defense call per batch.",
+            ("defense",),
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.l1_distortion = Histogram(
-            "gateway_defense_l1_distortion", "L1 distance between released and undefended vector, per row.",
-            ("defense",), buckets=L1_BUCKETS, registry=r,
+            "gateway_defense_l1_distortion",
+            "L1 distance between released and undefended vector, per row.",
+            ("defense",),
+            buckets=L1_BUCKETS,
+            registry=r,
         )
         self.defended_rows = Counter(
-            "gateway_defended_rows", "Rows through the defense by outcome.", ("defense", "outcome"), registry=r
+            "gateway_defended_rows",
+            "Rows through the defense by outcome.",
+            ("defense", "outcome"),
+            registry=r,
         )
         self.label_changes = Counter(
-            "gateway_label_changes", "Rows whose defended argmax differed from the undefended one (must stay 0).",
-            ("defense",), registry=r,
+            "gateway_label_changes",
+            "Rows whose defended argmax differed from the undefended one (must stay 0).",
+            ("defense",),
+            registry=r,
         )
         self.queue_depth = Gauge("gateway_queue_depth", "Rows waiting in the batch queue.", registry=r)
         self.model_info = Gauge(
-            "gateway_model_info", "Served model; provider is the ONNX Runtime execution provider in use.",
-            ("model", "version", "provider"), registry=r,
+            "gateway_model_info",
+            "Served model; provider is the ONNX Runtime execution provider in use.",
+            ("model", "version", "provider"),
+            registry=r,
         )
 
     def init_defense(self, defense: str) -> None:

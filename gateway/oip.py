@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Route
 
 from gateway import __version__
 from gateway.api import _json, serving_state
 from gateway.errors import ModelNotFound
 from gateway.schemas import parse_oip_infer, read_json
-
-router = APIRouter(prefix="/v2")
 
 
 def _check_model(state, model: str, version: str | None = None) -> None:  # type: ignore[no-untyped-def]
@@ -23,17 +21,14 @@ def _check_model(state, model: str, version: str | None = None) -> None:  # type
         raise ModelNotFound(f"unknown version {version!r} of {model!r}; the served version is {manifest.version!r}")
 
 
-@router.get("")
-async def server_metadata() -> Response:
+async def server_metadata(request: Request) -> Response:
     return _json({"name": "mi-gateway", "version": __version__, "extensions": []})
 
 
-@router.get("/health/live")
-async def live() -> Response:
+async def live(request: Request) -> Response:
     return _json({"live": True})
 
 
-@router.get("/health/ready")
 async def ready(request: Request) -> Response:
     ok = request.app.state.gateway.not_ready_reason() is None
     return _json({"ready": ok}, status=200 if ok else 503)
@@ -89,31 +84,22 @@ async def _infer(request: Request, model: str, version: str | None) -> Response:
     return _json(response)
 
 
-@router.get("/models/{model}")
-async def model_metadata(request: Request, model: str) -> Response:
-    return await _metadata(request, model, None)
+def _with_params(handler):  # type: ignore[no-untyped-def]
+    async def endpoint(request: Request) -> Response:
+        params = request.path_params
+        return await handler(request, params["model"], params.get("version"))
+
+    return endpoint
 
 
-@router.get("/models/{model}/versions/{version}")
-async def model_version_metadata(request: Request, model: str, version: str) -> Response:
-    return await _metadata(request, model, version)
-
-
-@router.get("/models/{model}/ready")
-async def model_ready(request: Request, model: str) -> Response:
-    return await _model_ready(request, model, None)
-
-
-@router.get("/models/{model}/versions/{version}/ready")
-async def model_version_ready(request: Request, model: str, version: str) -> Response:
-    return await _model_ready(request, model, version)
-
-
-@router.post("/models/{model}/infer")
-async def infer(request: Request, model: str) -> Response:
-    return await _infer(request, model, None)
-
-
-@router.post("/models/{model}/versions/{version}/infer")
-async def infer_version(request: Request, model: str, version: str) -> Response:
-    return await _infer(request, model, version)
+routes = [
+    Route("/v2", server_metadata, methods=["GET"]),
+    Route("/v2/health/live", live, methods=["GET"]),
+    Route("/v2/health/ready", ready, methods=["GET"]),
+    Route("/v2/models/{model}", _with_params(_metadata), methods=["GET"]),
+    Route("/v2/models/{model}/versions/{version}", _with_params(_metadata), methods=["GET"]),
+    Route("/v2/models/{model}/ready", _with_params(_model_ready), methods=["GET"]),
+    Route("/v2/models/{model}/versions/{version}/ready", _with_params(_model_ready), methods=["GET"]),
+    Route("/v2/models/{model}/infer", _with_params(_infer), methods=["POST"]),
+    Route("/v2/models/{model}/versions/{version}/infer", _with_params(_infer), methods=["POST"]),
+]

@@ -16,9 +16,9 @@ from typing import Literal
 import numpy as np
 import torch
 
-from gateway.defenses.base import Defense
 from gateway.defenses._keyed import DIGEST_BYTES, RowKeyer
 from gateway.defenses._simplex import logits_from_probs, one_hot, row_violations
+from gateway.defenses.base import Defense
 from gateway.metrics import GatewayMetrics
 from gateway.runner import ModelRunner
 
@@ -103,8 +103,10 @@ class Pipeline:
             torch.cuda.synchronize(self.device)
         self.metrics.defense_seconds.labels(name).observe(time.perf_counter() - t1)
 
-        # Renormalise in float64 (order-preserving) so released rows sum to 1 within ~1e-15.
-        released = released / released.sum(dim=1, keepdim=True).clamp_min(1e-300)
+        # Renormalise changed rows in float64 (order-preserving) so they sum to 1 within ~1e-15;
+        # rows the defense left alone stay bit-identical to the clean vector.
+        changed = (released != probs).any(dim=1, keepdim=True)  # [B, 1]
+        released = torch.where(changed, released / released.sum(dim=1, keepdim=True).clamp_min(1e-300), probs)
         fallback = one_hot(labels, C)  # [B, C]
         released = torch.where(bad[:, None], fallback, released)
         rejected = (bad & (self.on_defense_error == "reject")) | ~model_ok  # [B]

@@ -31,7 +31,9 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         except ValueError:
             raise ClientError("the Content-Length header is not an integer") from None
         if size > max_bytes:
-            raise PayloadTooLarge(f"the body is {size} bytes; the limit is {max_bytes} bytes: send fewer rows per request")
+            raise PayloadTooLarge(
+                f"the body is {size} bytes; the limit is {max_bytes} bytes: send fewer rows per request"
+            )
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
@@ -74,8 +76,11 @@ def as_matrix(value: Any, *, width: int, max_rows: int, field: str, shape: tuple
     if rows > max_rows:
         raise PayloadTooLarge(f"`{field}` has {rows} rows; the limit is {max_rows} per request: split the request")
     if cols != width:
-        raise ClientError(f"each row of `{field}` must have exactly {width} values (the model's input width), got {cols}")
-    x = arr.astype(np.float32)
+        raise ClientError(
+            f"each row of `{field}` must have exactly {width} values (the model's input width), got {cols}"
+        )
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow to inf is reported just below
+        x = arr.astype(np.float32)
     finite = np.isfinite(x).all(axis=1)
     if not finite.all():
         bad = int(np.argmin(finite))

@@ -26,6 +26,7 @@ class GatewaySettings(BaseSettings):
         extra="ignore",
         frozen=True,
         env_nested_delimiter="__",
+        env_ignore_empty=True,
     )
 
     # --- what to serve -------------------------------------------------------------------
@@ -49,7 +50,10 @@ class GatewaySettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     metrics_port: int | None = Field(
-        None, ge=1, le=65535, description="Serve /metrics on this separate port as well (e.g. for a NetworkPolicy)."
+        None,
+        ge=1,
+        le=65535,
+        description="Serve /metrics on this separate port as well (e.g. for a NetworkPolicy).",
     )
 
     # --- batching and limits ---------------------------------------------------------------
@@ -73,7 +77,8 @@ class GatewaySettings(BaseSettings):
     )
     api_keys_file: Path | None = Field(None, description="File with one API key per line (a mounted secret).")
     noise_secret: SecretStr = Field(
-        SecretStr(DEFAULT_NOISE_SECRET), description="Key of the per-row HMAC that seeds the defense's randomness."
+        SecretStr(DEFAULT_NOISE_SECRET),
+        description="Key of the per-row HMAC that seeds the defense's randomness.",
     )
 
     @field_validator("api_keys", mode="before")

@@ -1,0 +1,47 @@
+# syntax=docker/dockerfile:1.7
+# Gateway image: `.[serve]` only (no training code). GPU by default; CPU-only with
+#   docker build --build-arg VARIANT=cpu -t mi-gateway:cpu .
+# Run (GPU host with the NVIDIA Container Toolkit):
+#   docker run --gpus all -p 8000:8000 -v $PWD/artifacts:/models:ro \
+#     -e GATEWAY_NOISE_SECRET=$(openssl rand -hex 32) mi-gateway
+ARG PYTHON=3.12
+ARG VARIANT=gpu
+
+FROM python:${PYTHON}-slim AS build
+ARG VARIANT
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+# torch first, from the wheel that matches the variant; the project's torch range is then satisfied.
+# GPU: PyPI's default Linux torch is a CUDA build; onnxruntime-gpu[cuda,cudnn] brings CUDA 13 and cuDNN 9
+# from pip (ECOSYSTEM.md §1.1), shared with torch.
+RUN if [ "$VARIANT" = "cpu" ]; then \
+      pip install torch --index-url https://download.pytorch.org/whl/cpu; \
+    else \
+      pip install torch; \
+    fi
+COPY pyproject.toml README.md ./src/
+# Only the gateway package: the serving image carries no training or attack code.
+COPY gateway ./src/gateway
+RUN if [ "$VARIANT" = "cpu" ]; then \
+      pip install './src[serve]'; \
+    else \
+      pip install './src[serve]' 'onnxruntime-gpu[cuda,cudnn]'; \
+    fi \
+ && python -c "import gateway, onnxruntime; onnxruntime.print_debug_info() if hasattr(onnxruntime, 'print_debug_info') else None"
+
+FROM python:${PYTHON}-slim
+RUN useradd --uid 1000 --create-home --shell /usr/sbin/nologin gateway
+COPY --from=build /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    GATEWAY_HOST=0.0.0.0 \
+    GATEWAY_PORT=8000 \
+    GATEWAY_ARTIFACTS=/models
+USER 1000
+WORKDIR /home/gateway
+EXPOSE 8000
+VOLUME ["/models"]
+HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
+  CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status == 200 else 1)"
+ENTRYPOINT ["python", "-m", "gateway", "serve"]

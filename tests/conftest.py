@@ -1,0 +1,126 @@
+"""Shared fixtures: a tiny real bundle, a fake runner, settings and an in-process client."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from gateway.app import create_app
+from gateway.artifacts import Bundle
+from gateway.settings import GatewaySettings
+
+WIDTH, CLASSES = 8, 4
+
+
+def tiny_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(WIDTH, 16), torch.nn.ReLU(), torch.nn.Linear(16, CLASSES))
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real bundle (ONNX + manifest) written by the offline job's exporter."""
+    from defense_models.export import write_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    rng = np.random.default_rng(0)
+    write_bundle(
+        out,
+        name="tiny",
+        model=tiny_model(),
+        width=WIDTH,
+        classes=CLASSES,
+        parity_inputs=rng.normal(size=(64, WIDTH)).astype(np.float32),
+    )
+    return out
+
+
+class FakeRunner:
+    """Deterministic stand-in for ONNX Runtime: logits = x @ W.
+
+    Special rows: ``x[0] == POISON`` raises for the whole batch; ``x[0] == NAN_ROW`` yields a NaN
+    row. Records every batch size; ``delay_s`` simulates a slow model.
+    """
+
+    POISON = 999.0
+    NAN_ROW = 777.0
+
+    def __init__(
+        self,
+        width: int = WIDTH,
+        classes: int = CLASSES,
+        *,
+        delay_s: float = 0.0,
+        provider: str = "CPUExecutionProvider",
+    ) -> None:
+        self.W = np.random.default_rng(1).normal(size=(width, classes)).astype(np.float32)
+        self.delay_s = delay_s
+        self.provider = provider
+        self.batches: list[int] = []
+        self.lock = threading.Lock()
+        self.closed = False
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        with self.lock:
+            self.batches.append(int(x.shape[0]))
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if (x[:, 0] == self.POISON).any():
+            raise RuntimeError("poisoned batch")
+        out = x @ self.W  # [B, C]
+        out[x[:, 0] == self.NAN_ROW] = np.nan
+        return out.astype(np.float32)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def make_settings(bundle: Path, **overrides: Any) -> GatewaySettings:
+    """Settings that ignore the caller's environment and .env file."""
+    return GatewaySettings(_env_file=None, artifacts=bundle, **overrides)  # type: ignore[call-arg]
+
+
+@asynccontextmanager
+async def serving(settings: GatewaySettings, runner: Any | None = None) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
+    """Run the app's lifespan and yield an httpx client bound to it (no sockets)."""
+    kwargs: dict[str, Callable[[Bundle, GatewaySettings], Any]] = {}
+    if runner is not None:
+        kwargs["runner_factory"] = lambda bundle, s: runner
+    app = create_app(settings, **kwargs)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+            yield client, app
+
+
+def rows(n: int, width: int = WIDTH, seed: int = 0) -> list[list[float]]:
+    return np.random.default_rng(seed).normal(size=(n, width)).round(4).tolist()
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """Read one sample from Prometheus text exposition."""
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        head, _, value = line.rpartition(" ")
+        series, _, label_part = head.partition("{")
+        if series != name:
+            continue
+        found = dict(kv.split("=", 1) for kv in label_part.rstrip("}").split(",") if kv) if label_part else {}
+        found = {k: v.strip('"') for k, v in found.items()}
+        if all(found.get(k) == v for k, v in labels.items()):
+            return float(value)
+    raise KeyError(f"{name}{labels} not in metrics")
+
+
+def has_cuda() -> bool:
+    return torch.cuda.is_available()

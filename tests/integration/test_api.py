@@ -1,0 +1,308 @@
+"""The HTTP contract (API.md): every route, status code and error body."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import CLASSES, WIDTH, FakeRunner, make_settings, metric_value, rows, serving
+
+JSON = {"Content-Type": "application/json"}
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+async def test_predict_returns_the_contract_body(tiny_bundle: Path) -> None:
+    runner = FakeRunner()
+    async with serving(make_settings(tiny_bundle), runner) as (client, app):
+        x = rows(3)
+        r = await client.post("/predict", json={"instances": x})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert set(body) == {"probabilities", "labels", "model", "model_version", "defense"}
+        p = np.array(body["probabilities"])
+        assert p.shape == (3, CLASSES) and (p >= 0).all()
+        assert np.abs(p.sum(1) - 1).max() <= 1e-6
+        assert body["labels"] == p.argmax(1).tolist()
+        np.testing.assert_allclose(p, softmax(np.array(x, np.float32) @ runner.W), atol=1e-5)
+        manifest = app.state.gateway.bundle.manifest
+        assert (body["model"], body["model_version"], body["defense"]) == ("tiny", manifest.version, "none")
+
+
+async def test_real_onnx_model_matches_torch(tiny_bundle: Path) -> None:
+    import torch
+
+    from tests.conftest import tiny_model
+
+    async with serving(make_settings(tiny_bundle)) as (client, app):
+        assert app.state.gateway.runner.provider in ("CPUExecutionProvider", "CUDAExecutionProvider")
+        x = rows(5, seed=4)
+        r = await client.post("/predict", json={"instances": x})
+        with torch.no_grad():
+            want = torch.softmax(tiny_model()(torch.tensor(x)).double(), 1).numpy()
+        np.testing.assert_allclose(np.array(r.json()["probabilities"]), want, atol=1e-5)
+
+
+async def test_concurrent_requests_are_batched_and_answered_in_order(tiny_bundle: Path) -> None:
+    runner = FakeRunner(delay_s=0.01)
+    settings = make_settings(tiny_bundle, max_batch_size=16, max_queue_delay_ms=20)
+    async with serving(settings, runner) as (client, _):
+        xs = [rows(1 + i % 3, seed=i) for i in range(24)]
+        responses = await asyncio.gather(*(client.post("/predict", json={"instances": x}) for x in xs))
+        for x, r in zip(xs, responses, strict=True):
+            assert r.status_code == 200
+            np.testing.assert_allclose(
+                np.array(r.json()["probabilities"]), softmax(np.array(x, np.float32) @ runner.W), atol=1e-5
+            )
+        served = [b for b in runner.batches[2:]]  # the first two are the warm-up
+        assert max(served) > 1 and sum(served) == sum(len(x) for x in xs)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "fragment"),
+    [
+        (b"{not json", 400, "malformed JSON"),
+        (b"", 400, "empty"),
+        (b"[1, 2]", 400, "JSON object"),
+        (b'{"rows": []}', 400, "JSON object"),
+        (b'{"instances": []}', 400, "empty"),
+        (b'{"instances": 5}', 400, "JSON array of rows"),
+        (json.dumps({"instances": [[0.0] * (WIDTH - 1)]}).encode(), 400, f"exactly {WIDTH} values"),
+        (json.dumps({"instances": [[0.0] * WIDTH, [0.0] * (WIDTH + 1)]}).encode(), 400, "rectangular"),
+        (json.dumps({"instances": [[0.0] * WIDTH, 1.0]}).encode(), 400, "rectangular"),
+        (json.dumps({"instances": [0.0] * WIDTH}).encode(), 400, "2-D"),
+        (json.dumps({"instances": [[[0.0] * WIDTH]]}).encode(), 400, "2-D"),
+        (json.dumps({"instances": [["a"] * WIDTH]}).encode(), 400, "only numbers"),
+        (json.dumps({"instances": [[None] * WIDTH]}).encode(), 400, "only numbers"),
+        (json.dumps({"instances": [[True] * WIDTH]}).encode(), 400, "only numbers"),
+        (json.dumps({"instances": [[1e39] * WIDTH]}).encode(), 400, "non-finite"),
+        (b'{"instances": [[' + b",".join([b"1e400"] * WIDTH) + b"]]}", 400, "infinity"),
+        (b'{"instances": [[NaN' + b",0" * (WIDTH - 1) + b"]]}", 400, "malformed JSON"),
+        (json.dumps({"instances": [[0.0] * WIDTH] * 5}).encode(), 413, "limit is 4"),
+    ],
+)
+async def test_bad_input_gets_a_clear_4xx(tiny_bundle: Path, body: bytes, status: int, fragment: str) -> None:
+    async with serving(make_settings(tiny_bundle, max_batch_rows=4), FakeRunner()) as (client, _):
+        r = await client.post("/predict", content=body, headers=JSON)
+        assert r.status_code == status, r.text
+        assert fragment in r.json()["error"]
+        assert set(r.json()) == {"error"}
+        ok = await client.post("/predict", json={"instances": rows(1)})  # nothing lost, still serving
+        assert ok.status_code == 200
+
+
+async def test_content_type_and_body_size(tiny_bundle: Path) -> None:
+    async with serving(make_settings(tiny_bundle, max_body_bytes=2048), FakeRunner()) as (client, _):
+        body = json.dumps({"instances": rows(1)})
+        r = await client.post("/predict", content=body, headers={"Content-Type": "text/plain"})
+        assert r.status_code == 415 and "application/json" in r.json()["error"]
+        r = await client.post("/predict", content=body)
+        assert r.status_code == 415
+        r = await client.post("/predict", content=body, headers={"Content-Type": "application/json; charset=utf-8"})
+        assert r.status_code == 200
+        big = json.dumps({"instances": rows(40)})
+        r = await client.post("/predict", content=big, headers=JSON)
+        assert r.status_code == 413 and "2048 bytes" in r.json()["error"]
+
+        async def chunks():  # no Content-Length: the limit is enforced while streaming
+            for i in range(0, len(big), 512):
+                yield big[i : i + 512].encode()
+
+        r = await client.post("/predict", content=chunks(), headers=JSON)
+        assert r.status_code == 413
+
+
+async def test_api_keys_guard_inference_but_not_health_or_metrics(tiny_bundle: Path) -> None:
+    settings = make_settings(tiny_bundle, api_keys="k1,k2")
+    async with serving(settings, FakeRunner()) as (client, _):
+        body = {"instances": rows(1)}
+        r = await client.post("/predict", json=body)
+        assert r.status_code == 401 and "Bearer" in r.json()["error"] and r.headers["www-authenticate"] == "Bearer"
+        r = await client.post("/predict", json=body, headers={"Authorization": "Bearer nope"})
+        assert r.status_code == 401 and "not recognised" in r.json()["error"]
+        r = await client.post("/predict", json=body, headers={"Authorization": "Basic k1"})
+        assert r.status_code == 401
+        for key in ("k1", "k2"):
+            r = await client.post("/predict", json=body, headers={"Authorization": f"Bearer {key}"})
+            assert r.status_code == 200
+        r = await client.post("/v2/models/tiny/infer", json=_oip(rows(1)))
+        assert r.status_code == 401
+        for path in ("/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"):
+            assert (await client.get(path)).status_code == 200, path
+
+
+def _oip(x: list[list[float]], **extra: object) -> dict[str, object]:
+    flat = [v for row in x for v in row]
+    return {
+        "inputs": [{"name": "input", "shape": [len(x), WIDTH], "datatype": "FP32", "data": flat}],
+        **extra,
+    }
+
+
+async def test_oip_v2_routes(tiny_bundle: Path) -> None:
+    runner = FakeRunner()
+    async with serving(make_settings(tiny_bundle), runner) as (client, app):
+        version = app.state.gateway.bundle.manifest.version
+        assert (await client.get("/v2")).json()["name"] == "mi-gateway"
+        assert (await client.get("/v2/health/live")).status_code == 200
+        assert (await client.get("/v2/health/ready")).json() == {"ready": True}
+        meta = (await client.get("/v2/models/tiny")).json()
+        assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, WIDTH]}]
+        assert meta["outputs"][0] == {"name": "probabilities", "datatype": "FP32", "shape": [-1, CLASSES]}
+        assert meta["versions"] == [version]
+        assert (await client.get(f"/v2/models/tiny/versions/{version}")).status_code == 200
+        assert (await client.get("/v2/models/tiny/ready")).json() == {"name": "tiny", "ready": True}
+
+        x = rows(2)
+        r = await client.post("/v2/models/tiny/infer", json=_oip(x, id="req-7"))
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["id"] == "req-7" and body["model_name"] == "tiny" and body["model_version"] == version
+        out = body["outputs"][0]
+        assert out["name"] == "probabilities" and out["shape"] == [2, CLASSES] and out["datatype"] == "FP32"
+        p = np.array(out["data"]).reshape(2, CLASSES)
+        np.testing.assert_allclose(p, softmax(np.array(x, np.float32) @ runner.W), atol=1e-5)
+        assert body["outputs"][1]["data"] == p.argmax(1).tolist()
+        nested = _oip(x)
+        nested["inputs"][0]["data"] = x  # type: ignore[index]
+        assert (await client.post(f"/v2/models/tiny/versions/{version}/infer", json=nested)).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("mutate", "status", "fragment"),
+    [
+        (lambda b: b["inputs"][0].update(name="x"), 400, "model's input is 'input'"),
+        (lambda b: b["inputs"][0].update(datatype="FP64"), 400, "FP32"),
+        (lambda b: b["inputs"][0].update(shape=[1, WIDTH]), 400, "needs"),
+        (lambda b: b["inputs"][0].update(shape=[2, WIDTH + 1]), 400, f"[B, {WIDTH}]"),
+        (lambda b: b["inputs"][0].update(shape="2x8"), 400, "shape"),
+        (lambda b: b["inputs"].append(b["inputs"][0]), 400, "exactly one input"),
+        (lambda b: b.pop("inputs"), 400, "OIP V2 request"),
+        (lambda b: b["inputs"][0].update(shape=[9, WIDTH]), 413, "limit is 4"),
+        (lambda b: b["inputs"][0]["data"].__setitem__(0, "x"), 400, "only numbers"),
+    ],
+)
+async def test_oip_bad_input(tiny_bundle: Path, mutate, status: int, fragment: str) -> None:  # type: ignore[no-untyped-def]
+    async with serving(make_settings(tiny_bundle, max_batch_rows=4), FakeRunner()) as (client, _):
+        body = _oip(rows(2))
+        mutate(body)
+        r = await client.post("/v2/models/tiny/infer", json=body)
+        assert r.status_code == status, r.text
+        assert fragment in r.json()["error"]
+
+
+async def test_unknown_model_route_and_method(tiny_bundle: Path) -> None:
+    async with serving(make_settings(tiny_bundle), FakeRunner()) as (client, _):
+        for r in (
+            await client.get("/v2/models/other"),
+            await client.post("/v2/models/other/infer", json=_oip(rows(1))),
+            await client.get("/v2/models/tiny/versions/zzz"),
+            await client.get("/v2/models/other/ready"),
+        ):
+            assert (
+                r.status_code == 404 and "this gateway serves 'tiny'" in r.json()["error"]
+            ) or "version" in r.json()["error"]
+        r = await client.get("/nope")
+        assert r.status_code == 404 and "no route" in r.json()["error"]
+        r = await client.get("/predict")
+        assert r.status_code == 405 and "not allowed" in r.json()["error"]
+
+
+async def test_queue_full_is_429_with_retry_after(tiny_bundle: Path) -> None:
+    runner = FakeRunner(delay_s=0.2)
+    settings = make_settings(tiny_bundle, max_batch_size=1, max_queue_rows=2, max_queue_delay_ms=0)
+    async with serving(settings, runner) as (client, _):
+        tasks = [asyncio.ensure_future(client.post("/predict", json={"instances": rows(1)})) for _ in range(6)]
+        results = await asyncio.gather(*tasks)
+        codes = sorted(r.status_code for r in results)
+        assert 200 in codes and 429 in codes
+        limited = next(r for r in results if r.status_code == 429)
+        assert limited.headers["retry-after"] == "1" and "queue is full" in limited.json()["error"]
+
+
+async def test_model_failure_is_isolated_and_a_5xx(tiny_bundle: Path) -> None:
+    async with serving(make_settings(tiny_bundle, max_queue_delay_ms=30), FakeRunner()) as (client, _):
+        poison = rows(1)
+        poison[0][0] = FakeRunner.POISON
+        good, bad = await asyncio.gather(
+            client.post("/predict", json={"instances": rows(2)}),
+            client.post("/predict", json={"instances": poison}),
+        )
+        assert good.status_code == 200
+        assert bad.status_code == 500 and "model failed" in bad.json()["error"]
+
+
+async def test_fail_closed_reject_is_503_without_vectors(tiny_bundle: Path) -> None:
+    async with serving(make_settings(tiny_bundle), FakeRunner()) as (client, _):
+        x = rows(2)
+        x[1][0] = FakeRunner.NAN_ROW
+        r = await client.post("/predict", json={"instances": x})
+        assert r.status_code == 503 and set(r.json()) == {"error"} and "withheld" in r.json()["error"]
+
+
+async def test_metrics_are_present_and_move(tiny_bundle: Path) -> None:
+    async with serving(make_settings(tiny_bundle), FakeRunner()) as (client, _):
+        before = (await client.get("/metrics")).text
+        for name in (
+            "gateway_request_duration_seconds",
+            "gateway_batch_size",
+            "gateway_queue_wait_seconds",
+            "gateway_model_inference_seconds",
+            "gateway_defense_seconds",
+            "gateway_defense_l1_distortion",
+            "gateway_defended_rows_total",
+            "gateway_label_changes_total",
+            "gateway_queue_depth",
+            "gateway_model_info",
+        ):
+            assert f"# TYPE {name.removesuffix('_total')}" in before, name
+        assert metric_value(before, "gateway_model_info", model="tiny", provider="CPUExecutionProvider") == 1
+        assert metric_value(before, "gateway_defended_rows_total", defense="none", outcome="unchanged") == 0
+        await client.post("/predict", json={"instances": rows(3)})
+        await client.post("/predict", content=b"{", headers=JSON)
+        after = (await client.get("/metrics")).text
+        assert metric_value(after, "gateway_defended_rows_total", defense="none", outcome="unchanged") == 3
+        assert metric_value(after, "gateway_batch_size_count") == 1
+        assert metric_value(after, "gateway_model_inference_seconds_count") == 1
+        assert metric_value(after, "gateway_defense_seconds_count", defense="none") == 1
+        assert metric_value(after, "gateway_defense_l1_distortion_count", defense="none") == 3
+        assert metric_value(after, "gateway_queue_wait_seconds_count") == 1
+        assert metric_value(after, "gateway_label_changes_total", defense="none") == 0
+        assert metric_value(after, "gateway_request_duration_seconds_count", route="/predict", status="200") == 1
+        assert metric_value(after, "gateway_request_duration_seconds_count", route="/predict", status="400") == 1
+        assert metric_value(after, "gateway_queue_depth") == 0
+
+
+async def test_require_gpu_keeps_readiness_503_on_cpu(tiny_bundle: Path) -> None:
+    async with serving(make_settings(tiny_bundle, require_gpu=True), FakeRunner()) as (client, _):
+        r = await client.get("/readyz")
+        assert r.status_code == 503 and "GATEWAY_REQUIRE_GPU" in r.json()["error"]
+        assert (await client.get("/v2/health/ready")).status_code == 503
+        assert (await client.get("/healthz")).status_code == 200
+    async with serving(make_settings(tiny_bundle, require_gpu=True), FakeRunner(provider="CUDAExecutionProvider")) as (
+        client,
+        _,
+    ):
+        assert (await client.get("/readyz")).status_code == 200
+
+
+async def test_shutdown_drains_and_readiness_reports_it(tiny_bundle: Path) -> None:
+    runner = FakeRunner(delay_s=0.05)
+    app_ref = {}
+    async with serving(make_settings(tiny_bundle, max_batch_size=1, max_queue_delay_ms=0), runner) as (
+        client,
+        app,
+    ):
+        app_ref["app"] = app
+        inflight = [asyncio.ensure_future(client.post("/predict", json={"instances": rows(1)})) for _ in range(3)]
+        await asyncio.sleep(0.01)
+    state = app_ref["app"].state.gateway
+    assert state.draining and state.not_ready_reason() is not None and runner.closed
+    assert all(t.result().status_code == 200 for t in inflight)

@@ -1,0 +1,61 @@
+"""Bundles: verified loading, and refusals that name the fix."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from gateway.artifacts import load_bundle
+from gateway.errors import BundleError
+
+
+@pytest.fixture
+def bundle_copy(tiny_bundle: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "b"
+    shutil.copytree(tiny_bundle, dst)
+    return dst
+
+
+def test_loads_and_verifies(bundle_copy: Path) -> None:
+    b = load_bundle(bundle_copy)
+    m = b.manifest
+    assert (m.name, m.input.width, m.output.classes, m.output.kind) == ("tiny", 8, 4, "logits")
+    assert set(m.files) == {"model.onnx"} and len(m.files["model.onnx"]) == 64
+    assert m.training["onnx_parity_max_abs_diff"] < 1e-4
+
+
+def test_hash_mismatch_refuses_with_the_fix(bundle_copy: Path) -> None:
+    with (bundle_copy / "model.onnx").open("ab") as f:
+        f.write(b"\0")
+    with pytest.raises(BundleError, match=r"sha256 of model.onnx does not match.*defense_models"):
+        load_bundle(bundle_copy)
+
+
+def test_missing_file_refuses(bundle_copy: Path) -> None:
+    (bundle_copy / "model.onnx").unlink()
+    with pytest.raises(BundleError, match="missing"):
+        load_bundle(bundle_copy)
+
+
+def test_missing_or_invalid_manifest_refuses(bundle_copy: Path, tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match="GATEWAY_ARTIFACTS"):
+        load_bundle(tmp_path / "nowhere")
+    (bundle_copy / "manifest.json").write_text("{not json")
+    with pytest.raises(BundleError, match="not a valid manifest"):
+        load_bundle(bundle_copy)
+
+
+def test_unlisted_or_escaping_files_refuse(bundle_copy: Path) -> None:
+    path = bundle_copy / "manifest.json"
+    raw = json.loads(path.read_text())
+    raw["files"] = {"../model.onnx": raw["files"]["model.onnx"], "model.onnx": raw["files"]["model.onnx"]}
+    path.write_text(json.dumps(raw))
+    with pytest.raises(BundleError, match="outside the bundle"):
+        load_bundle(bundle_copy)
+    raw["files"] = {}
+    path.write_text(json.dumps(raw))
+    with pytest.raises(BundleError, match="without a sha256"):
+        load_bundle(bundle_copy)
