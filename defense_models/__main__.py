@@ -16,7 +16,15 @@ from pathlib import Path
 def _cmd_train(args: argparse.Namespace) -> int:
     from defense_models.pipeline import TrainConfig, train_bundle
 
-    config = TrainConfig(dataset=args.dataset, preset=args.preset, seed=args.seed, progress=not args.quiet)
+    defenses = ("memguard", "aeppt") if "all" in args.defense else tuple(d for d in args.defense if d != "none")
+    config = TrainConfig(
+        dataset=args.dataset,
+        preset=args.preset,
+        defenses=defenses,
+        substitute_label=args.substitute_label,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
     start = time.perf_counter()
     summary = train_bundle(config, Path(args.out))
     elapsed = time.perf_counter() - start
@@ -49,6 +57,19 @@ def main(argv: list[str] | None = None) -> int:
         default="official",
         help="demo: small MLP in seconds; official: the published target recipe",
     )
+    p.add_argument(
+        "--defense",
+        action="append",
+        choices=("memguard", "aeppt", "none", "all"),
+        default=None,
+        help="defender's classifiers to train (repeatable; default: all)",
+    )
+    p.add_argument(
+        "--substitute-label",
+        choices=("argmax", "true"),
+        default="argmax",
+        help="label AEPPT's substitute learns with (default: argmax, what it sees when serving)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_train)
@@ -56,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("bundle")
     p.set_defaults(func=_cmd_info)
     args = parser.parse_args(argv)
+    if getattr(args, "defense", "-") is None:
+        args.defense = ["all"]
     return int(args.func(args))
 
 

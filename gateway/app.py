@@ -86,7 +86,7 @@ def _build(state: GatewayState, runner_factory: RunnerFactory) -> Pipeline:
     manifest = bundle.manifest
     runner = runner_factory(bundle, settings)
     device = torch.device("cuda") if runner.provider == CUDA and torch.cuda.is_available() else torch.device("cpu")
-    overrides = dict(settings.defense_params)
+    overrides = settings.defense_overrides()
     defense = create_defense(settings.defense, bundle, overrides, device)
     keyer = None
     if defense.randomized:

@@ -41,6 +41,12 @@ class GatewaySettings(BaseSettings):
         default_factory=dict,
         description="Overrides of the manifest's defense parameters, e.g. GATEWAY_DEFENSE_PARAMS__EPSILON=0.5.",
     )
+    memguard_epsilon: float | None = Field(
+        None, ge=0.0, le=2.0, description="MemGuard's expected-L1 budget ε (overrides the manifest; 0 disables)."
+    )
+    aeppt_step_size: float | None = Field(None, ge=0.0, description="AEPPT's step α (overrides the calibrated value).")
+    aeppt_iterations: int | None = Field(None, ge=0, description="AEPPT's iterations K (default 100).")
+    aeppt_clip_eps: float | None = Field(None, gt=0.0, description="AEPPT's BIM clip radius ε_c (default: none).")
     on_defense_error: Literal["reject", "label_only"] = Field(
         "reject",
         description="A row whose defense fails: reject its request (503) or release the one-hot label.",
@@ -101,6 +107,18 @@ class GatewaySettings(BaseSettings):
     def development(self) -> bool:
         """Demo mode is the only development mode: it permits the default noise secret."""
         return self.demo
+
+    def defense_overrides(self) -> dict[str, Any]:
+        """GATEWAY_DEFENSE_PARAMS__* plus the named knobs that apply to the chosen defense."""
+        named = {
+            "memguard": {"epsilon": self.memguard_epsilon},
+            "aeppt": {
+                "step_size": self.aeppt_step_size,
+                "iterations": self.aeppt_iterations,
+                "clip_eps": self.aeppt_clip_eps,
+            },
+        }.get(self.defense, {})
+        return {**self.defense_params, **{k: v for k, v in named.items() if v is not None}}
 
     def all_api_keys(self) -> tuple[bytes, ...]:
         """Configured keys (environment plus file), as bytes for constant-time comparison."""

@@ -42,29 +42,40 @@ class FitResult:
     val_acc: list[float] = field(default_factory=list)
 
 
-def accuracy(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> float:
+Inputs = torch.Tensor | tuple[torch.Tensor, ...]
+
+
+def _as_tuple(X: Inputs) -> tuple[torch.Tensor, ...]:
+    return X if isinstance(X, tuple) else (X,)
+
+
+def accuracy(model: nn.Module, X: Inputs, y: torch.Tensor) -> float:
+    """Top-1 accuracy for a classifier, or thresholded accuracy (logit > 0) for a binary model."""
     model.eval()
     with torch.no_grad():
-        return float((model(X).argmax(dim=1) == y).float().mean())
+        out = model(*_as_tuple(X))
+        pred = out.argmax(dim=1) if out.dim() == 2 else (out > 0).to(y.dtype)
+        return float((pred == y).float().mean())
 
 
 def fit(
     model: nn.Module,
-    X: torch.Tensor,
+    X: Inputs,
     y: torch.Tensor,
     config: FitConfig,
     *,
     loss_fn: nn.Module | None = None,
-    val: tuple[torch.Tensor, torch.Tensor] | None = None,
+    val: tuple[Inputs, torch.Tensor] | None = None,
     device: torch.device | None = None,
     progress: bool = False,
     desc: str = "fit",
 ) -> FitResult:
-    """Minibatch training of ``model`` on (X[N, ...], y[N]) in place."""
+    """Minibatch training of ``model`` on (X[N, ...] or a tuple of such, y[N]) in place."""
     device = device or torch.device("cpu")
     gen = seed_everything(config.seed)
     model.to(device)
-    X, y = X.to(device), y.to(device)
+    xs = tuple(x.to(device) for x in _as_tuple(X))
+    y = y.to(device)
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     params = model.parameters()
     opt: torch.optim.Optimizer
@@ -83,7 +94,7 @@ def fit(
 
         bar = tqdm(epochs, desc=desc, leave=False)
         epochs = bar
-    n = X.shape[0]
+    n = y.shape[0]
     for _ in epochs:
         model.train()
         perm = torch.randperm(n, generator=gen).to(device)
@@ -91,7 +102,7 @@ def fit(
         for i in range(0, n, config.batch_size):
             b = perm[i : i + config.batch_size]
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(X[b]), y[b])
+            loss = loss_fn(model(*(x[b] for x in xs)), y[b])
             loss.backward()
             opt.step()
             total += float(loss.detach()) * b.numel()
@@ -99,7 +110,7 @@ def fit(
         result.epochs_run += 1
         result.train_loss.append(total / n)
         if val is not None:
-            acc = accuracy(model, val[0].to(device), val[1].to(device))
+            acc = accuracy(model, tuple(v.to(device) for v in _as_tuple(val[0])), val[1].to(device))
             result.val_acc.append(acc)
             if bar is not None:
                 bar.set_postfix(loss=f"{total / n:.3f}", val_acc=f"{acc:.3f}")

@@ -19,7 +19,12 @@ from gateway.defenses.base import Defense
 __all__ = ["Defense", "available_defenses", "create_defense", "register_defense", "unregister_defense"]
 
 _REGISTRY: dict[str, type] = {}
-_BUILTIN_MODULES = ("gateway.defenses.identity",)
+_BUILTIN_MODULES = (
+    "gateway.defenses.identity",
+    "gateway.defenses.memguard",
+    "gateway.defenses.aeppt",
+    "gateway.defenses.postprocess",
+)
 _loaded = False
 
 T = TypeVar("T", bound=type)

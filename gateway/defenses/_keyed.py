@@ -15,6 +15,7 @@ import json
 from typing import Any
 
 import numpy as np
+import torch
 
 DIGEST_BYTES = 32
 
@@ -44,3 +45,55 @@ def uniform_from_digest(digests: np.ndarray) -> np.ndarray:
     """digests[B, 32] -> u[B] in [0, 1): the first 53 bits as a float64 (ALGORITHMS.md §4)."""
     first8 = np.ascontiguousarray(digests[:, :8]).view(">u8")[:, 0]  # [B] big-endian uint64
     return (first8 >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+# --- per-row Philox4x32-10 streams ------------------------------------------------------------
+# A counter-based generator (Salmon et al., SC 2011) evaluated with plain integer tensor ops, so
+# every row's stream is a pure function of its digest: identical on CPU and CUDA, at any batch
+# size or position. 32-bit words live in int64 tensors; products of two 32-bit words may wrap
+# past 2^63, but masking recovers the exact high and low halves from the two's-complement bits.
+_M0, _M1 = 0xD2511F53, 0xCD9E8D57
+_W0, _W1 = 0x9E3779B9, 0xBB67AE85
+_MASK32 = 0xFFFFFFFF
+
+
+def philox4x32(counter: torch.Tensor, key: torch.Tensor, rounds: int = 10) -> torch.Tensor:
+    """counter [..., 4], key [..., 2] (int64 holding uint32) -> [..., 4] uint32 words in int64."""
+    c0, c1, c2, c3 = counter.unbind(-1)
+    k0, k1 = key.unbind(-1)
+    for _ in range(rounds):
+        p0 = c0 * _M0
+        p1 = c2 * _M1
+        hi0, lo0 = (p0 >> 32) & _MASK32, p0 & _MASK32
+        hi1, lo1 = (p1 >> 32) & _MASK32, p1 & _MASK32
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = (k0 + _W0) & _MASK32
+        k1 = (k1 + _W1) & _MASK32
+    return torch.stack((c0, c1, c2, c3), dim=-1)
+
+
+def row_uniforms(digests: torch.Tensor, n: int, *, stream: int = 0, device: torch.device | None = None) -> torch.Tensor:
+    """digests [B, 32] uint8 -> u [B, n] float32 in [0, 1), one Philox stream per row.
+
+    Key = digest words 2..3, counter = (block, stream, digest words 4..5): the first 64 bits of
+    the digest stay reserved for MemGuard's coin (``uniform_from_digest``).
+    """
+    device = device or digests.device
+    B = digests.shape[0]
+    words = torch.from_numpy(np.ascontiguousarray(digests.cpu().numpy()).view("<u4").astype(np.int64)).to(
+        device
+    )  # [B, 8]
+    blocks = (n + 3) // 4
+    block = torch.arange(blocks, device=device, dtype=torch.int64)  # [K]
+    counter = torch.stack(
+        (
+            block.expand(B, blocks),
+            torch.full((B, blocks), stream, device=device, dtype=torch.int64),
+            words[:, 4:5].expand(B, blocks),
+            words[:, 5:6].expand(B, blocks),
+        ),
+        dim=-1,
+    )  # [B, K, 4]
+    key = words[:, None, 2:4].expand(B, blocks, 2)  # [B, K, 2]
+    bits = philox4x32(counter, key).reshape(B, blocks * 4)[:, :n]  # [B, n]
+    return (bits >> 8).to(torch.float32) * (1.0 / (1 << 24))  # 24-bit uniforms

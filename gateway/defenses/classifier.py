@@ -1,0 +1,81 @@
+"""The defender's classifiers, defined once here; the offline job imports them to train.
+
+Both return a *logit* (pre-sigmoid). ``weights()`` hands the defenses plain tensors for their
+hand-written batched forward/backward passes; the modules themselves stay ordinary ``nn.Module``s
+for training and for the reference implementations in the tests.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class MemGuardClassifier(nn.Module):
+    """MemGuard's defense classifier g [code jinyuan-jia/MemGuard ``model/fccnet_location.py``].
+
+    Input: a probability vector sorted ascending (top-1 last) [N, C]; output: logit h [N].
+    C → 256 → 128 → 64 → 1 with ReLU and Glorot-uniform weights, as in the Keras original.
+    """
+
+    HIDDEN = (256, 128, 64)
+
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        self.classes = classes
+        dims = (classes, *self.HIDDEN, 1)
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(dims))
+        for layer in self.layers:
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, sorted_probs: torch.Tensor) -> torch.Tensor:
+        x = sorted_probs  # [N, C]
+        for layer in self.layers[:-1]:
+            x = torch.relu(layer(x))
+        return self.layers[-1](x)[:, 0]  # [N]
+
+    def weights(self, device: torch.device, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """[(W [out, in], b [out]), ...] detached, for the batched Phase I."""
+        return [(lay.weight.detach().to(device, dtype), lay.bias.detach().to(device, dtype)) for lay in self.layers]
+
+
+class AepptSubstitute(nn.Module):
+    """AEPPT's substitute membership model F(v, t) [paper §4.3, §5.2].
+
+    Prediction branch C → 256 and label branch C → 256 (ReLU) feed a connection net
+    512 → 64 → 1 (ReLU); output: logit [N]. ``v`` is the prediction vector [N, C] and ``t`` a
+    one-hot label [N, C].
+    """
+
+    def __init__(self, classes: int, width: int = 256, hidden: int = 64) -> None:
+        super().__init__()
+        self.classes = classes
+        self.pred = nn.Linear(classes, width)
+        self.label = nn.Linear(classes, width)
+        self.conn = nn.Linear(2 * width, hidden)
+        self.out = nn.Linear(hidden, 1)
+
+    def forward(self, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        joint = torch.cat([torch.relu(self.pred(v)), torch.relu(self.label(t))], dim=1)  # [N, 512]
+        return self.out(torch.relu(self.conn(joint)))[:, 0]  # [N]
+
+
+def save_weights(module: nn.Module, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, str(path))
+
+
+def load_weights(module: nn.Module, path: Path) -> nn.Module:
+    """Strict load from safetensors; a shape or name mismatch names the file to rebuild."""
+    from safetensors.torch import load_file
+
+    try:
+        module.load_state_dict(load_file(str(path)), strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"{path.name} does not fit {type(module).__name__}: {exc}; rebuild the bundle") from exc
+    return module.eval()

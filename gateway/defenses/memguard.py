@@ -1,0 +1,250 @@
+"""MemGuard (Jia et al., CCS 2019), batched over rows; the same code on CPU and CUDA.
+
+**Phase I** follows the official ``defense_framework.py`` exactly, per row, in ascending-sorted
+coordinates (label last) on the target's logits z̃:
+
+    L(e; c3) = c1·|h(softmax(z̃+e))| + c2·ReLU(max_{j<C-1}(z̃+e)_j − (z̃+e)_{C-1}) + c3·‖softmax(z̃+e) − s̃‖₁
+
+* c1 = 1 (find a point where g's logit h is 0, i.e. g = 0.5), c2 = 10 (the label penalty),
+  c3 = 0.1, 1, …, 1e5: seven rounds, each restarting from e = 0. A larger c3 buys less
+  distortion; the official loop keeps the last round of an unbroken run of successes.
+* Step: e ← e − 0.1·∇L/‖∇L‖₂ (with a zero-norm guard the reference lacks).
+* A round always takes its first step, then stops at the first step after which the label is a
+  strict maximum and h has reached or crossed 0 (h·h₀ ≤ 0), or after 299 steps.
+* No noise when |g(s) − 0.5| ≤ 1e-5 already, or when the c3 = 0.1 round fails.
+* Coordinates are sorted once and never re-sorted inside the loop; the result is un-sorted.
+
+The rounds are deterministic and independent, so they may run side by side (7B rows at once,
+``schedule="parallel"``: lowest latency for small batches) or one after another on the rows
+whose previous round succeeded (``"sequential"``: fewer FLOPs for large batches, since rounds
+after a row's first failure never run). Both give the same answer; ``"auto"`` picks by batch
+size. Rows that finish leave the working set, so a batch costs what its rows actually need.
+Gradients are written out by hand (g is a ReLU MLP), which keeps one step to a handful of
+matmuls instead of an autograd graph.
+
+**Phase II** [``evaluate_nn_attack.py``; paper §4]: with d = ‖s′ − s‖₁, release s′ with
+probability p = min(ε/d, 1) if the noise moves g towards 0.5 (|g(s) − 0.5| > |g(s′) − 0.5|),
+else p = 0. So E‖released − s‖₁ ≤ ε per row. The coin is the row's keyed uniform (first 53
+bits of its HMAC digest), so a repeated query gets the same answer and averaging gains nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from gateway.defenses import register_defense
+from gateway.defenses._keyed import uniform_from_digest
+from gateway.defenses.classifier import MemGuardClassifier, load_weights
+
+#: Official constants [code defense_framework.py]: c1 finds g = 0.5, c2 keeps the label.
+C1, C2 = 1.0, 10.0
+#: c3 schedule: 0.1 ×10 up to 1e5 — seven rounds.
+C3_SCHEDULE = (0.1, 1.0, 10.0, 100.0, 1_000.0, 10_000.0, 100_000.0)
+#: |g(s) − 0.5| at or below this: already at the decision boundary, no noise ("for numerical reason").
+NO_NOISE_TOLERANCE = 1e-5
+
+
+class MemGuardParams(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    #: Expected-L1 budget of the released noise (Phase II). 0 disables the defense. Default 1.0:
+    #: the largest budget of the published Location curve.
+    epsilon: float = Field(1.0, ge=0.0, le=2.0)
+    #: 300 is the official bound on the loop counter, so at most 299 steps per round.
+    max_iterations: int = Field(300, ge=2)
+    step_size: float = Field(0.1, gt=0)
+    schedule: Literal["auto", "parallel", "sequential"] = "auto"
+    #: Rows (×7 rounds) up to which "auto" runs rounds side by side.
+    parallel_max_rows: int = Field(64, ge=1)
+    dtype: Literal["float32", "float64"] = "float32"
+
+
+@dataclass
+class PhaseOne:
+    noisy_logits: torch.Tensor  # [B, C] z + e in the original coordinates (= z where no noise)
+    has_noise: torch.Tensor  # [B] bool
+    rounds_ok: torch.Tensor  # [B] int: length of the unbroken run of successful rounds (0..7)
+    steps: torch.Tensor  # [R, B] int: steps taken per round (0 for rounds not run)
+    success: torch.Tensor  # [R, B] bool: per-round success (False for rounds not run)
+    h0: torch.Tensor  # [B] logit of g on the clean sorted vector
+    row_iterations: int  # Σ over steps of rows in the working set (for FLOP accounting)
+
+
+class _G:
+    """g's weights as plain tensors, with a batched forward/backward (ReLU MLP)."""
+
+    def __init__(self, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.layers = layers
+
+    def logit(self, s: torch.Tensor) -> torch.Tensor:
+        return self.forward(s)[0]
+
+    def forward(self, s: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """s [N, C] -> (h [N], hidden activations [a1 [N,256], a2 [N,128], a3 [N,64]])."""
+        acts, x = [], s
+        for W, b in self.layers[:-1]:
+            x = torch.relu(torch.addmm(b, x, W.t()))
+            acts.append(x)
+        W, b = self.layers[-1]
+        return torch.addmm(b, x, W.t())[:, 0], acts
+
+    def input_grad(self, dh: torch.Tensor, acts: list[torch.Tensor]) -> torch.Tensor:
+        """dL/ds [N, C] given dL/dh [N] and the forward activations."""
+        W_out, _ = self.layers[-1]
+        g = dh[:, None] * W_out  # [N, 64]
+        for (W, _), a in zip(reversed(self.layers[:-1]), reversed(acts), strict=True):
+            g = (g * (a > 0)) @ W  # [N, in]
+        return g
+
+
+@register_defense
+class MemGuard:
+    name: ClassVar[str] = "memguard"
+    randomized: ClassVar[bool] = True
+    #: Per row the released vector may be anywhere on the simplex; ε bounds the *expected* L1.
+    l1_bound = 2.0
+
+    def __init__(self, g: MemGuardClassifier, params: MemGuardParams, device: torch.device) -> None:
+        self.config = params
+        self.device = device
+        self.dtype = torch.float32 if params.dtype == "float32" else torch.float64
+        self.g = _G(g.weights(device, self.dtype))
+        self.classes = g.classes
+
+    @classmethod
+    def from_bundle(cls, bundle: Any, overrides: dict[str, Any], device: torch.device) -> MemGuard:
+        entry = bundle.manifest.defenses.get(cls.name)
+        if entry is None or not entry.weights:
+            raise ValueError(
+                "the bundle has no MemGuard classifier; train it with `defense_models train --defense memguard`"
+            )
+        g = load_weights(MemGuardClassifier(bundle.manifest.output.classes), bundle.path(entry.weights))
+        params = MemGuardParams.model_validate({**entry.params, **overrides})
+        return cls(g, params, device)
+
+    def params(self) -> dict[str, Any]:
+        return self.config.model_dump()
+
+    # --- Phase I -------------------------------------------------------------------------------
+    def phase_one(self, logits: torch.Tensor, labels: torch.Tensor) -> PhaseOne:
+        """logits [B, C], labels [B] -> the Phase I noise of every row (no coin, no budget)."""
+        p = self.config
+        B, C = logits.shape
+        R = len(C3_SCHEDULE)
+        z = logits.to(self.device, self.dtype)
+        labels = labels.to(self.device)
+        perm = torch.argsort(z, dim=1, stable=True)  # [B, C] ascending
+        # Ties at the top: move the label (first index of the maximum) to the last sorted slot.
+        last = perm[:, -1].clone()
+        pos = (perm == labels[:, None]).to(torch.int64).argmax(dim=1)  # [B] slot holding the label
+        rows = torch.arange(B, device=self.device)
+        perm[rows, pos] = last
+        perm[:, -1] = labels
+        zs = z.gather(1, perm)  # [B, C] sorted logits, label last
+        ss = torch.softmax(zs, dim=1)  # [B, C] s̃
+        h0 = self.g.logit(ss)  # [B]
+        skip = (torch.sigmoid(h0.double()) - 0.5).abs() <= NO_NOISE_TOLERANCE  # [B]
+
+        steps = torch.zeros(R, B, dtype=torch.int64, device=self.device)
+        success = torch.zeros(R, B, dtype=torch.bool, device=self.device)
+        final = zs[None].expand(R, B, C).clone()  # [R, B, C] z̃ + e per round
+        work = 0
+        if B:
+            sequential = p.schedule == "sequential" or (p.schedule == "auto" and B > p.parallel_max_rows)
+            if sequential:
+                alive = ~skip
+                for r in range(R):
+                    idx = alive.nonzero()[:, 0]
+                    if idx.numel() == 0:
+                        break
+                    c3 = torch.full((idx.numel(),), C3_SCHEDULE[r], device=self.device, dtype=self.dtype)
+                    x, n, ok, w = self._descend(zs[idx], ss[idx], h0[idx], c3)
+                    final[r, idx], steps[r, idx], success[r, idx] = x, n, ok
+                    work += w
+                    alive = torch.zeros_like(alive).index_fill_(0, idx[ok], True)
+            else:
+                idx = (~skip).nonzero()[:, 0]  # [b]
+                if idx.numel():
+                    b = idx.numel()
+                    c3 = torch.tensor(C3_SCHEDULE, device=self.device, dtype=self.dtype).repeat_interleave(b)
+                    x, n, ok, w = self._descend(zs[idx].repeat(R, 1), ss[idx].repeat(R, 1), h0[idx].repeat(R), c3)
+                    final[:, idx], steps[:, idx], success[:, idx] = x.view(R, b, C), n.view(R, b), ok.view(R, b)
+                    work += w
+
+        # The unbroken run of successes from round 0; keep its last round (official rule).
+        rounds_ok = success.to(torch.int64).cumprod(dim=0).sum(dim=0)  # [B] 0..R
+        has_noise = rounds_ok > 0
+        pick = (rounds_ok - 1).clamp_min(0)  # [B]
+        chosen = final[pick, torch.arange(B, device=self.device)]  # [B, C] sorted coordinates
+        chosen = torch.where(has_noise[:, None], chosen, zs)
+        noisy = torch.empty_like(chosen).scatter_(1, perm, chosen)  # un-sort: noisy[perm] = chosen
+        return PhaseOne(noisy, has_noise, rounds_ok, steps, success, h0, work)
+
+    def _descend(
+        self, zs: torch.Tensor, ss: torch.Tensor, h0: torch.Tensor, c3: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """One c3 round for N rows: zs, ss [N, C], h0 [N], c3 [N] -> (z̃+e [N, C], steps [N], success [N], work)."""
+        p = self.config
+        N = zs.shape[0]
+        out_x = zs.clone()
+        out_steps = torch.zeros(N, dtype=torch.int64, device=zs.device)
+        out_ok = torch.zeros(N, dtype=torch.bool, device=zs.device)
+        ids = torch.arange(N, device=zs.device)  # working set -> row
+        x, s_ref, h_ref, c3w = zs.clone(), ss, h0, c3
+        work = 0
+        max_steps = p.max_iterations - 1
+        for it in range(max_steps + 1):
+            s = torch.softmax(x, dim=1)  # [n, C]
+            h, acts = self.g.forward(s)  # [n]
+            top_other, arg_other = x[:, :-1].max(dim=1)  # [n] max over j < C-1 and its index
+            if it > 0:
+                label_ok = x[:, -1] > top_other  # [n] strict maximum
+                reached = label_ok & (h * h_ref <= 0)
+                done = reached | (it == max_steps)
+                if bool(done.any()):
+                    gone = ids[done]
+                    out_x[gone], out_steps[gone], out_ok[gone] = x[done], it, reached[done]
+                    keep = ~done
+                    ids, x, s, h, s_ref, h_ref, c3w = (t[keep] for t in (ids, x, s, h, s_ref, h_ref, c3w))
+                    top_other, arg_other = top_other[keep], arg_other[keep]
+                    acts = [a[keep] for a in acts]
+                    if ids.numel() == 0:
+                        break
+            work += ids.numel()
+            # dL/ds: c1·sign(h)·∂h/∂s + c3·sign(s − s̃)
+            gs = self.g.input_grad(C1 * torch.sign(h), acts) + c3w[:, None] * torch.sign(s - s_ref)  # [n, C]
+            gx = s * (gs - (gs * s).sum(dim=1, keepdim=True))  # softmax backward [n, C]
+            # c2·ReLU(max_{j<C-1} x_j − x_{C-1}): gradient +c2 at the argmax, −c2 at the label
+            hinge = (top_other - x[:, -1] > 0).to(x.dtype) * C2  # [n]
+            gx.scatter_add_(1, arg_other[:, None], hinge[:, None])
+            gx[:, -1] -= hinge
+            norm = gx.norm(dim=1, keepdim=True)  # [n, 1]
+            x = x - p.step_size * gx / torch.where(norm > 0, norm, torch.ones_like(norm))
+        return out_x, out_steps, out_ok, work
+
+    # --- Phase II ------------------------------------------------------------------------------
+    def release_probability(self, probs: torch.Tensor, phase: PhaseOne) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (noisy probabilities [B, C] float64, p [B] float64)."""
+        noisy = torch.softmax(phase.noisy_logits.double(), dim=1)  # [B, C]
+        clean = probs.to(noisy.device, torch.float64)
+        g_clean = torch.sigmoid(phase.h0.double())  # g(sorted s)
+        g_noisy = torch.sigmoid(self.g.logit(torch.sort(noisy, dim=1).values.to(self.dtype)).double())
+        helps = (g_clean - 0.5).abs() > (g_noisy - 0.5).abs()
+        d = (noisy - clean).abs().sum(dim=1)  # [B]
+        eps = self.config.epsilon
+        p = torch.where(helps & phase.has_noise & (d > 0), (eps / d.clamp_min(1e-300)).clamp(max=1.0), 0.0)
+        return noisy, p
+
+    @torch.inference_mode()
+    def defend(self, probs: torch.Tensor, logits: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        labels = probs.argmax(dim=1)  # [B]
+        if self.config.epsilon == 0 or probs.shape[0] == 0:
+            return probs
+        phase = self.phase_one(logits, labels)
+        noisy, p = self.release_probability(probs, phase)
+        u = torch.from_numpy(uniform_from_digest(keys.cpu().numpy())).to(p.device)  # [B] keyed coin
+        release = u < p
+        return torch.where(release[:, None], noisy, probs.to(noisy.device, torch.float64))
