@@ -124,3 +124,74 @@ def metric_value(text: str, name: str, **labels: str) -> float:
 
 def has_cuda() -> bool:
     return torch.cuda.is_available()
+
+
+# --- defenses ---------------------------------------------------------------------------------
+DEF_CLASSES = 10
+
+
+def synthetic_outputs(n: int, classes: int, margin: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits [n, C] whose true class leads by about ``margin`` (members: large, non-members: small)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, classes, generator=g, dtype=torch.float64)
+    y = torch.randint(0, classes, (n,), generator=g)
+    z[torch.arange(n), y] += margin + torch.randn(n, generator=g, dtype=torch.float64)
+    return z, y
+
+
+@pytest.fixture(scope="session")
+def defenders() -> dict[str, Any]:
+    """MemGuard's g and AEPPT's substitute, trained quickly on synthetic target outputs (C = 10)."""
+    from defense_models.calibrate import calibrate_aeppt_step
+    from defense_models.training.defenders import train_memguard_classifier, train_substitute
+    from defense_models.training.loop import FitConfig
+
+    z_in, _ = synthetic_outputs(400, DEF_CLASSES, 6.0, seed=1)
+    z_out, _ = synthetic_outputs(400, DEF_CLASSES, 2.0, seed=2)
+    p_in, p_out = torch.softmax(z_in, 1), torch.softmax(z_out, 1)
+    quick = FitConfig(epochs=40, batch_size=64, lr=1e-3)
+    g, g_acc = train_memguard_classifier(p_in, p_out, quick)
+    sub, s_acc = train_substitute(p_in, p_in.argmax(1), p_out, p_out.argmax(1), quick)
+    cal = calibrate_aeppt_step(sub, p_in, p_out)
+    return {"g": g, "substitute": sub, "calibration": cal, "z_in": z_in, "z_out": z_out, "g_acc": g_acc, "s_acc": s_acc}
+
+
+@pytest.fixture(scope="session")
+def defended_bundle(tmp_path_factory: pytest.TempPathFactory, defenders: dict[str, Any]) -> Path:
+    """A bundle (WIDTH -> DEF_CLASSES) carrying both defender's classifiers."""
+    from defense_models.export import write_bundle
+    from gateway.artifacts import DefenseEntry
+    from gateway.defenses.classifier import save_weights
+
+    tmp = tmp_path_factory.mktemp("weights")
+    save_weights(defenders["g"], tmp / "g")
+    save_weights(defenders["substitute"], tmp / "s")
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(WIDTH, 32), torch.nn.ReLU(), torch.nn.Linear(32, DEF_CLASSES))
+    with torch.no_grad():
+        model[2].weight.mul_(8)  # confident outputs, like an overfit target
+    out = tmp_path_factory.mktemp("bundles") / "defended"
+    write_bundle(
+        out,
+        name="defended",
+        model=model,
+        width=WIDTH,
+        classes=DEF_CLASSES,
+        parity_inputs=np.random.default_rng(0).normal(size=(64, WIDTH)).astype(np.float32),
+        extra_files={"memguard_g.safetensors": (tmp / "g").read_bytes(), "aeppt.safetensors": (tmp / "s").read_bytes()},
+        defenses={
+            "none": DefenseEntry(),
+            "memguard": DefenseEntry(weights="memguard_g.safetensors", params={"epsilon": 1.0}),
+            "aeppt": DefenseEntry(
+                weights="aeppt.safetensors", params={"step_size": defenders["calibration"].step_size}
+            ),
+        },
+    )
+    return out
+
+
+def keys_for(x: np.ndarray | torch.Tensor, secret: bytes = b"test-secret", context: bytes = b"ctx") -> torch.Tensor:
+    from gateway.defenses._keyed import RowKeyer
+
+    arr = x.numpy() if isinstance(x, torch.Tensor) else x
+    return torch.from_numpy(RowKeyer(secret, context).digests(arr))

@@ -51,7 +51,8 @@ class TopKParams(BaseModel):
 
 @register_defense
 class TopK(_Base):
-    """Keep the k largest entries (the label among them), zero the rest, renormalise."""
+    """Keep the k largest entries (the label among them), zero the rest, renormalise; a label tied
+    with a kept entry is nudged to a strict maximum."""
 
     name: ClassVar[str] = "topk"
     Params = TopKParams
@@ -59,8 +60,11 @@ class TopK(_Base):
     def defend(self, probs: torch.Tensor, logits: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         k = min(self.config.k, probs.shape[1])  # type: ignore[attr-defined]
         keep = torch.zeros_like(probs, dtype=torch.bool).scatter(1, probs.topk(k, dim=1).indices, True)
-        keep.scatter_(1, probs.argmax(dim=1, keepdim=True), True)
-        return _renormalise(torch.where(keep, probs, torch.zeros_like(probs)))
+        labels = probs.argmax(dim=1)
+        keep.scatter_(1, labels[:, None], True)
+        kept = torch.where(keep, probs, torch.zeros_like(probs))
+        changed = (kept != probs).any(dim=1, keepdim=True)  # ties inside the top k need no nudge if nothing moved
+        return torch.where(changed, _renormalise(_strict_label(kept, labels, 1e-12)), probs)
 
 
 class RoundingParams(BaseModel):

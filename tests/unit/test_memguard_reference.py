@@ -1,0 +1,150 @@
+"""Batched MemGuard against a plain serial port of the official algorithm (defense_framework.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+
+from gateway.defenses.classifier import MemGuardClassifier
+from gateway.defenses.memguard import C3_SCHEDULE, MemGuard, MemGuardParams
+from tests.conftest import keys_for
+
+
+@dataclass
+class RefResult:
+    noisy_logits: torch.Tensor  # [C] original coordinates
+    has_noise: bool
+    steps: list[int]  # per round that ran
+    success: list[bool]
+
+
+def reference_row(g: MemGuardClassifier, z: torch.Tensor, label: int) -> RefResult:
+    """One row, one round at a time, autograd gradients: the official loop in plain torch (float64)."""
+    g = g.double()
+    C = z.numel()
+    order = torch.argsort(z, stable=True)
+    slot = int((order == label).nonzero()[0, 0])  # put the label (first max) last
+    order[slot], order[-1] = order[-1].clone(), label
+    zs = z[order].double()
+    ss = torch.softmax(zs, 0)
+    with torch.no_grad():
+        h0 = g(ss[None])[0]
+    if abs(torch.sigmoid(h0).item() - 0.5) <= 1e-5:
+        return RefResult(z.double(), False, [], [])
+    steps: list[int] = []
+    success: list[bool] = []
+    last = zs.clone()
+    for c3 in C3_SCHEDULE:
+        x = zs.clone()
+        j, label_ok, crossed, first = 1, False, False, True
+        while j < 300 and (first or not (label_ok and crossed)):
+            first = False
+            x = x.detach().requires_grad_(True)
+            s = torch.softmax(x, 0)
+            h = g(s[None])[0]
+            wrong = x[:-1].max()
+            loss = h.abs() + 10.0 * torch.relu(wrong - x[-1]) + c3 * (s - ss).abs().sum()
+            (grad,) = torch.autograd.grad(loss, x)
+            norm = grad.norm()
+            x = (x - 0.1 * grad / (norm if norm > 0 else 1.0)).detach()
+            j += 1
+            with torch.no_grad():
+                h_new = g(torch.softmax(x, 0)[None])[0]
+            label_ok = bool(x[-1] > x[:-1].max())
+            crossed = bool(h_new * h0 <= 0)
+        steps.append(j - 1)
+        success.append(label_ok and crossed)
+        if not success[-1]:
+            break
+        last = x
+    noisy = torch.empty(C, dtype=torch.float64)
+    noisy[order] = last
+    return RefResult(noisy, success[0], steps, success)
+
+
+@pytest.fixture(scope="module")
+def rows(defenders: dict[str, Any]) -> torch.Tensor:
+    return torch.cat([defenders["z_in"][:8], defenders["z_out"][:8]])  # [16, C]
+
+
+@pytest.mark.parametrize("schedule", ["parallel", "sequential"])
+def test_phase_one_matches_the_serial_reference(defenders: dict[str, Any], rows: torch.Tensor, schedule: str) -> None:
+    mg = MemGuard(defenders["g"], MemGuardParams(schedule=schedule, dtype="float64"), torch.device("cpu"))
+    labels = torch.softmax(rows, 1).argmax(1)
+    batched = mg.phase_one(rows, labels)
+    mismatches = []
+    for i in range(rows.shape[0]):
+        ref = reference_row(defenders["g"], rows[i], int(labels[i]))
+        ran = len(ref.steps)
+        got_steps = batched.steps[:ran, i].tolist()
+        got_ok = batched.success[:ran, i].tolist()
+        if got_steps != ref.steps or got_ok != ref.success or bool(batched.has_noise[i]) != ref.has_noise:
+            mismatches.append((i, ref.steps, got_steps, ref.success, got_ok))
+            continue
+        diff = (batched.noisy_logits[i] - ref.noisy_logits).abs().max().item()
+        if diff > 1e-8:
+            mismatches.append((i, "noise differs by", diff))
+    assert not mismatches, mismatches
+    assert batched.has_noise.any() and (batched.rounds_ok > 1).any()  # the test exercises real noise
+
+
+def test_parallel_and_sequential_schedules_agree(defenders: dict[str, Any], rows: torch.Tensor) -> None:
+    labels = torch.softmax(rows, 1).argmax(1)
+    par = MemGuard(defenders["g"], MemGuardParams(schedule="parallel"), torch.device("cpu")).phase_one(rows, labels)
+    seq = MemGuard(defenders["g"], MemGuardParams(schedule="sequential"), torch.device("cpu")).phase_one(rows, labels)
+    assert torch.equal(par.rounds_ok, seq.rounds_ok)
+    torch.testing.assert_close(par.noisy_logits, seq.noisy_logits, rtol=0, atol=1e-5)
+    assert seq.row_iterations <= par.row_iterations  # sequential never runs rounds after a failure
+
+
+def test_batched_equals_one_row_at_a_time(defenders: dict[str, Any], rows: torch.Tensor) -> None:
+    mg = MemGuard(defenders["g"], MemGuardParams(), torch.device("cpu"))
+    probs = torch.softmax(rows, 1)
+    keys = keys_for(rows.float())
+    batch = mg.defend(probs, rows.float(), keys)
+    for i in range(rows.shape[0]):
+        alone = mg.defend(probs[i : i + 1], rows[i : i + 1].float(), keys[i : i + 1])
+        assert (alone[0] - batch[i]).abs().max().item() <= 1e-6
+
+
+def test_release_probability_follows_the_formula(defenders: dict[str, Any]) -> None:
+    z = torch.cat([defenders["z_in"][:100], defenders["z_out"][:100]])
+    probs = torch.softmax(z, 1)
+    for eps in (0.1, 0.5, 1.0):
+        mg = MemGuard(defenders["g"], MemGuardParams(epsilon=eps), torch.device("cpu"))
+        phase = mg.phase_one(z.float(), probs.argmax(1))
+        noisy, p = mg.release_probability(probs, phase)
+        d = (noisy - probs).abs().sum(1)
+        g = mg.g
+        g_clean = torch.sigmoid(g.logit(torch.sort(probs, 1).values.float()).double())
+        g_noisy = torch.sigmoid(g.logit(torch.sort(noisy, 1).values.float()).double())
+        helps = (g_clean - 0.5).abs() > (g_noisy - 0.5).abs()
+        want = torch.where(helps & phase.has_noise & (d > 0), (eps / d).clamp(max=1), torch.zeros_like(d))
+        torch.testing.assert_close(p, want, rtol=0, atol=1e-6)
+        assert ((p * d) <= eps + 1e-12).all()  # per row, the expected distortion is within the budget
+        assert (noisy.argmax(1) == probs.argmax(1)).all()
+
+
+def test_empirical_mean_l1_respects_epsilon(defenders: dict[str, Any]) -> None:
+    z = torch.cat([defenders["z_in"], defenders["z_out"]])  # 800 rows
+    probs = torch.softmax(z, 1)
+    keys = keys_for(z.float())
+    for eps in (0.05, 0.2):
+        out = MemGuard(defenders["g"], MemGuardParams(epsilon=eps), torch.device("cpu")).defend(probs, z.float(), keys)
+        l1 = (out - probs).abs().sum(1)
+        # E[L1] ≤ ε per row; the sample mean of 800 independent coins stays within a few standard errors.
+        se = l1.std().item() / len(l1) ** 0.5
+        assert l1.mean().item() <= eps + 3 * se, (eps, l1.mean().item(), se)
+        assert (out.argmax(1) == probs.argmax(1)).all()
+
+
+def test_epsilon_zero_is_the_identity(defenders: dict[str, Any]) -> None:
+    z = defenders["z_in"][:10]
+    probs = torch.softmax(z, 1)
+    out = MemGuard(defenders["g"], MemGuardParams(epsilon=0), torch.device("cpu")).defend(
+        probs, z.float(), keys_for(z.float())
+    )
+    assert torch.equal(out, probs)
