@@ -82,6 +82,7 @@ class Aeppt:
             w["conn.bias"],
         )  # [64, 256] ×2
         self.Wo, self.bo = w["out.weight"][0], w["out.bias"]  # [64], [1]
+        self.WpT, self.WcpT = self.Wp.t().contiguous(), self.Wcp.t().contiguous()  # [C, 256], [256, 64]
         self.classes = substitute.classes
 
     @classmethod
@@ -131,45 +132,109 @@ class Aeppt:
 
     @torch.inference_mode()
     def defend(self, probs: torch.Tensor, logits: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        return self.perturb(probs, keys)[0]
+
+    @torch.inference_mode()
+    def perturb(self, probs: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """probs [B, C] float64, keys [B, 32] -> (released [B, C] float64, row-iterations run)."""
         p = self.config
         B, C = probs.shape
         if B == 0 or p.iterations == 0 or p.step_size == 0:
-            return probs
+            return probs, 0
         y = probs.to(self.device, self.dtype)  # [B, C]
         labels = probs.argmax(dim=1).to(self.device)  # [B]
         t = torch.nn.functional.one_hot(labels, C).to(self.dtype)  # [B, C] t̂
         label_part = torch.addmm(self.bc, torch.relu(torch.addmm(self.bl, t, self.Wl.t())), self.Wcl.t())  # [B, 64]
-        logit0 = self._head(y, label_part)[0]  # [B]
-        member = logit0 >= 0  # m = [F ≥ 0.5]
+        member = self._head(y, label_part)[0] >= 0  # [B] m = [F(y, t̂) ≥ 0.5]
         d = torch.where(member, -1.0, 1.0).to(self.dtype)  # [B]
-        step = p.step_size * d[:, None] * self.multipliers(keys, B)  # [B, K] d·α·r_k
+        delta = p.step_size * self.multipliers(keys, B)  # [B, K] α·r_k ≥ 0
         if p.clip_eps is None:
             lo, hi = torch.zeros_like(y), torch.ones_like(y)
         else:
             lo, hi = (y - p.clip_eps).clamp_min(0.0), (y + p.clip_eps).clamp_max(1.0)
-        rows = torch.arange(B, device=self.device)
-        v = y.clone()
-        frozen = torch.zeros(B, dtype=torch.bool, device=self.device)
-        for k in range(p.iterations):
-            logit, a, c = self._head(v, label_part)
-            if p.direction == "per_step":
-                step[:, k] = step[:, k].abs() * torch.where(logit >= 0, -1.0, 1.0).to(self.dtype)
-            if p.early_stop:
-                frozen |= (logit >= 0) != member
-            # ∇_v F up to a positive factor (sigmoid' > 0): Wo → conn mask → Wcp → pred mask → Wp
-            grad = (((self.Wo * (c > 0)) @ self.Wcp) * (a > 0)) @ self.Wp  # [B, C]
-            cand = torch.minimum(torch.maximum(v + step[:, k, None] * torch.sign(grad), lo), hi)  # [B, C]
-            if p.renormalize == "step":
-                cand = cand / cand.sum(dim=1, keepdim=True)
-            # Label guard: a step that would change or tie the argmax is undone and the row freezes.
-            top = cand[rows, labels]
-            rest = cand.scatter(1, labels[:, None], float("-inf")).amax(dim=1)
-            ok = top > rest
-            frozen |= ~ok
-            v = torch.where(frozen[:, None], v, cand)
+        v = self._iterate(y, labels, label_part, member, d, delta, lo, hi)
+        work = B * p.iterations
         moved = (v != y).any(dim=1, keepdim=True)  # [B, 1]
         out = v.to(torch.float64)
         if p.renormalize != "none":
             out = out / out.sum(dim=1, keepdim=True)
         # A row that never moved is the clean vector itself, not its round trip through self.dtype.
-        return torch.where(moved, out, probs.to(out.device, torch.float64))
+        return torch.where(moved, out, probs.to(out.device, torch.float64)), work
+
+    def _sign_grad(self, a_mask: torch.Tensor, c_mask: torch.Tensor) -> torch.Tensor:
+        """sign(∇_v F) [N, C] from the activation masks: Wo → conn mask → Wcp → pred mask → Wp."""
+        return torch.sign((((self.Wo * c_mask) @ self.Wcp) * a_mask) @ self.Wp)
+
+    def _iterate(self, y, labels, label_part, member, d, delta, lo, hi):  # type: ignore[no-untyped-def]
+        """The K updates over the whole batch. y, lo, hi [B, C]; delta [B, K] = α·r_k ≥ 0 -> v [B, C].
+
+        Equivalent to the update as written, with three shortcuts that do not change any result:
+        a frozen row gets zero steps (so no masking per iteration); F's logit is only computed when
+        the direction or early stop needs it; and the label guard's exact test only runs once a
+        row's margin could have closed: each step moves every coordinate by at most α·r_k, so the
+        label's lead shrinks by at most 2·α·r_k per step.
+        """
+        p = self.config
+        delta = delta.clone()
+        step = d[:, None] * delta  # [B, K] d·α·r_k
+        step_k = step.unsqueeze(2).unbind(1)  # K × [B, 1] views: freezing (zeroing rows) reaches them
+        # The label's lead shrinks by at most 2·α·r_k per step (every coordinate moves at most α·r_k), so
+        # the guard's exact test can wait until the smallest lead, less the largest possible shrink since
+        # it was measured, could have reached 0. Both are plain floats: no tensor work per iteration.
+        shrink = (2 * delta.amax(dim=0)).tolist()  # K floats
+        v = y.clone()
+        frozen = torch.zeros(y.shape[0], dtype=torch.bool, device=self.device)
+        lead = float(self._margin(v, labels).min())
+        need_logit = p.direction == "per_step" or p.early_stop
+        box = p.clip_eps is None  # the box is [0, 1]: a scalar in-place clamp
+        WpT, bp, WcpT, Wcp, Wp, Wo = self.WpT, self.bp, self.WcpT, self.Wcp, self.Wp, self.Wo
+        sign: torch.Tensor | None = None
+        prev_ma = prev_mc = torch.empty(0)
+        for k in range(p.iterations):
+            a = torch.matmul(v, WpT).add_(bp)  # [B, 256] pre-activations of the prediction branch
+            pc = torch.matmul(a.clamp_min_(0), WcpT).add_(label_part)  # [B, 64]
+            if need_logit:
+                logit = pc.clamp_min(0) @ Wo + self.bo  # [B]
+                if p.direction == "per_step":
+                    step[:, k] = delta[:, k] * torch.where(logit >= 0, -1.0, 1.0).to(self.dtype)
+                if p.early_stop:
+                    self._freeze(((logit >= 0) != member) & ~frozen, frozen, delta, step)
+            # sign(∇_v F): Wo → conn mask → Wcp → pred mask → Wp, with masks sign(relu(·)) ∈ {0, 1}.
+            # It depends on the masks only, which small steps rarely change: reuse it while they hold.
+            ma, mc = a.sign_(), pc.clamp_min_(0).sign_()
+            if sign is None or not (torch.equal(mc, prev_mc) and torch.equal(ma, prev_ma)):
+                sign = (((mc * Wo) @ Wcp).mul_(ma) @ Wp).sign_()  # [B, C]
+                prev_ma, prev_mc = ma, mc
+            cand = torch.addcmul(v, step_k[k], sign)  # [B, C]
+            cand = cand.clamp_(0.0, 1.0) if box else torch.clamp(cand, lo, hi)
+            if p.renormalize == "step":
+                cand = cand / cand.sum(dim=1, keepdim=True)
+                lead = -1.0  # renormalising moves every coordinate: test exactly
+            lead -= shrink[k]
+            if lead <= 0:
+                # Label guard: a step that would change or tie the argmax is undone and the row freezes.
+                margin = self._margin(cand, labels)
+                bad = (margin <= 0) & ~frozen
+                if bool(bad.any()):
+                    cand[bad] = v[bad]
+                    self._freeze(bad, frozen, delta, step)
+                    margin = self._margin(cand, labels)
+                lead = (
+                    float(torch.where(frozen, float("inf"), margin).min()) if not bool(frozen.all()) else float("inf")
+                )
+            v = cand
+        return v
+
+    @staticmethod
+    def _margin(v: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """[N] the label's lead over the largest other entry of v [N, C] (> 0: strict maximum)."""
+        top = v.gather(1, labels[:, None])[:, 0]
+        return top - v.scatter(1, labels[:, None], float("-inf")).amax(dim=1)
+
+    @staticmethod
+    def _freeze(rows: torch.Tensor, frozen: torch.Tensor, delta: torch.Tensor, step: torch.Tensor) -> None:
+        """Freeze rows [B] in place: they take no further steps."""
+        if bool(rows.any()):
+            frozen |= rows
+            delta[rows] = 0
+            step[rows] = 0

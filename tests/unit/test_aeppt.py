@@ -85,3 +85,22 @@ def test_fresh_randomness_differs_between_calls(defenders: dict[str, Any], data:
     k = keys_for(z)
     assert torch.equal(keyed.defend(probs, z, k), keyed.defend(probs, z, k))
     assert not torch.equal(fresh.defend(probs, z, k), fresh.defend(probs, z, k))
+
+
+def test_batched_matches_the_serial_reference(defenders: dict[str, Any], data: Any) -> None:
+    from gateway.defenses._keyed import row_uniforms
+    from tests.reference import aeppt_reference_row
+
+    probs = torch.cat([data[0][:10], data[1][:10]])
+    z = torch.log(probs).float()
+    params = AepptParams(step_size=0.004, clip_eps=0.2, dtype="float64")
+    d = Aeppt(defenders["substitute"], params, CPU)
+    keys = keys_for(z)
+    out = d.defend(probs, z, keys)
+    r = row_uniforms(keys, params.iterations).double()  # rand_low 0, rand_high 1
+    worst = max(
+        (out[i] - aeppt_reference_row(defenders["substitute"], probs[i], r[i], params)).abs().max().item()
+        for i in range(len(probs))
+    )
+    assert worst <= 1e-9, worst
+    assert (out != probs).any(1).all()

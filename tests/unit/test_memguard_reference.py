@@ -2,67 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import torch
 
-from gateway.defenses.classifier import MemGuardClassifier
-from gateway.defenses.memguard import C3_SCHEDULE, MemGuard, MemGuardParams
+from gateway.defenses.memguard import MemGuard, MemGuardParams
 from tests.conftest import keys_for
-
-
-@dataclass
-class RefResult:
-    noisy_logits: torch.Tensor  # [C] original coordinates
-    has_noise: bool
-    steps: list[int]  # per round that ran
-    success: list[bool]
-
-
-def reference_row(g: MemGuardClassifier, z: torch.Tensor, label: int) -> RefResult:
-    """One row, one round at a time, autograd gradients: the official loop in plain torch (float64)."""
-    g = g.double()
-    C = z.numel()
-    order = torch.argsort(z, stable=True)
-    slot = int((order == label).nonzero()[0, 0])  # put the label (first max) last
-    order[slot], order[-1] = order[-1].clone(), label
-    zs = z[order].double()
-    ss = torch.softmax(zs, 0)
-    with torch.no_grad():
-        h0 = g(ss[None])[0]
-    if abs(torch.sigmoid(h0).item() - 0.5) <= 1e-5:
-        return RefResult(z.double(), False, [], [])
-    steps: list[int] = []
-    success: list[bool] = []
-    last = zs.clone()
-    for c3 in C3_SCHEDULE:
-        x = zs.clone()
-        j, label_ok, crossed, first = 1, False, False, True
-        while j < 300 and (first or not (label_ok and crossed)):
-            first = False
-            x = x.detach().requires_grad_(True)
-            s = torch.softmax(x, 0)
-            h = g(s[None])[0]
-            wrong = x[:-1].max()
-            loss = h.abs() + 10.0 * torch.relu(wrong - x[-1]) + c3 * (s - ss).abs().sum()
-            (grad,) = torch.autograd.grad(loss, x)
-            norm = grad.norm()
-            x = (x - 0.1 * grad / (norm if norm > 0 else 1.0)).detach()
-            j += 1
-            with torch.no_grad():
-                h_new = g(torch.softmax(x, 0)[None])[0]
-            label_ok = bool(x[-1] > x[:-1].max())
-            crossed = bool(h_new * h0 <= 0)
-        steps.append(j - 1)
-        success.append(label_ok and crossed)
-        if not success[-1]:
-            break
-        last = x
-    noisy = torch.empty(C, dtype=torch.float64)
-    noisy[order] = last
-    return RefResult(noisy, success[0], steps, success)
+from tests.reference import memguard_reference_row as reference_row
 
 
 @pytest.fixture(scope="module")
