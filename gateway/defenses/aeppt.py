@@ -190,21 +190,28 @@ class Aeppt:
         WpT, bp, WcpT, Wcp, Wp, Wo = self.WpT, self.bp, self.WcpT, self.Wcp, self.Wp, self.Wo
         sign: torch.Tensor | None = None
         prev_ma = prev_mc = torch.empty(0)
+        fresh = True
+        reuse = y.shape[0] <= 64  # in larger batches some row's masks change at nearly every step
         for k in range(p.iterations):
-            a = torch.matmul(v, WpT).add_(bp)  # [B, 256] pre-activations of the prediction branch
-            pc = torch.matmul(a.clamp_min_(0), WcpT).add_(label_part)  # [B, 64]
+            # Small batches: matmul + in-place bias is cheaper per call; large ones: the bias inside the GEMM.
+            a = (torch.matmul(v, WpT).add_(bp) if reuse else torch.addmm(bp, v, WpT)).clamp_min_(0)  # [B, 256]
+            pc = torch.addmm(label_part, a, WcpT)  # [B, 64] pre-activations of the connection layer
             if need_logit:
                 logit = pc.clamp_min(0) @ Wo + self.bo  # [B]
                 if p.direction == "per_step":
                     step[:, k] = delta[:, k] * torch.where(logit >= 0, -1.0, 1.0).to(self.dtype)
                 if p.early_stop:
                     self._freeze(((logit >= 0) != member) & ~frozen, frozen, delta, step)
-            # sign(∇_v F): Wo → conn mask → Wcp → pred mask → Wp, with masks sign(relu(·)) ∈ {0, 1}.
-            # It depends on the masks only, which small steps rarely change: reuse it while they hold.
-            ma, mc = a.sign_(), pc.clamp_min_(0).sign_()
-            if sign is None or not (torch.equal(mc, prev_mc) and torch.equal(ma, prev_ma)):
-                sign = (((mc * Wo) @ Wcp).mul_(ma) @ Wp).sign_()  # [B, C]
+            # sign(∇_v F): Wo → conn mask → Wcp → pred mask → Wp (ReLU' as fused threshold passes).
+            # It depends on the masks only, which small steps rarely change: small batches reuse it.
+            if reuse:
+                ma, mc = a > 0, pc > 0
+                fresh = sign is None or not (torch.equal(mc, prev_mc) and torch.equal(ma, prev_ma))
                 prev_ma, prev_mc = ma, mc
+            if not reuse or fresh:
+                g = torch.ops.aten.threshold_backward(Wo.expand_as(pc), pc, 0) @ Wcp  # [B, 256]
+                sign = (torch.ops.aten.threshold_backward(g, a, 0) @ Wp).sign_()  # [B, C]
+            assert sign is not None
             cand = torch.addcmul(v, step_k[k], sign)  # [B, C]
             cand = cand.clamp_(0.0, 1.0) if box else torch.clamp(cand, lo, hi)
             if p.renormalize == "step":

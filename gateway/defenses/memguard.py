@@ -96,7 +96,7 @@ class _G:
         W_out, _ = self.layers[-1]
         g = dh[:, None] * W_out  # [N, 64]
         for (W, _), a in zip(reversed(self.layers[:-1]), reversed(acts), strict=True):
-            g = (g * (a > 0)) @ W  # [N, in]
+            g = torch.ops.aten.threshold_backward(g, a, 0) @ W  # ReLU' as one fused pass; [N, in]
         return g
 
 
@@ -193,6 +193,8 @@ class MemGuard:
         out_steps = torch.zeros(N, dtype=torch.int64, device=zs.device)
         out_ok = torch.zeros(N, dtype=torch.bool, device=zs.device)
         ids = torch.arange(N, device=zs.device)  # working set -> row
+        live = torch.ones(N, dtype=torch.bool, device=zs.device)  # working rows still descending
+        n_live = N
         x, s_ref, h_ref, c3w = zs.clone(), ss, h0, c3
         work = 0
         max_steps = p.max_iterations - 1
@@ -203,26 +205,33 @@ class MemGuard:
             if it > 0:
                 label_ok = x[:, -1] > top_other  # [n] strict maximum
                 reached = label_ok & (h * h_ref <= 0)
-                done = reached | (it == max_steps)
+                done = (reached | (it == max_steps)) & live
                 if bool(done.any()):
                     gone = ids[done]
                     out_x[gone], out_steps[gone], out_ok[gone] = x[done], it, reached[done]
-                    keep = ~done
-                    ids, x, s, h, s_ref, h_ref, c3w = (t[keep] for t in (ids, x, s, h, s_ref, h_ref, c3w))
-                    top_other, arg_other = top_other[keep], arg_other[keep]
-                    acts = [a[keep] for a in acts]
-                    if ids.numel() == 0:
+                    live &= ~done
+                    n_live -= int(done.sum())
+                    if n_live == 0:
                         break
-            work += ids.numel()
+                    # Compact once an eighth of the working set has finished: finished rows cost
+                    # compute until then, but copying every working tensor each time a row ends costs more.
+                    if n_live <= live.numel() * 7 // 8:
+                        keep = live
+                        ids, x, s, h, s_ref, h_ref, c3w, top_other, arg_other, live = (
+                            t[keep] for t in (ids, x, s, h, s_ref, h_ref, c3w, top_other, arg_other, live)
+                        )
+                        acts = [a[keep] for a in acts]
+            work += n_live  # steps the rows need; rows awaiting compaction are not counted
             # dL/ds: c1·sign(h)·∂h/∂s + c3·sign(s − s̃)
-            gs = self.g.input_grad(C1 * torch.sign(h), acts) + c3w[:, None] * torch.sign(s - s_ref)  # [n, C]
+            gs = torch.addcmul(self.g.input_grad(C1 * torch.sign(h), acts), c3w[:, None], torch.sign(s - s_ref))
             gx = s * (gs - (gs * s).sum(dim=1, keepdim=True))  # softmax backward [n, C]
             # c2·ReLU(max_{j<C-1} x_j − x_{C-1}): gradient +c2 at the argmax, −c2 at the label
             hinge = (top_other - x[:, -1] > 0).to(x.dtype) * C2  # [n]
             gx.scatter_add_(1, arg_other[:, None], hinge[:, None])
             gx[:, -1] -= hinge
             norm = gx.norm(dim=1, keepdim=True)  # [n, 1]
-            x = x - p.step_size * gx / torch.where(norm > 0, norm, torch.ones_like(norm))
+            scale = torch.where(norm > 0, p.step_size / norm, torch.zeros_like(norm)) * live[:, None]  # [n, 1]
+            x = torch.addcmul(x, gx, scale, value=-1.0)
         return out_x, out_steps, out_ok, work
 
     # --- Phase II ------------------------------------------------------------------------------
