@@ -190,7 +190,6 @@ class Aeppt:
         WpT, bp, WcpT, Wcp, Wp, Wo = self.WpT, self.bp, self.WcpT, self.Wcp, self.Wp, self.Wo
         sign: torch.Tensor | None = None
         prev_ma = prev_mc = torch.empty(0)
-        fresh = True
         reuse = y.shape[0] <= 64  # in larger batches some row's masks change at nearly every step
         for k in range(p.iterations):
             # Small batches: matmul + in-place bias is cheaper per call; large ones: the bias inside the GEMM.
@@ -204,11 +203,12 @@ class Aeppt:
                     self._freeze(((logit >= 0) != member) & ~frozen, frozen, delta, step)
             # sign(∇_v F): Wo → conn mask → Wcp → pred mask → Wp (ReLU' as fused threshold passes).
             # It depends on the masks only, which small steps rarely change: small batches reuse it.
-            if reuse:
-                ma, mc = a > 0, pc > 0
-                fresh = sign is None or not (torch.equal(mc, prev_mc) and torch.equal(ma, prev_ma))
-                prev_ma, prev_mc = ma, mc
-            if not reuse or fresh:
+            if reuse:  # float masks sign(relu(·)) ∈ {0, 1}: the fewest ops per call at small batches
+                ma, mc = a.sign_(), pc.clamp_min_(0).sign_()
+                if sign is None or not (torch.equal(mc, prev_mc) and torch.equal(ma, prev_ma)):
+                    sign = (((mc * Wo) @ Wcp).mul_(ma) @ Wp).sign_()  # [B, C]
+                    prev_ma, prev_mc = ma, mc
+            else:  # fewest passes over memory at large batches
                 g = torch.ops.aten.threshold_backward(Wo.expand_as(pc), pc, 0) @ Wcp  # [B, 256]
                 sign = (torch.ops.aten.threshold_backward(g, a, 0) @ Wp).sign_()  # [B, C]
             assert sign is not None
