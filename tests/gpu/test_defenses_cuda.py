@@ -28,8 +28,11 @@ def test_cuda_matches_cpu_and_keeps_invariants(name: str, defenders: dict[str, A
         defense = (
             MemGuard(defenders["g"], MemGuardParams(epsilon=0.5, dtype="float64"), device)
             if name == "memguard"
-            else Aeppt(defenders["substitute"], AepptParams(step_size=defenders["calibration"].step_size,
-                                                            dtype="float64"), device)
+            else Aeppt(
+                defenders["substitute"],
+                AepptParams(step_size=defenders["calibration"].step_size, dtype="float64"),
+                device,
+            )
         )
         out[dev] = defense.defend(probs.to(device), z.to(device), keys).cpu()
     gpu = out["cuda"]
