@@ -1,7 +1,9 @@
 """``python -m defense_models``: the offline job's CLI.
 
-train --dataset location30 --out DIR [--preset demo|official] [--seed N]
-info DIR
+train   --dataset location30 --out DIR [--defense memguard|aeppt|none] [--replacement advreg]
+shadows --dataset location30 --count 64 --shard i/N --out DIR
+export  --model model.onnx --members in.npz --nonmembers out.npz --out DIR
+info    DIR
 """
 
 from __future__ import annotations
@@ -15,20 +17,58 @@ from pathlib import Path
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from defense_models.pipeline import TrainConfig, train_bundle
+    from defense_models.training.adv_reg import AdvRegConfig
 
     defenses = ("memguard", "aeppt") if "all" in args.defense else tuple(d for d in args.defense if d != "none")
     config = TrainConfig(
         dataset=args.dataset,
+        data_path=args.data,
+        split=args.split,
         preset=args.preset,
+        arch=args.arch,
+        epochs=args.epochs,
         defenses=defenses,
+        replacement=args.replacement,
+        advreg=AdvRegConfig(lam=args.advreg_lambda, k=args.advreg_k, epochs=args.advreg_epochs),
         substitute_label=args.substitute_label,
         seed=args.seed,
         progress=not args.quiet,
     )
     start = time.perf_counter()
-    summary = train_bundle(config, Path(args.out))
+    summary = train_bundle(config, Path(args.out)).summary
     elapsed = time.perf_counter() - start
     print(f"\nbundle written to {args.out}  ({elapsed:.1f} s)")
+    for key, value in summary.items():
+        print(f"  {key:<24} {value}")
+    print(f"\nserve it with:  python -m gateway serve --artifacts {args.out}")
+    return 0
+
+
+def _cmd_shadows(args: argparse.Namespace) -> int:
+    from defense_models.pipeline import TrainConfig
+    from defense_models.shadows import ShadowSpec, parse_shard, train_shadows
+
+    config = TrainConfig(dataset=args.dataset, data_path=args.data, split=args.split, preset=args.preset,
+                         arch=args.arch, epochs=args.epochs, seed=args.seed, progress=not args.quiet)  # fmt: skip
+    shard = parse_shard(args.shard)
+    start = time.perf_counter()
+    done = train_shadows(config, ShadowSpec(count=args.count, keep=args.keep), Path(args.out), shard)
+    print(
+        f"shard {shard[0]}/{shard[1]}: trained {len(done)} shadows {done} in {time.perf_counter() - start:.1f} s "
+        f"into {args.out}"
+    )
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from defense_models.byo import export_user_model
+    from defense_models.pipeline import TrainConfig
+
+    defenses = ("memguard", "aeppt") if "all" in args.defense else tuple(d for d in args.defense if d != "none")
+    config = TrainConfig(preset=args.preset, defenses=defenses, seed=args.seed, progress=not args.quiet)
+    summary = export_user_model(Path(args.model), Path(args.members), Path(args.nonmembers), Path(args.out),
+                                name=args.name, output_kind=args.output_kind, config=config)  # fmt: skip
+    print(f"\nbundle written to {args.out}")
     for key, value in summary.items():
         print(f"  {key:<24} {value}")
     print(f"\nserve it with:  python -m gateway serve --artifacts {args.out}")
@@ -49,7 +89,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a target model and write a servable bundle")
-    p.add_argument("--dataset", default="location30")
+    p.add_argument(
+        "--dataset",
+        default="location30",
+        help="location30 (bundled), purchase100, texas100, cifar10, cifar100, idx, tabular",
+    )
+    p.add_argument("--data", help="path to the dataset's files (all but location30)")
+    p.add_argument("--split", choices=("memguard", "random"), help="default: memguard for location30, else random")
+    p.add_argument("--arch", help="override the recipe's architecture (location-mlp, purchase-mlp, small-mlp, cnn)")
+    p.add_argument("--epochs", type=int, help="override the recipe's epochs")
+    p.add_argument(
+        "--replacement",
+        choices=("none", "advreg"),
+        default="none",
+        help="advreg: serve an adversarially-regularized replacement (Nasr et al.)",
+    )
+    p.add_argument("--advreg-lambda", type=float, default=3.0, help="λ of adversarial regularization")
+    p.add_argument("--advreg-k", type=int, default=5, help="inference-model steps per classifier step")
+    p.add_argument("--advreg-epochs", type=int, default=50)
     p.add_argument("--out", required=True, help="bundle directory to write (replaced atomically)")
     p.add_argument(
         "--preset",
@@ -73,6 +130,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_train)
+    p = sub.add_parser("shadows", help="train shadow/reference models by index (scale out with --shard i/N)")
+    p.add_argument("--dataset", default="location30")
+    p.add_argument("--data")
+    p.add_argument("--split", choices=("memguard", "random"))
+    p.add_argument("--preset", choices=("demo", "official"), default="official")
+    p.add_argument("--arch")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--count", type=int, default=16, help="total number of shadows across all shards")
+    p.add_argument("--keep", type=float, default=0.5, help="share of the pool each shadow trains on")
+    p.add_argument("--shard", default="0/1", help="i/N: train the shadows j with j %% N == i")
+    p.add_argument("--out", required=True, help="directory shared by all shards")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_shadows)
+    p = sub.add_parser("export", help="bundle your own ONNX target: trains the defender's classifiers on its outputs")
+    p.add_argument("--model", required=True, help="ONNX file with one input [B, D] and a dynamic batch axis")
+    p.add_argument("--members", required=True, help=".npz (X[, y]) or .npy of rows the model was trained on")
+    p.add_argument("--nonmembers", required=True, help=".npz (X[, y]) or .npy of rows it never saw")
+    p.add_argument("--output-kind", choices=("logits", "probabilities"), default="logits")
+    p.add_argument("--name", default="model")
+    p.add_argument("--out", required=True)
+    p.add_argument("--preset", choices=("demo", "official"), default="official")
+    p.add_argument("--defense", action="append", choices=("memguard", "aeppt", "none", "all"), default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_export)
     p = sub.add_parser("info", help="verify a bundle and print its manifest")
     p.add_argument("bundle")
     p.set_defaults(func=_cmd_info)

@@ -1,8 +1,15 @@
-"""One command from a dataset to a servable bundle."""
+"""One command from a dataset to a servable bundle.
+
+Dataset and split → target model (or its adversarially-regularized replacement) → the defender's
+classifiers on the served model's outputs → AEPPT calibration → ONNX export with the parity gate,
+weights, split indices and ``manifest.json``, written atomically.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -10,26 +17,30 @@ import numpy as np
 import torch
 
 from defense_models.calibrate import calibrate_aeppt_step
-from defense_models.data import load_dataset, memguard_split
+from defense_models.data import Dataset, Split, load_dataset, make_split
 from defense_models.export import write_bundle
-from defense_models.nets import mlp, predict_logits
+from defense_models.nets import build, predict_logits
+from defense_models.training.adv_reg import AdvRegConfig, train_adv_reg
 from defense_models.training.defenders import MEMGUARD_FIT, SUBSTITUTE_FIT, train_memguard_classifier, train_substitute
 from defense_models.training.loop import FitConfig, accuracy, fit
 from gateway.artifacts import DefenseEntry
 from gateway.defenses.aeppt import AepptParams
 from gateway.defenses.classifier import save_weights
 
-#: Target recipes. ``official`` is MemGuard's Location30 recipe
-#: (``train_user_classification_model.py``: SGD lr 0.01, batch 64, 200 epochs, ×0.1 after 150).
-PRESETS: dict[str, tuple[tuple[int, ...], FitConfig]] = {
-    "demo": ((256, 128), FitConfig(epochs=30, batch_size=64, lr=1e-3, optimizer="adam")),
-    "official": (
-        (1024, 512, 256, 128),
+#: Target recipes per dataset family: (architecture, fit). ``official`` for Location30 is MemGuard's
+#: recipe (train_user_classification_model.py: SGD lr 0.01, batch 64, 200 epochs, ×0.1 after 150).
+RECIPES: dict[tuple[str, str], tuple[str, FitConfig]] = {
+    ("location30", "official"): (
+        "location-mlp",
         FitConfig(epochs=200, batch_size=64, lr=0.01, optimizer="sgd", lr_milestones=(150,)),
     ),
+    ("location30", "demo"): ("small-mlp", FitConfig(epochs=30, batch_size=64, lr=1e-3)),
+    # Nasr et al.: Adam 1e-3, batch 128
+    ("purchase100", "official"): ("purchase-mlp", FitConfig(epochs=30, batch_size=128, lr=1e-3)),
+    ("texas100", "official"): ("purchase-mlp", FitConfig(epochs=30, batch_size=128, lr=1e-3)),
+    ("image", "official"): ("cnn", FitConfig(epochs=30, batch_size=128, lr=1e-3)),
+    ("tabular", "official"): ("small-mlp", FitConfig(epochs=50, batch_size=64, lr=1e-3)),
 }
-
-
 #: The defender's classifiers per preset: the published recipes, or quick ones for the demo.
 DEFENDER_FITS: dict[str, tuple[FitConfig, FitConfig]] = {
     "demo": (FitConfig(epochs=100, batch_size=64, lr=1e-3, optimizer="adam"), SUBSTITUTE_FIT),
@@ -41,44 +52,79 @@ DEFENSES = ("memguard", "aeppt")
 @dataclass(frozen=True)
 class TrainConfig:
     dataset: str = "location30"
+    data_path: str | None = None
+    #: memguard (Location30's published split) or random (seeded); default: memguard where it exists.
+    split: str | None = None
     preset: Literal["demo", "official"] = "official"
+    arch: str | None = None  # override the recipe's architecture
+    epochs: int | None = None  # override the recipe's epochs
     defenses: tuple[str, ...] = DEFENSES
-    #: Which label the substitute learns with: the record's true label, or the target's argmax,
+    replacement: Literal["none", "advreg"] = "none"
+    advreg: AdvRegConfig = field(default_factory=AdvRegConfig)
+    #: Which label AEPPT's substitute learns with: the record's true label, or the target's argmax,
     #: which is what it is fed at serving time (t̂) [choice: argmax, so training matches serving].
     substitute_label: Literal["true", "argmax"] = "argmax"
     seed: int = 0
     progress: bool = True
 
 
-def train_bundle(config: TrainConfig, out: Path) -> dict[str, Any]:
-    if config.dataset != "location30":
-        raise ValueError("only --dataset location30 has a published split so far")
-    data = load_dataset(config.dataset)
-    split = memguard_split(len(data.y))
-    hidden, fit_config = PRESETS[config.preset]
-    fit_config = FitConfig(**{**asdict(fit_config), "seed": config.seed})
-    torch.manual_seed(config.seed)
-    model = mlp(data.width, hidden, data.classes)
+def _family(data: Dataset) -> str:
+    if data.name in ("location30", "purchase100", "texas100"):
+        return data.name
+    return "image" if data.image_shape is not None else "tabular"
+
+
+def recipe(config: TrainConfig, data: Dataset) -> tuple[str, FitConfig]:
+    family = _family(data)
+    arch, fit_config = RECIPES.get((family, config.preset)) or RECIPES[(family, "official")]
+    fit_config = replace(fit_config, seed=config.seed, epochs=config.epochs or fit_config.epochs)
+    return config.arch or arch, fit_config
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    summary: dict[str, Any]  # the one-screen summary
+    model: torch.nn.Module  # the served model (the replacement, with --replacement advreg)
+    split: Split
+
+
+def train_bundle(config: TrainConfig, out: Path) -> TrainResult:
+    """Train, export and write the bundle."""
+    started = time.perf_counter()
+    data = load_dataset(config.dataset, Path(config.data_path) if config.data_path else None)
+    split_name = config.split or ("memguard" if data.name == "location30" else "random")
+    split = make_split(data, split_name, config.seed)
+    arch, fit_config = recipe(config, data)
 
     def tensors(role: str) -> tuple[torch.Tensor, torch.Tensor]:
         idx = split.parts[role]
         return torch.from_numpy(data.X[idx]), torch.from_numpy(data.y[idx])
 
-    X_tr, y_tr = tensors("target_train")
-    X_te, y_te = tensors("target_test")
-    fit(
-        model,
-        X_tr,
-        y_tr,
-        fit_config,
-        val=(X_te, y_te),
-        progress=config.progress,
-        desc=f"target ({config.preset})",
-    )
-    train_acc, test_acc = accuracy(model, X_tr, y_tr), accuracy(model, X_te, y_te)
-    extra_files, defenses, report = _train_defenders(config, model, tensors("target_train"), tensors("target_test"))
+    members, nonmembers = tensors("target_train"), tensors("target_test")
+    torch.manual_seed(config.seed)
+    model = build(arch, data)
+    fit(model, *members, fit_config, progress=config.progress, desc=f"target ({arch})")
+    accuracies: dict[str, Any] = {"train": accuracy(model, *members), "test": accuracy(model, *nonmembers)}
+    t_target = time.perf_counter() - started
+    replacement: dict[str, Any] = {"kind": "none"}
+    if config.replacement == "advreg":
+        plain = dict(accuracies)
+        torch.manual_seed(config.seed)
+        model = build(arch, data)
+        result = train_adv_reg(
+            model, members, nonmembers, tensors("validation"), data.classes,
+            replace(config.advreg, seed=config.seed), progress=config.progress,
+        )  # fmt: skip
+        accuracies = {"train": accuracy(model, *members), "test": accuracy(model, *nonmembers), "plain": plain}
+        replacement = {"kind": "advreg", "config": asdict(config.advreg), "best_epoch": result.best_epoch}
+    t_model = time.perf_counter() - started
+    files, defenses, report = train_defenders(config, model, members, nonmembers)
+    t_defenders = time.perf_counter() - started - t_model
+    with tempfile.TemporaryDirectory() as tmp:
+        split.save(Path(tmp) / "split.npz")
+        files["split.npz"] = (Path(tmp) / "split.npz").read_bytes()
     parity = np.concatenate([data.X[split.parts["target_train"][:256]], data.X[split.parts["target_test"][:256]]])
-    name = f"{config.dataset}-{config.preset}" if config.preset == "demo" else config.dataset
+    name = f"{data.name}-demo" if config.preset == "demo" else data.name
     manifest = write_bundle(
         out,
         name=name,
@@ -86,40 +132,71 @@ def train_bundle(config: TrainConfig, out: Path) -> dict[str, Any]:
         width=data.width,
         classes=data.classes,
         parity_inputs=parity,
-        extra_files=extra_files,
+        extra_files=files,
         defenses=defenses,
         training={
-            "defenders": report,
-            "config": asdict(config),
-            "architecture": {"kind": "mlp", "hidden": list(hidden), "activation": "relu"},
+            "config": _jsonable(asdict(config)),
+            "architecture": arch,
             "fit": asdict(fit_config),
-            "dataset": {"name": data.name, "sha256": data.sha256, "rows": len(data.y)},
-            "split": {"name": split.name, "seed": split.seed, "sizes": split.sizes()},
-            "accuracy": {"train": train_acc, "test": test_acc},
+            "replacement": replacement,
+            "dataset": {"name": data.name, "sha256": data.sha256, "rows": len(data.y), "width": data.width,
+                        "binary": data.binary, "image_shape": data.image_shape},
+            "split": _split_record(split),
+            "accuracy": accuracies,
+            "defenders": report,
+            "seconds": {"target": round(t_target, 1), "model": round(t_model, 1),
+                        "defenders": round(t_defenders, 1)},
         },
-    )
-    return {
-        "model": f"{manifest.name} {manifest.version}",
-        "train accuracy": f"{train_acc:.4f}",
-        "test accuracy": f"{test_acc:.4f}",
-        "label-only floor": f"{0.5 + (train_acc - test_acc) / 2:.4f}  (0.5 + (train - test)/2)",
+    )  # fmt: skip
+    gap = accuracies["train"] - accuracies["test"]
+    kind = ", adv. regularized" if replacement["kind"] == "advreg" else ""
+    summary = {
+        "model": f"{manifest.name} {manifest.version} ({arch}{kind})",
+        "train accuracy": f"{accuracies['train']:.4f}",
+        "test accuracy": f"{accuracies['test']:.4f}",
+        "label-only floor": f"{0.5 + gap / 2:.4f}  (0.5 + (train - test)/2)",
         "defenses": ", ".join(manifest.defenses),
         **{k: v for k, v in report.items() if k.endswith(("accuracy", "calibration"))},
     }
+    if "plain" in accuracies:
+        p = accuracies["plain"]
+        summary["plain target"] = f"train {p['train']:.4f}, test {p['test']:.4f}"
+    return TrainResult(summary, model, split)
 
 
-def _train_defenders(
+def _split_record(split: Split) -> dict[str, Any]:
+    return {"name": split.name, "seed": split.seed, "sizes": split.sizes(), "file": "split.npz"}
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, tuple | list):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+def train_defenders(
     config: TrainConfig,
     target: torch.nn.Module,
     members: tuple[torch.Tensor, torch.Tensor],
     nonmembers: tuple[torch.Tensor, torch.Tensor],
 ) -> tuple[dict[str, bytes], dict[str, DefenseEntry], dict[str, Any]]:
     """Train the requested defender's classifiers on the target's outputs; return files, entries, report."""
-    import tempfile
-
-    g_fit, sub_fit = DEFENDER_FITS[config.preset]
     p_in = torch.softmax(predict_logits(target, members[0]), dim=1)  # [N, C]
     p_out = torch.softmax(predict_logits(target, nonmembers[0]), dim=1)
+    return defenders_from_outputs(config, p_in, members[1], p_out, nonmembers[1])
+
+
+def defenders_from_outputs(
+    config: TrainConfig,
+    p_in: torch.Tensor,
+    y_in: torch.Tensor,
+    p_out: torch.Tensor,
+    y_out: torch.Tensor,
+) -> tuple[dict[str, bytes], dict[str, DefenseEntry], dict[str, Any]]:
+    """The defender's classifiers need only the target's outputs on members and non-members."""
+    g_fit, sub_fit = DEFENDER_FITS[config.preset]
     files: dict[str, bytes] = {}
     entries: dict[str, DefenseEntry] = {"none": DefenseEntry()}
     report: dict[str, Any] = {}
@@ -132,10 +209,7 @@ def _train_defenders(
             report["memguard_g_train_accuracy"] = round(acc, 4)
             report["memguard_fit"] = asdict(g_fit)
         if "aeppt" in config.defenses:
-            if config.substitute_label == "true":
-                l_in, l_out = members[1], nonmembers[1]
-            else:
-                l_in, l_out = p_in.argmax(1), p_out.argmax(1)
+            l_in, l_out = (y_in, y_out) if config.substitute_label == "true" else (p_in.argmax(1), p_out.argmax(1))
             sub, acc = train_substitute(
                 p_in, l_in, p_out, l_out, replace(sub_fit, seed=config.seed), progress=config.progress
             )

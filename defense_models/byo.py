@@ -1,0 +1,123 @@
+"""Bundles for a user's own ONNX target: the defender's classifiers need only its outputs.
+
+The model is run with ONNX Runtime on the user's member rows (its training data) and non-member
+rows (data it never saw), its outputs become the training data of MemGuard's g and AEPPT's
+substitute, and the ONNX file is copied into the bundle unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from defense_models.pipeline import TrainConfig, defenders_from_outputs
+from gateway.artifacts import Manifest, OutputSpec, TensorSpec, sha256_file, write_manifest
+
+
+def _rows(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """X [N, D] (and labels if present) from an .npz (X/features [, y/labels]) or a .npy."""
+    if path.suffix == ".npy":
+        return np.load(path).astype(np.float32), None
+    with np.load(path) as d:
+        X = next((d[k] for k in ("X", "features", "x") if k in d.files), None)
+        y = next((d[k] for k in ("y", "Y", "labels") if k in d.files), None)
+        if X is None:
+            raise ValueError(f"{path}: expected an array X (or features), found {d.files}")
+        return X.astype(np.float32).reshape(len(X), -1), None if y is None else y.astype(np.int64)
+
+
+def run_onnx(model: Path, X: np.ndarray) -> tuple[np.ndarray, str, str]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if len(inputs) != 1:
+        raise ValueError(f"{model.name} has {len(inputs)} inputs; the gateway serves single-input models")
+    batch = inputs[0].shape[0]
+    if isinstance(batch, int) and batch != -1:
+        raise ValueError(f"{model.name} has a fixed batch size {batch}; export it with a dynamic batch axis")
+    out = np.concatenate([session.run([outputs[0].name], {inputs[0].name: X[i : i + 1024]})[0]
+                          for i in range(0, len(X), 1024)])  # fmt: skip
+    return out.astype(np.float32), inputs[0].name, outputs[0].name
+
+
+def export_user_model(
+    model: Path,
+    members: Path,
+    nonmembers: Path,
+    out: Path,
+    *,
+    name: str,
+    output_kind: Literal["logits", "probabilities"],
+    config: TrainConfig,
+) -> dict[str, Any]:
+    X_in, y_in = _rows(members)
+    X_out, y_out = _rows(nonmembers)
+    if X_in.shape[1] != X_out.shape[1]:
+        raise ValueError(f"member rows have {X_in.shape[1]} features, non-member rows {X_out.shape[1]}")
+    z_in, input_name, output_name = run_onnx(model, X_in)
+    z_out, _, _ = run_onnx(model, X_out)
+    if z_in.ndim != 2 or not np.isfinite(z_in).all() or not np.isfinite(z_out).all():
+        raise ValueError(f"{model.name} must return finite [B, C] outputs")
+    if output_kind == "probabilities":
+        if (z_in < 0).any() or np.abs(z_in.sum(1) - 1).max() > 1e-3:
+            raise ValueError("--output-kind probabilities, but the rows are not distributions; use logits")
+        p_in, p_out = torch.from_numpy(z_in).double(), torch.from_numpy(z_out).double()
+    else:
+        p_in, p_out = (
+            torch.softmax(torch.from_numpy(z_in).double(), 1),
+            torch.softmax(torch.from_numpy(z_out).double(), 1),
+        )
+    labels_in = torch.from_numpy(y_in) if y_in is not None else p_in.argmax(1)
+    labels_out = torch.from_numpy(y_out) if y_out is not None else p_out.argmax(1)
+    files, defenses, report = defenders_from_outputs(config, p_in, labels_in, p_out, labels_out)
+    out = Path(out)
+    tmp = out.parent / f".{out.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        shutil.copyfile(model, tmp / "model.onnx")
+        for rel, data in files.items():
+            (tmp / rel).write_bytes(data)
+        hashes = {rel: sha256_file(tmp / rel) for rel in ["model.onnx", *sorted(files)]}
+        version = hashlib.sha256("".join(f"{k}={v};" for k, v in sorted(hashes.items())).encode()).hexdigest()[:12]
+        accuracy = {}
+        if y_in is not None and y_out is not None:
+            accuracy = {
+                "train": float((z_in.argmax(1) == y_in).mean()),
+                "test": float((z_out.argmax(1) == y_out).mean()),
+            }
+        manifest = Manifest(
+            name=name, version=version, created=datetime.now(UTC).isoformat(timespec="seconds"),
+            input=TensorSpec(name=input_name, width=X_in.shape[1]),
+            output=OutputSpec(name=output_name, kind=output_kind, classes=z_in.shape[1]),
+            files=hashes, defenses=defenses,
+            training={
+                "source": "user ONNX model",
+                "config": {"preset": config.preset, "defenses": list(config.defenses)},
+                "rows": {"members": len(X_in), "nonmembers": len(X_out)},
+                "accuracy": accuracy,
+                "defenders": report,
+            },
+        )  # fmt: skip
+        write_manifest(tmp, manifest)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.replace(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {
+        "model": f"{name} {version}",
+        "classes": z_in.shape[1],
+        "output kind": output_kind,
+        **accuracy,
+        **{k: v for k, v in report.items() if k.endswith(("accuracy", "calibration"))},
+    }
