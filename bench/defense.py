@@ -15,8 +15,6 @@ FLOPs per row-iteration (forward and input gradient of g), AEPPT ≈ 4·256·C +
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import statistics
 import sys
@@ -29,6 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench._record import write_record  # noqa: E402
 from defense_models.calibrate import calibrate_aeppt_step  # noqa: E402
 from defense_models.training.defenders import train_memguard_classifier, train_substitute  # noqa: E402
 from defense_models.training.loop import FitConfig  # noqa: E402
@@ -171,24 +170,10 @@ def main() -> int:
                     flush=True,
                 )
         print()
-    record = {
-        "command": " ".join(["python", "bench/defense.py", *sys.argv[1:]]),
-        "device": str(device),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        },
-        "peak_sgemm_gflops": peak,
-        "results": results,
-        "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
     out = args.out if device.type == "cpu" else args.out.with_name(args.out.stem + "-cuda.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"written to {out}")
+    machine = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}  # fmt: skip
+    write_record(out, "bench/defense.py", machine=machine, device=str(device), peak_sgemm_gflops=peak, results=results)
     return 0
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -27,6 +26,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench._record import write_record  # noqa: E402
+
 LUA = """
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
@@ -111,7 +114,6 @@ def main() -> int:
         return 2
     bundle = args.bundle
     if bundle is None:
-        sys.path.insert(0, str(ROOT))
         from gateway.demo import ensure_demo_bundle
 
         bundle = ensure_demo_bundle(Path(tempfile.gettempdir()) / "mi-gateway-bench")
@@ -164,19 +166,15 @@ def main() -> int:
     best_naive = max(results["naive-sync"]["rps"], results["naive-async"]["rps"])
     ratio = results["gateway-none"]["rps"] / best_naive
     print(f"\n  gateway / best naive throughput: {ratio:.2f}x   (target >= 1.3x, p99 <= 30 ms)")
-    record = {
-        "command": " ".join(["python", "bench/load.py", *sys.argv[1:]]),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "connections": args.connections,
-        "duration_s": args.duration,
-        "bundle": {"name": manifest["name"], "version": manifest["version"]},
-        "results": results,
-        "ratio_vs_best_naive": ratio,
-        "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"  written to {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")
+    write_record(
+        args.out,
+        "bench/load.py",
+        connections=args.connections,
+        duration_s=args.duration,
+        bundle={"name": manifest["name"], "version": manifest["version"]},
+        results=results,
+        ratio_vs_best_naive=ratio,
+    )
     return 0
 
 

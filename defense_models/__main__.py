@@ -29,7 +29,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         defenses=defenses,
         replacement=args.replacement,
-        advreg=AdvRegConfig(lam=args.advreg_lambda, k=args.advreg_k, epochs=args.advreg_epochs),
+        advreg=AdvRegConfig(
+            lam=args.advreg_lambda, k=args.advreg_k, epochs=args.advreg_epochs, warmup_epochs=args.advreg_epochs // 2
+        ),
         substitute_label=args.substitute_label,
         seed=args.seed,
         progress=not args.quiet,
@@ -105,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         help="advreg: serve an adversarially-regularized replacement (Nasr et al.)",
     )
     p.add_argument("--advreg-lambda", type=float, default=3.0, help="λ of adversarial regularization")
-    p.add_argument("--advreg-k", type=int, default=5, help="inference-model steps per classifier step")
-    p.add_argument("--advreg-epochs", type=int, default=50)
+    p.add_argument("--advreg-k", type=int, default=2, help="inference-model steps per classifier step")
+    p.add_argument("--advreg-epochs", type=int, default=80, help="epochs, the first half plain (warm-up)")
     p.add_argument("--out", required=True, help="bundle directory to write (replaced atomically)")
     p.add_argument(
         "--preset",

@@ -61,6 +61,9 @@ class TrainConfig:
     defenses: tuple[str, ...] = DEFENSES
     replacement: Literal["none", "advreg"] = "none"
     advreg: AdvRegConfig = field(default_factory=AdvRegConfig)
+    #: Train the replacement with the target recipe's optimizer, lr and batch size (λ, k, epochs and
+    #: warm-up from ``advreg``).
+    advreg_follow_recipe: bool = True
     #: Which label AEPPT's substitute learns with: the record's true label, or the target's argmax,
     #: which is what it is fed at serving time (t̂) [choice: argmax, so training matches serving].
     substitute_label: Literal["true", "argmax"] = "argmax"
@@ -111,12 +114,17 @@ def train_bundle(config: TrainConfig, out: Path) -> TrainResult:
         plain = dict(accuracies)
         torch.manual_seed(config.seed)
         model = build(arch, data)
+        adv = config.advreg
+        if config.advreg_follow_recipe:  # the target recipe's optimizer; λ, k, epochs and warm-up from advreg
+            milestones = (adv.epochs * 3 // 4,) if fit_config.lr_milestones else ()
+            adv = replace(adv, optimizer=fit_config.optimizer, lr=fit_config.lr, batch_size=fit_config.batch_size,
+                          lr_milestones=milestones)  # fmt: skip
         result = train_adv_reg(
             model, members, nonmembers, tensors("validation"), data.classes,
-            replace(config.advreg, seed=config.seed), progress=config.progress,
+            replace(adv, seed=config.seed), progress=config.progress,
         )  # fmt: skip
         accuracies = {"train": accuracy(model, *members), "test": accuracy(model, *nonmembers), "plain": plain}
-        replacement = {"kind": "advreg", "config": asdict(config.advreg), "best_epoch": result.best_epoch}
+        replacement = {"kind": "advreg", "config": asdict(adv), "best_epoch": result.best_epoch}
     t_model = time.perf_counter() - started
     files, defenses, report = train_defenders(config, model, members, nonmembers)
     t_defenders = time.perf_counter() - started - t_model

@@ -146,3 +146,17 @@ def test_cli_info_prints_the_manifest(tiny_bundle: Path, capsys: pytest.CaptureF
 
     assert main(["info", str(tiny_bundle)]) == 0
     assert json.loads(capsys.readouterr().out)["name"] == "tiny"
+
+
+def test_cli_train_with_advreg_replacement(tabular: Path, tmp_path: Path, quick: None) -> None:
+    from defense_models.__main__ import main
+
+    args = ["train", "--dataset", "tabular", "--data", str(tabular), "--preset", "demo", "--replacement", "advreg",
+            "--advreg-lambda", "1", "--advreg-epochs", "4", "--defense", "memguard", "--quiet",
+            "--out", str(tmp_path / "b")]  # fmt: skip
+    assert main(args) == 0
+    m = load_bundle(tmp_path / "b").manifest
+    assert set(m.defenses) == {"none", "memguard"}
+    rep = m.training["replacement"]
+    assert rep["kind"] == "advreg" and rep["config"]["lam"] == 1 and rep["config"]["warmup_epochs"] == 2
+    assert "plain" in m.training["accuracy"]
