@@ -15,6 +15,15 @@ def _json(obj: object, status: int = 200) -> Response:
     return Response(dumps(obj), status_code=status, media_type="application/json")
 
 
+async def refresh_upstream(state) -> None:  # type: ignore[no-untyped-def]
+    """Proxy mode: while the upstream is marked down, each readiness check probes it again."""
+    probe = getattr(state.runner, "probe", None)
+    if not state.upstream_ok and probe is not None and state.ready:
+        import asyncio
+
+        state.upstream_ok = await asyncio.to_thread(probe)
+
+
 def serving_state(request: Request):  # type: ignore[no-untyped-def]
     """Auth first (401 before anything else), then readiness (503)."""
     state = request.app.state.gateway
@@ -47,6 +56,7 @@ async def healthz(request: Request) -> Response:
 
 async def readyz(request: Request) -> Response:
     state = request.app.state.gateway
+    await refresh_upstream(state)
     reason = state.not_ready_reason()
     if reason is not None:
         return _json({"error": reason}, status=503)

@@ -52,6 +52,7 @@ class GatewayState:
     batcher: BatchQueue | None = None
     ready: bool = False
     draining: bool = False
+    upstream_ok: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -63,6 +64,8 @@ class GatewayState:
             return "the gateway is draining for shutdown"
         if not self.ready:
             return "the model and defense are still loading"
+        if not self.upstream_ok:
+            return "the upstream model server is not answering correctly (proxy mode); see the gateway log"
         if not self.gpu_ok:
             provider = self.runner.provider if self.runner else "none"
             return f"GATEWAY_REQUIRE_GPU=true but ONNX Runtime runs on {provider}; check the CUDA libraries and driver"
@@ -71,6 +74,10 @@ class GatewayState:
 
 def default_runner(bundle: Bundle, settings: GatewaySettings) -> ModelRunner:
     m = bundle.manifest
+    if settings.upstream_url:
+        from gateway.upstream import UpstreamRunner
+
+        return UpstreamRunner(settings, m)
     return OnnxRunner(
         bundle.model_path,
         input_name=m.input.name,
@@ -102,7 +109,7 @@ def _build(state: GatewayState, runner_factory: RunnerFactory) -> Pipeline:
         runner,
         defense,
         classes=manifest.output.classes,
-        output_kind=manifest.output.kind,
+        output_kind=settings.upstream_output_kind or manifest.output.kind,
         on_defense_error=settings.on_defense_error,
         metrics=state.metrics,
         keyer=keyer,
@@ -184,7 +191,11 @@ def create_app(settings: GatewaySettings, *, runner_factory: RunnerFactory = def
         )
         if settings.require_gpu and not state.gpu_ok:
             log.error("GATEWAY_REQUIRE_GPU=true but the provider is %s: readiness stays 503", state.runner.provider)
-        await asyncio.to_thread(_warm_up, pipeline, manifest.input.width, settings.max_batch_size)
+        try:
+            await asyncio.to_thread(_warm_up, pipeline, manifest.input.width, settings.max_batch_size)
+        except GatewayError as exc:  # proxy mode: the upstream may start after us; readiness re-probes it
+            state.upstream_ok = False
+            log.warning("warm-up through the upstream failed (%s); not ready until it answers", type(exc).__name__)
         batcher = BatchQueue(
             pipeline,
             max_batch_size=settings.max_batch_size,

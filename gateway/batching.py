@@ -162,6 +162,10 @@ class BatchQueue:
             out = await loop.run_in_executor(self._executor, self._process, x)
             if len(out) != x.shape[0]:
                 raise RuntimeError(f"batch call returned {len(out)} rows for {x.shape[0]}")
+        except GatewayError as exc:  # e.g. the upstream failed: the runner already retried; fail the batch once
+            for item in batch:
+                _settle_error(item, exc)
+            return
         except Exception as exc:
             if len(batch) > 1:
                 log.warning("batch of %d requests failed (%s); retrying each alone", len(batch), type(exc).__name__)

@@ -7,7 +7,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway import __version__
-from gateway.api import _json, serving_state
+from gateway.api import _json, refresh_upstream, serving_state
 from gateway.errors import ModelNotFound
 from gateway.schemas import parse_oip_infer, read_json
 
@@ -30,6 +30,7 @@ async def live(request: Request) -> Response:
 
 
 async def ready(request: Request) -> Response:
+    await refresh_upstream(request.app.state.gateway)
     ok = request.app.state.gateway.not_ready_reason() is None
     return _json({"ready": ok}, status=200 if ok else 503)
 

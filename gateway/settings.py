@@ -52,6 +52,25 @@ class GatewaySettings(BaseSettings):
         description="A row whose defense fails: reject its request (503) or release the one-hot label.",
     )
 
+    # --- upstream proxy mode (the sidecar) ----------------------------------------------------
+    upstream_url: str | None = Field(
+        None, description="Forward batches to this model server instead of running the bundle's ONNX model."
+    )
+    upstream_protocol: Literal["oip", "json"] = Field(
+        "oip", description="oip: Open Inference Protocol V2 (KServe, Triton); json: {instances} -> {predictions}."
+    )
+    upstream_model: str | None = Field(None, description="Model name on the upstream (OIP); default: the manifest's.")
+    upstream_input_field: str = Field("instances", description="JSON upstream: request field holding the rows.")
+    upstream_output_field: str | None = Field(
+        None, description="Response tensor/field with the outputs (json default: predictions; oip: the first output)."
+    )
+    upstream_output_kind: Literal["logits", "probabilities"] | None = Field(
+        None, description="What the upstream returns; default: the manifest's output kind."
+    )
+    upstream_timeout_s: float = Field(5.0, gt=0, description="Per-attempt timeout of an upstream call.")
+    upstream_retries: int = Field(2, ge=0, le=10, description="Retries on connection errors, timeouts and 502/503/504.")
+    upstream_max_connections: int = Field(32, ge=1, description="Pooled connections to the upstream.")
+
     # --- network -------------------------------------------------------------------------
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)

@@ -1,0 +1,128 @@
+"""Upstream proxy mode: forward each batch to an existing model server and defend what comes back.
+
+The sidecar use: the gateway sits next to KServe, Triton or any JSON model server
+(``GATEWAY_UPSTREAM_URL``) and plays the ``ModelRunner`` role. One pooled HTTP connection set, a
+per-request timeout, and bounded retries on failures that are safe to retry (inference is a pure
+function of its input): connection errors, timeouts and 502/503/504. Everything else fails closed:
+
+* upstream unreachable or 5xx after the retries → ``UpstreamError`` (502);
+* upstream too slow after the retries → ``UpstreamTimeout`` (504);
+* a 4xx from upstream, a body that is not JSON, a wrong shape or non-finite values → 502.
+
+Messages carry status codes, shapes and field names only: never the upstream's (undefended)
+confidence values.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import httpx
+import numpy as np
+import orjson
+
+from gateway.artifacts import Manifest
+from gateway.errors import UpstreamError, UpstreamTimeout
+from gateway.settings import GatewaySettings
+
+log = logging.getLogger("gateway.upstream")
+
+RETRYABLE_STATUS = frozenset({502, 503, 504})
+
+
+class UpstreamRunner:
+    provider = "upstream"
+
+    def __init__(self, settings: GatewaySettings, manifest: Manifest) -> None:
+        assert settings.upstream_url is not None
+        self.base = str(settings.upstream_url).rstrip("/")
+        self.protocol = settings.upstream_protocol
+        self.model = settings.upstream_model or manifest.name
+        self.input_name = manifest.input.name
+        self.classes = manifest.output.classes
+        self.width = manifest.input.width
+        self.input_field = settings.upstream_input_field
+        self.output_field = settings.upstream_output_field or ("predictions" if self.protocol == "json" else None)
+        self.retries = settings.upstream_retries
+        self.backoff_s = 0.05
+        path = f"/v2/models/{self.model}/infer" if self.protocol == "oip" else ""
+        self.endpoint = self.base + path if self.protocol == "oip" else self.base
+        self._client = httpx.Client(
+            timeout=httpx.Timeout(settings.upstream_timeout_s),
+            limits=httpx.Limits(max_connections=settings.upstream_max_connections,
+                                max_keepalive_connections=settings.upstream_max_connections),
+        )  # fmt: skip
+
+    # --- the ModelRunner protocol --------------------------------------------------------------
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """x[B, D] float32 -> upstream outputs [B, C] float32, or UpstreamError / UpstreamTimeout."""
+        body = orjson.dumps(self._request(x), option=orjson.OPT_SERIALIZE_NUMPY)
+        last: Exception = UpstreamError("the upstream model server was not called")
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+            try:
+                response = self._client.post(self.endpoint, content=body, headers={"Content-Type": "application/json"})
+            except httpx.TimeoutException:
+                last = UpstreamTimeout(
+                    f"the upstream model server did not answer within the timeout ({attempt + 1} attempts); "
+                    "check it or raise GATEWAY_UPSTREAM_TIMEOUT_S"
+                )
+                continue
+            except httpx.TransportError as exc:
+                last = UpstreamError(f"cannot reach the upstream model server ({type(exc).__name__}, "
+                                     f"{attempt + 1} attempts); check GATEWAY_UPSTREAM_URL")  # fmt: skip
+                continue
+            if response.status_code in RETRYABLE_STATUS:
+                last = UpstreamError(f"the upstream model server answered {response.status_code} "
+                                     f"({attempt + 1} attempts)")  # fmt: skip
+                continue
+            if response.status_code != 200:
+                raise UpstreamError(f"the upstream model server answered {response.status_code}; "
+                                    "check GATEWAY_UPSTREAM_PROTOCOL and GATEWAY_UPSTREAM_MODEL")  # fmt: skip
+            return self._outputs(response.content, x.shape[0])
+        log.warning("upstream failed: %s", type(last).__name__)
+        raise last
+
+    def probe(self) -> bool:
+        """One-row call: is the upstream answering correctly right now?"""
+        try:
+            self.run(np.zeros((1, self.width), dtype=np.float32))
+        except (UpstreamError, UpstreamTimeout):
+            return False
+        return True
+
+    def close(self) -> None:
+        self._client.close()
+
+    # --- wire formats ----------------------------------------------------------------------------
+    def _request(self, x: np.ndarray) -> dict[str, Any]:
+        if self.protocol == "oip":
+            return {"inputs": [{"name": self.input_name, "shape": list(x.shape), "datatype": "FP32",
+                                "data": x.ravel()}]}  # fmt: skip
+        return {self.input_field: x}
+
+    def _outputs(self, content: bytes, rows: int) -> np.ndarray:
+        try:
+            body = orjson.loads(content)
+        except orjson.JSONDecodeError:
+            raise UpstreamError("the upstream model server answered with a body that is not JSON") from None
+        try:
+            if self.protocol == "oip":
+                outputs = body["outputs"]
+                out = next(o for o in outputs if o["name"] == self.output_field) if self.output_field else outputs[0]
+                data = np.asarray(out["data"], dtype=np.float64).reshape(out["shape"])
+            else:
+                data = np.asarray(body[self.output_field], dtype=np.float64)
+        except (KeyError, IndexError, StopIteration, TypeError, ValueError):
+            field = self.output_field or "outputs[0]"
+            raise UpstreamError(f"the upstream answer has no usable `{field}` tensor; "
+                                "check GATEWAY_UPSTREAM_OUTPUT_FIELD") from None  # fmt: skip
+        if data.shape != (rows, self.classes):
+            raise UpstreamError(f"the upstream returned shape {list(data.shape)}, expected [{rows}, {self.classes}] "
+                                "(the manifest's class count)")  # fmt: skip
+        if not np.isfinite(data).all():
+            raise UpstreamError("the upstream returned non-finite values")
+        return data.astype(np.float32)

@@ -1,0 +1,174 @@
+"""Upstream proxy mode against a fake model server on 127.0.0.1: normal, slow, failing, malformed."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.conftest import CLASSES, FakeRunner, make_settings, metric_value, rows, serving
+
+W = FakeRunner().W  # the fake upstream computes logits = x @ W
+
+
+class Upstream:
+    """A fake KServe/Triton (OIP V2) or plain JSON model server with switchable behaviour."""
+
+    def __init__(self) -> None:
+        self.mode = "ok"
+        self.fail_first = 0
+        self.calls = 0
+        self.delay_s = 0.0
+        self.lock = threading.Lock()
+
+    def answer(self, path: str, body: dict[str, Any]) -> tuple[int, bytes]:
+        with self.lock:
+            self.calls += 1
+            calls = self.calls
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if calls <= self.fail_first:
+            return 503, b'{"error": "warming up"}'
+        if self.mode == "500":
+            return 500, b'{"error": "boom"}'
+        if self.mode == "400":
+            return 400, b'{"error": "bad request"}'
+        if self.mode == "not_json":
+            return 200, b"<html>oops</html>"
+        if path.startswith("/v2/models/"):
+            x = np.asarray(body["inputs"][0]["data"], dtype=np.float32).reshape(body["inputs"][0]["shape"])
+        else:
+            x = np.asarray(body["instances"], dtype=np.float32)
+        z = x @ W
+        if self.mode == "wrong_shape":
+            z = z[:, :-1]
+        if self.mode == "nan":
+            z[0, 0] = np.nan
+        if path.startswith("/v2/models/"):
+            name = "logits" if self.mode != "missing" else "other"
+            out = {"outputs": [{"name": name, "shape": list(z.shape), "datatype": "FP32",
+                                "data": [None if np.isnan(v) else float(v) for v in z.ravel()]}]}  # fmt: skip
+        else:
+            out = {"predictions": [[None if np.isnan(v) else float(v) for v in r] for r in z]}
+        return 200, json.dumps(out).encode()
+
+
+@pytest.fixture
+def upstream() -> Iterator[tuple[Upstream, str]]:
+    fake = Upstream()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            status, payload = fake.answer(self.path, body)
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield fake, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+@pytest.mark.parametrize("protocol", ["oip", "json"])
+async def test_proxy_defends_what_the_upstream_returns(tiny_bundle: Path, upstream: Any, protocol: str) -> None:
+    _, url = upstream
+    settings = make_settings(tiny_bundle, upstream_url=url, upstream_protocol=protocol, defense="rounding",
+                             max_queue_delay_ms=5)  # fmt: skip
+    async with serving(settings) as (client, app):
+        assert app.state.gateway.runner.provider == "upstream"
+        x = rows(3)
+        r = await client.post("/predict", json={"instances": x})
+        assert r.status_code == 200, r.text
+        p = np.array(r.json()["probabilities"])
+        clean = softmax(np.array(x, np.float32) @ W)
+        assert r.json()["labels"] == clean.argmax(1).tolist()
+        assert np.abs(p - clean).max() <= 0.05 and np.abs(p - clean).max() > 0  # defended (rounded), not raw
+        text = (await client.get("/metrics")).text
+        assert metric_value(text, "gateway_model_info", provider="upstream") == 1
+        assert (await client.get("/readyz")).status_code == 200
+
+
+async def test_retries_then_succeeds(tiny_bundle: Path, upstream: Any) -> None:
+    fake, url = upstream
+    async with serving(make_settings(tiny_bundle, upstream_url=url, upstream_retries=2)) as (client, _):
+        before = fake.calls
+        fake.fail_first = before + 2  # the next two calls answer 503
+        r = await client.post("/predict", json={"instances": rows(1)})
+        assert r.status_code == 200, r.text
+        assert fake.calls - before == 3  # two retries, then success
+
+
+@pytest.mark.parametrize(
+    ("mode", "status", "fragment"),
+    [
+        ("500", 502, "answered 500"),
+        ("400", 502, "answered 400"),
+        ("not_json", 502, "not JSON"),
+        ("wrong_shape", 502, f"expected [1, {CLASSES}]"),
+        ("nan", 502, "non-finite"),
+        ("missing", 502, "no usable"),
+    ],
+)
+async def test_upstream_faults_fail_closed(
+    tiny_bundle: Path, upstream: Any, mode: str, status: int, fragment: str
+) -> None:
+    fake, url = upstream
+    settings = make_settings(tiny_bundle, upstream_url=url, upstream_retries=1, upstream_output_field="logits")
+    async with serving(settings) as (client, _):
+        fake.mode = mode
+        r = await client.post("/predict", json={"instances": rows(1)})
+        assert r.status_code == status and fragment in r.json()["error"], r.text
+        assert set(r.json()) == {"error"}  # no vector of any kind in an error
+        fake.mode = "ok"
+        assert (await client.post("/predict", json={"instances": rows(1)})).status_code == 200
+
+
+async def test_slow_upstream_is_504_after_bounded_retries(tiny_bundle: Path, upstream: Any) -> None:
+    fake, url = upstream
+    settings = make_settings(tiny_bundle, upstream_url=url, upstream_timeout_s=0.2, upstream_retries=1)
+    async with serving(settings) as (client, _):
+        fake.delay_s = 0.6
+        calls = fake.calls
+        start = time.perf_counter()
+        r = await client.post("/predict", json={"instances": rows(1)})
+        assert r.status_code == 504 and "GATEWAY_UPSTREAM_TIMEOUT_S" in r.json()["error"]
+        assert fake.calls - calls == 2 and time.perf_counter() - start < 3  # two attempts, then give up
+        fake.delay_s = 0.0
+
+
+async def test_unreachable_upstream_is_not_ready_until_it_answers(tiny_bundle: Path, upstream: Any) -> None:
+    fake, url = upstream
+    fake.mode = "500"
+    async with serving(make_settings(tiny_bundle, upstream_url=url, upstream_retries=0)) as (client, _):
+        r = await client.get("/readyz")
+        assert r.status_code == 503 and "upstream" in r.json()["error"]
+        assert (await client.get("/healthz")).status_code == 200  # liveness does not depend on the upstream
+        fake.mode = "ok"
+        assert (await client.get("/readyz")).status_code == 200  # re-probed
+    dead = make_settings(tiny_bundle, upstream_url="http://127.0.0.1:9", upstream_retries=0, upstream_timeout_s=0.5)
+    async with serving(dead) as (client, _):
+        r = await client.post("/predict", json={"instances": rows(1)})
+        assert r.status_code == 502 and "GATEWAY_UPSTREAM_URL" in r.json()["error"]
