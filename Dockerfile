@@ -1,9 +1,11 @@
 # syntax=docker/dockerfile:1.7
 # Gateway image: `.[serve]` only (no training code). GPU by default; CPU-only with
 #   docker build --build-arg VARIANT=cpu -t mi-gateway:cpu .
-# Run (GPU host with the NVIDIA Container Toolkit):
-#   docker run --gpus all -p 8000:8000 -v $PWD/artifacts:/models:ro \
-#     -e GATEWAY_NOISE_SECRET=$(openssl rand -hex 32) mi-gateway
+# Build and run (GPU host with the NVIDIA Container Toolkit):
+#   docker build -t mi-gateway .
+#   docker run --gpus all -p 8080:8080 -v $PWD/artifacts/location30:/models:ro \
+#     -e GATEWAY_NOISE_SECRET=$(openssl rand -hex 32) -e GATEWAY_DEFENSE=memguard mi-gateway
+# The port is 8080 so the gateway can share a pod with a model server on 8000 (sidecar).
 ARG PYTHON=3.12
 ARG VARIANT=gpu
 
@@ -36,12 +38,12 @@ COPY --from=build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     GATEWAY_HOST=0.0.0.0 \
-    GATEWAY_PORT=8000 \
+    GATEWAY_PORT=8080 \
     GATEWAY_ARTIFACTS=/models
 USER 1000
 WORKDIR /home/gateway
-EXPOSE 8000
+EXPOSE 8080
 VOLUME ["/models"]
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
-  CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status == 200 else 1)"
+  CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2).status == 200 else 1)"
 ENTRYPOINT ["python", "-m", "gateway", "serve"]

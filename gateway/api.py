@@ -58,6 +58,7 @@ async def readyz(request: Request) -> Response:
     state = request.app.state.gateway
     await refresh_upstream(state)
     reason = state.not_ready_reason()
+    state.metrics.ready.set(0 if reason else 1)
     if reason is not None:
         return _json({"error": reason}, status=503)
     return _json({"status": "ready", "provider": state.runner.provider, "defense": state.defense.name})

@@ -216,11 +216,13 @@ def create_app(settings: GatewaySettings, *, runner_factory: RunnerFactory = def
         gc.collect()
         gc.freeze()
         state.ready = True
+        metrics.ready.set(1 if state.not_ready_reason() is None else 0)
         try:
             yield
         finally:
             state.ready = False
             state.draining = True
+            metrics.ready.set(0)
             await batcher.close()
             if metrics_server is not None:
                 metrics_server.shutdown()

@@ -79,6 +79,7 @@ class GatewayMetrics:
             registry=r,
         )
         self.queue_depth = Gauge("gateway_queue_depth", "Rows waiting in the batch queue.", registry=r)
+        self.ready = Gauge("gateway_ready", "1 while /readyz would answer 200, else 0.", registry=r)
         self.model_info = Gauge(
             "gateway_model_info",
             "Served model; provider is the ONNX Runtime execution provider in use.",

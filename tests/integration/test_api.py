@@ -278,12 +278,14 @@ async def test_metrics_are_present_and_move(tiny_bundle: Path) -> None:
         assert metric_value(after, "gateway_request_duration_seconds_count", route="/predict", status="200") == 1
         assert metric_value(after, "gateway_request_duration_seconds_count", route="/predict", status="400") == 1
         assert metric_value(after, "gateway_queue_depth") == 0
+        assert metric_value(after, "gateway_ready") == 1
 
 
 async def test_require_gpu_keeps_readiness_503_on_cpu(tiny_bundle: Path) -> None:
     async with serving(make_settings(tiny_bundle, require_gpu=True), FakeRunner()) as (client, _):
         r = await client.get("/readyz")
         assert r.status_code == 503 and "GATEWAY_REQUIRE_GPU" in r.json()["error"]
+        assert metric_value((await client.get("/metrics")).text, "gateway_ready") == 0
         assert (await client.get("/v2/health/ready")).status_code == 503
         assert (await client.get("/healthz")).status_code == 200
     async with serving(make_settings(tiny_bundle, require_gpu=True), FakeRunner(provider="CUDAExecutionProvider")) as (
