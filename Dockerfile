@@ -8,9 +8,16 @@
 # The port is 8080 so the gateway can share a pod with a model server on 8000 (sidecar).
 ARG PYTHON=3.12
 ARG VARIANT=gpu
+# The pinned pair (ECOSYSTEM.md §1.1): onnxruntime-gpu 1.28+ and PyPI's torch 2.14 both use CUDA 13 and
+# cuDNN 9, so one copy of the CUDA libraries (pip wheels) serves both. torch is imported before the ORT
+# session is created, which puts those libraries on the loader path (§1.2).
+ARG TORCH_VERSION=2.14.1
+ARG ORT_VERSION=1.31.1
 
 FROM python:${PYTHON}-slim AS build
 ARG VARIANT
+ARG TORCH_VERSION
+ARG ORT_VERSION
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
@@ -18,17 +25,17 @@ ENV PATH=/opt/venv/bin:$PATH
 # GPU: PyPI's default Linux torch is a CUDA build; onnxruntime-gpu[cuda,cudnn] brings CUDA 13 and cuDNN 9
 # from pip (ECOSYSTEM.md §1.1), shared with torch.
 RUN if [ "$VARIANT" = "cpu" ]; then \
-      pip install torch --index-url https://download.pytorch.org/whl/cpu; \
+      pip install "torch==${TORCH_VERSION}" --index-url https://download.pytorch.org/whl/cpu; \
     else \
-      pip install torch; \
+      pip install "torch==${TORCH_VERSION}"; \
     fi
 COPY pyproject.toml README.md ./src/
 # Only the gateway package: the serving image carries no training or attack code.
 COPY gateway ./src/gateway
 RUN if [ "$VARIANT" = "cpu" ]; then \
-      pip install './src[serve]'; \
+      pip install './src[serve]' "onnxruntime-gpu==${ORT_VERSION}"; \
     else \
-      pip install './src[serve]' 'onnxruntime-gpu[cuda,cudnn]'; \
+      pip install './src[serve]' "onnxruntime-gpu[cuda,cudnn]==${ORT_VERSION}"; \
     fi \
  && python -c "import gateway, onnxruntime; onnxruntime.print_debug_info() if hasattr(onnxruntime, 'print_debug_info') else None"
 

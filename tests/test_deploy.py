@@ -45,6 +45,10 @@ def test_dockerfile_installs_only_the_serving_extra_and_runs_as_non_root() -> No
     assert f"127.0.0.1:{port}/healthz" in health
     assert any(line.startswith("ENTRYPOINT") and "gateway" in line and "serve" in line for line in final_stage)
     assert any("VARIANT" in line for line in lines)  # the CPU-only build argument
+    pins = dict(re.findall(r"ARG (TORCH_VERSION|ORT_VERSION)=(\S+)", " ".join(lines)))
+    assert set(pins) == {"TORCH_VERSION", "ORT_VERSION"}  # the pinned CUDA 13 pair
+    assert '"onnxruntime-gpu[cuda,cudnn]==${ORT_VERSION}"' in " ".join(lines)
+    assert not any(re.search(r"pip install [^|]*\bonnxruntime[=\s\[]", line) for line in lines)  # never both wheels
 
 
 def test_compose_wires_gateway_upstream_and_monitoring() -> None:
