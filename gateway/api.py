@@ -24,6 +24,14 @@ async def refresh_upstream(state) -> None:  # type: ignore[no-untyped-def]
         state.upstream_ok = await asyncio.to_thread(probe)
 
 
+def charge_budget(state, request: Request, rows: int) -> None:  # type: ignore[no-untyped-def]
+    """429 when the client is over its query budget (validated rows only: bad requests cost nothing)."""
+    if state.budget is not None:
+        from gateway.auth import client_id
+
+        state.budget.charge(client_id(request), rows)
+
+
 def serving_state(request: Request):  # type: ignore[no-untyped-def]
     """Auth first (401 before anything else), then readiness (503)."""
     state = request.app.state.gateway
@@ -38,6 +46,7 @@ async def predict(request: Request) -> Response:
     manifest = state.bundle.manifest
     body = await read_json(request, state.settings.max_body_bytes)
     x = parse_predict(body, width=manifest.input.width, max_rows=state.settings.max_batch_rows)
+    charge_budget(state, request, x.shape[0])
     out = await state.batcher.submit(x)
     return _json(
         {

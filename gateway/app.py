@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway import __version__
 from gateway.artifacts import Bundle, load_bundle
-from gateway.auth import ApiKeyAuth
+from gateway.auth import ApiKeyAuth, QueryBudget
 from gateway.batching import BatchQueue
 from gateway.defenses import Defense, create_defense
 from gateway.defenses._keyed import RowKeyer, key_context
@@ -46,6 +46,7 @@ class GatewayState:
     settings: GatewaySettings
     metrics: GatewayMetrics
     auth: ApiKeyAuth
+    budget: QueryBudget | None = None
     bundle: Bundle | None = None
     runner: ModelRunner | None = None
     defense: Defense | None = None
@@ -168,7 +169,12 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
 
 def create_app(settings: GatewaySettings, *, runner_factory: RunnerFactory = default_runner) -> FastAPI:
     metrics = GatewayMetrics(max_batch_size=settings.max_batch_size)
-    state = GatewayState(settings=settings, metrics=metrics, auth=ApiKeyAuth(settings.all_api_keys()))
+    budget = (
+        QueryBudget(settings.query_budget_rows_per_s, settings.query_budget_burst)
+        if settings.query_budget_rows_per_s
+        else None
+    )
+    state = GatewayState(settings=settings, metrics=metrics, auth=ApiKeyAuth(settings.all_api_keys()), budget=budget)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -7,7 +7,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway import __version__
-from gateway.api import _json, refresh_upstream, serving_state
+from gateway.api import _json, charge_budget, refresh_upstream, serving_state
 from gateway.errors import ModelNotFound
 from gateway.schemas import parse_oip_infer, read_json
 
@@ -69,6 +69,7 @@ async def _infer(request: Request, model: str, version: str | None) -> Response:
     x, request_id = parse_oip_infer(
         body, input_name=m.input.name, width=m.input.width, max_rows=state.settings.max_batch_rows
     )
+    charge_budget(state, request, x.shape[0])
     out = await state.batcher.submit(x)
     B, C = out.probabilities.shape
     response = {

@@ -90,6 +90,11 @@ class GatewaySettings(BaseSettings):
     max_batch_rows: int = Field(1024, ge=1, description="Rows one request may carry.")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Largest request body accepted.")
 
+    query_budget_rows_per_s: float | None = Field(
+        None, gt=0, description="Per-client budget (API key, else address) in rows/s; beyond it 429. Off by default."
+    )
+    query_budget_burst: int = Field(1024, ge=1, description="Rows a client may send at once within its budget.")
+
     # --- runtime ---------------------------------------------------------------------------
     require_gpu: bool = Field(False, description="Stay not-ready unless ONNX Runtime runs on CUDA.")
     ort_intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0 = its default).")

@@ -308,3 +308,15 @@ async def test_shutdown_drains_and_readiness_reports_it(tiny_bundle: Path) -> No
     state = app_ref["app"].state.gateway
     assert state.draining and state.not_ready_reason() is not None and runner.closed
     assert all(t.result().status_code == 200 for t in inflight)
+
+
+async def test_query_budget_is_per_client_and_429(tiny_bundle: Path) -> None:
+    settings = make_settings(tiny_bundle, api_keys="k1,k2", query_budget_rows_per_s=0.001, query_budget_burst=4)
+    async with serving(settings, FakeRunner()) as (client, _):
+        k1, k2 = {"Authorization": "Bearer k1"}, {"Authorization": "Bearer k2"}
+        assert (await client.post("/predict", json={"instances": rows(3)}, headers=k1)).status_code == 200
+        r = await client.post("/v2/models/tiny/infer", json=_oip(rows(2)), headers=k1)
+        assert r.status_code == 429 and "query budget" in r.json()["error"] and int(r.headers["retry-after"]) >= 1
+        bad = await client.post("/predict", json={"instances": [[1.0]]}, headers=k1)
+        assert bad.status_code == 400  # invalid requests are rejected before they cost budget
+        assert (await client.post("/predict", json={"instances": rows(4)}, headers=k2)).status_code == 200
