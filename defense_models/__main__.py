@@ -13,36 +13,44 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+
+def _defenses(args: argparse.Namespace) -> tuple[str, ...]:
+    """--defense (repeatable; default all) -> the defender's classifiers to train."""
+    chosen = args.defense or ["all"]
+    return ("memguard", "aeppt") if "all" in chosen else tuple(d for d in chosen if d != "none")
+
+
+def _recipe_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The dataset and recipe flags shared by train and shadows, as TrainConfig fields."""
+    return {"dataset": args.dataset, "data_path": args.data, "split": args.split, "preset": args.preset,
+            "arch": args.arch, "epochs": args.epochs, "seed": args.seed, "progress": not args.quiet}  # fmt: skip
+
+
+def _print_summary(out: str, summary: dict[str, Any], elapsed: float) -> None:
+    print(f"\nbundle written to {out}  ({elapsed:.1f} s)")
+    for key, value in summary.items():
+        print(f"  {key:<24} {value}")
+    print(f"\nserve it with:  python -m gateway serve --artifacts {out}")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from defense_models.pipeline import TrainConfig, train_bundle
     from defense_models.training.adv_reg import AdvRegConfig
 
-    defenses = ("memguard", "aeppt") if "all" in args.defense else tuple(d for d in args.defense if d != "none")
     config = TrainConfig(
-        dataset=args.dataset,
-        data_path=args.data,
-        split=args.split,
-        preset=args.preset,
-        arch=args.arch,
-        epochs=args.epochs,
-        defenses=defenses,
+        **_recipe_kwargs(args),
+        defenses=_defenses(args),
         replacement=args.replacement,
         advreg=AdvRegConfig(
             lam=args.advreg_lambda, k=args.advreg_k, epochs=args.advreg_epochs, warmup_epochs=args.advreg_epochs // 2
         ),
         substitute_label=args.substitute_label,
-        seed=args.seed,
-        progress=not args.quiet,
     )
     start = time.perf_counter()
     summary = train_bundle(config, Path(args.out)).summary
-    elapsed = time.perf_counter() - start
-    print(f"\nbundle written to {args.out}  ({elapsed:.1f} s)")
-    for key, value in summary.items():
-        print(f"  {key:<24} {value}")
-    print(f"\nserve it with:  python -m gateway serve --artifacts {args.out}")
+    _print_summary(args.out, summary, time.perf_counter() - start)
     return 0
 
 
@@ -50,11 +58,11 @@ def _cmd_shadows(args: argparse.Namespace) -> int:
     from defense_models.pipeline import TrainConfig
     from defense_models.shadows import ShadowSpec, parse_shard, train_shadows
 
-    config = TrainConfig(dataset=args.dataset, data_path=args.data, split=args.split, preset=args.preset,
-                         arch=args.arch, epochs=args.epochs, seed=args.seed, progress=not args.quiet)  # fmt: skip
     shard = parse_shard(args.shard)
     start = time.perf_counter()
-    done = train_shadows(config, ShadowSpec(count=args.count, keep=args.keep), Path(args.out), shard)
+    done = train_shadows(
+        TrainConfig(**_recipe_kwargs(args)), ShadowSpec(count=args.count, keep=args.keep), Path(args.out), shard
+    )
     print(
         f"shard {shard[0]}/{shard[1]}: trained {len(done)} shadows {done} in {time.perf_counter() - start:.1f} s "
         f"into {args.out}"
@@ -66,14 +74,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from defense_models.byo import export_user_model
     from defense_models.pipeline import TrainConfig
 
-    defenses = ("memguard", "aeppt") if "all" in args.defense else tuple(d for d in args.defense if d != "none")
-    config = TrainConfig(preset=args.preset, defenses=defenses, seed=args.seed, progress=not args.quiet)
+    config = TrainConfig(preset=args.preset, defenses=_defenses(args), seed=args.seed, progress=not args.quiet)
+    start = time.perf_counter()
     summary = export_user_model(Path(args.model), Path(args.members), Path(args.nonmembers), Path(args.out),
                                 name=args.name, output_kind=args.output_kind, config=config)  # fmt: skip
-    print(f"\nbundle written to {args.out}")
-    for key, value in summary.items():
-        print(f"  {key:<24} {value}")
-    print(f"\nserve it with:  python -m gateway serve --artifacts {args.out}")
+    _print_summary(args.out, summary, time.perf_counter() - start)
     return 0
 
 
@@ -85,67 +90,55 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", choices=("demo", "official"), default="official",
+                   help="demo: small, fast recipes; official: the published ones")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_recipe(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="location30",
+                   help="location30 (bundled), purchase100, texas100, cifar10, cifar100, idx, tabular")  # fmt: skip
+    p.add_argument("--data", help="path to the dataset's files (all but location30)")
+    p.add_argument("--split", choices=("memguard", "random"), help="default: memguard for location30, else random")
+    p.add_argument("--arch", help="override the recipe's architecture (location-mlp, purchase-mlp, small-mlp, cnn)")
+    p.add_argument("--epochs", type=int, help="override the recipe's epochs")
+    _add_common(p)
+
+
+def _add_defense(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--defense", action="append", choices=("memguard", "aeppt", "none", "all"), default=None,
+                   help="defender's classifiers to train (repeatable; default: all)")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="defense_models", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
+
     p = sub.add_parser("train", help="train a target model and write a servable bundle")
-    p.add_argument(
-        "--dataset",
-        default="location30",
-        help="location30 (bundled), purchase100, texas100, cifar10, cifar100, idx, tabular",
-    )
-    p.add_argument("--data", help="path to the dataset's files (all but location30)")
-    p.add_argument("--split", choices=("memguard", "random"), help="default: memguard for location30, else random")
-    p.add_argument("--arch", help="override the recipe's architecture (location-mlp, purchase-mlp, small-mlp, cnn)")
-    p.add_argument("--epochs", type=int, help="override the recipe's epochs")
-    p.add_argument(
-        "--replacement",
-        choices=("none", "advreg"),
-        default="none",
-        help="advreg: serve an adversarially-regularized replacement (Nasr et al.)",
-    )
+    _add_recipe(p)
+    _add_defense(p)
+    p.add_argument("--out", required=True, help="bundle directory to write (replaced atomically)")
+    p.add_argument("--replacement", choices=("none", "advreg"), default="none",
+                   help="advreg: serve an adversarially-regularized replacement (Nasr et al.)")  # fmt: skip
     p.add_argument("--advreg-lambda", type=float, default=3.0, help="λ of adversarial regularization")
     p.add_argument("--advreg-k", type=int, default=2, help="inference-model steps per classifier step")
     p.add_argument("--advreg-epochs", type=int, default=80, help="epochs, the first half plain (warm-up)")
-    p.add_argument("--out", required=True, help="bundle directory to write (replaced atomically)")
-    p.add_argument(
-        "--preset",
-        choices=("demo", "official"),
-        default="official",
-        help="demo: small MLP in seconds; official: the published target recipe",
-    )
-    p.add_argument(
-        "--defense",
-        action="append",
-        choices=("memguard", "aeppt", "none", "all"),
-        default=None,
-        help="defender's classifiers to train (repeatable; default: all)",
-    )
-    p.add_argument(
-        "--substitute-label",
-        choices=("argmax", "true"),
-        default="argmax",
-        help="label AEPPT's substitute learns with (default: argmax, what it sees when serving)",
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--substitute-label", choices=("argmax", "true"), default="argmax",
+                   help="label AEPPT's substitute learns with (default: argmax, as when serving)")  # fmt: skip
     p.set_defaults(func=_cmd_train)
+
     p = sub.add_parser("shadows", help="train shadow/reference models by index (scale out with --shard i/N)")
-    p.add_argument("--dataset", default="location30")
-    p.add_argument("--data")
-    p.add_argument("--split", choices=("memguard", "random"))
-    p.add_argument("--preset", choices=("demo", "official"), default="official")
-    p.add_argument("--arch")
-    p.add_argument("--epochs", type=int)
+    _add_recipe(p)
     p.add_argument("--count", type=int, default=16, help="total number of shadows across all shards")
     p.add_argument("--keep", type=float, default=0.5, help="share of the pool each shadow trains on")
     p.add_argument("--shard", default="0/1", help="i/N: train the shadows j with j %% N == i")
     p.add_argument("--out", required=True, help="directory shared by all shards")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_shadows)
+
     p = sub.add_parser("export", help="bundle your own ONNX target: trains the defender's classifiers on its outputs")
     p.add_argument("--model", required=True, help="ONNX file with one input [B, D] and a dynamic batch axis")
     p.add_argument("--members", required=True, help=".npz (X[, y]) or .npy of rows the model was trained on")
@@ -153,17 +146,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-kind", choices=("logits", "probabilities"), default="logits")
     p.add_argument("--name", default="model")
     p.add_argument("--out", required=True)
-    p.add_argument("--preset", choices=("demo", "official"), default="official")
-    p.add_argument("--defense", action="append", choices=("memguard", "aeppt", "none", "all"), default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true")
+    _add_common(p)
+    _add_defense(p)
     p.set_defaults(func=_cmd_export)
+
     p = sub.add_parser("info", help="verify a bundle and print its manifest")
     p.add_argument("bundle")
     p.set_defaults(func=_cmd_info)
+
     args = parser.parse_args(argv)
-    if getattr(args, "defense", "-") is None:
-        args.defense = ["all"]
     return int(args.func(args))
 
 
