@@ -7,8 +7,6 @@ substitute, and the ONNX file is copied into the bundle unchanged.
 
 from __future__ import annotations
 
-import hashlib
-import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -16,8 +14,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from defense_models.export import write_atomically
 from defense_models.pipeline import TrainConfig, defenders_from_outputs
-from gateway.artifacts import Manifest, OutputSpec, TensorSpec, sha256_file, write_manifest
+from gateway.artifacts import Manifest, OutputSpec, TensorSpec
 
 
 def _rows(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
@@ -79,23 +78,12 @@ def export_user_model(
     labels_in = torch.from_numpy(y_in) if y_in is not None else p_in.argmax(1)
     labels_out = torch.from_numpy(y_out) if y_out is not None else p_out.argmax(1)
     files, defenses, report = defenders_from_outputs(config, p_in, labels_in, p_out, labels_out)
-    out = Path(out)
-    tmp = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        shutil.copyfile(model, tmp / "model.onnx")
-        for rel, data in files.items():
-            (tmp / rel).write_bytes(data)
-        hashes = {rel: sha256_file(tmp / rel) for rel in ["model.onnx", *sorted(files)]}
-        version = hashlib.sha256("".join(f"{k}={v};" for k, v in sorted(hashes.items())).encode()).hexdigest()[:12]
-        accuracy = {}
-        if y_in is not None and y_out is not None:
-            accuracy = {
-                "train": float((z_in.argmax(1) == y_in).mean()),
-                "test": float((z_out.argmax(1) == y_out).mean()),
-            }
-        manifest = Manifest(
+    accuracy = {}
+    if y_in is not None and y_out is not None:
+        accuracy = {"train": float((z_in.argmax(1) == y_in).mean()), "test": float((z_out.argmax(1) == y_out).mean())}
+
+    def manifest(hashes: dict[str, str], version: str) -> Manifest:
+        return Manifest(
             name=name, version=version, created=datetime.now(UTC).isoformat(timespec="seconds"),
             input=TensorSpec(name=input_name, width=X_in.shape[1]),
             output=OutputSpec(name=output_name, kind=output_kind, classes=z_in.shape[1]),
@@ -108,12 +96,8 @@ def export_user_model(
                 "defenders": report,
             },
         )  # fmt: skip
-        write_manifest(tmp, manifest)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.replace(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    version = write_atomically(Path(out), {"model.onnx": Path(model).read_bytes(), **files}, manifest).version
     return {
         "model": f"{name} {version}",
         "classes": z_in.shape[1],

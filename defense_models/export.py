@@ -12,6 +12,7 @@ import io
 import os
 import shutil
 import warnings
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -91,19 +92,10 @@ def write_bundle(
     """Export, gate, hash and write a bundle directory atomically (rename into place)."""
     onnx_bytes = export_onnx(model, width)
     parity = check_parity(onnx_bytes, model, np.ascontiguousarray(parity_inputs, dtype=np.float32))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        files = {"model.onnx": onnx_bytes, **(extra_files or {})}
-        for rel, data in files.items():
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / rel).write_bytes(data)
-        hashes = {rel: sha256_file(tmp / rel) for rel in sorted(files)}
-        version = hashlib.sha256("".join(f"{k}={v};" for k, v in hashes.items()).encode()).hexdigest()[:12]
-        manifest = Manifest(
+    files = {"model.onnx": onnx_bytes, **(extra_files or {})}
+
+    def manifest(hashes: dict[str, str], version: str) -> Manifest:
+        return Manifest(
             name=name,
             version=version,
             created=datetime.now(UTC).isoformat(timespec="seconds"),
@@ -113,7 +105,27 @@ def write_bundle(
             defenses=defenses or {"none": DefenseEntry()},
             training={**(training or {}), "onnx_parity_max_abs_diff": parity, "versions": _versions()},
         )
-        write_manifest(tmp, manifest)
+
+    return write_atomically(Path(out), files, manifest)
+
+
+def write_atomically(
+    out: Path, files: dict[str, bytes], manifest: Callable[[dict[str, str], str], Manifest]
+) -> Manifest:
+    """Write ``files`` into a temporary sibling of ``out``, hash them, build the manifest from the hashes
+    and a content version, and rename the directory into place: readers see the old bundle or the new one."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        for rel, data in files.items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / rel).write_bytes(data)
+        hashes = {rel: sha256_file(tmp / rel) for rel in sorted(files)}
+        version = hashlib.sha256("".join(f"{k}={v};" for k, v in hashes.items()).encode()).hexdigest()[:12]
+        result = manifest(hashes, version)
+        write_manifest(tmp, result)
         backup = out.parent / f".{out.name}.old-{os.getpid()}"
         if out.exists():
             os.replace(out, backup)
@@ -121,7 +133,7 @@ def write_bundle(
         shutil.rmtree(backup, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return manifest
+    return result
 
 
 def _versions() -> dict[str, str]:
