@@ -111,7 +111,11 @@ class GatewayPredictor:
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         X = np.ascontiguousarray(X, dtype=np.float32)
-        parts = [self._post(X[i : i + self.batch_rows]) for i in range(0, len(X), self.batch_rows)]
+        parts, start = [], 0
+        while start < len(X):
+            chunk = X[start : start + self.batch_rows]  # batch_rows may shrink inside _post (413)
+            parts.append(self._post(chunk))
+            start += len(chunk)
         return np.concatenate(parts) if parts else np.zeros((0, 0))
 
     def _post(self, rows: np.ndarray) -> np.ndarray:
