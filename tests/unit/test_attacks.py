@@ -1,0 +1,67 @@
+"""Each attack beats chance on an overfit model, and falls to the label-only floor on one-hot outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from defense_models.attacks import AttackData, available_attacks, create_attack
+from defense_models.attacks.nn_sorted import NnSortedAttack
+from defense_models.scoring import gap_floor, score_attack
+from defense_models.training.loop import FitConfig
+
+C = 10
+
+
+def outputs(n: int, margin: float, accuracy: float, seed: int) -> AttackData:
+    """An overfit model's outputs: members get confident correct vectors, non-members flatter, partly wrong."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, C, n)
+    z = rng.normal(size=(n, C))
+    correct = rng.random(n) < accuracy
+    predicted = np.where(correct, y, (y + rng.integers(1, C, n)) % C)
+    z[np.arange(n), predicted] += margin + rng.normal(size=n)
+    p = np.exp(z - z.max(1, keepdims=True))
+    return AttackData(p / p.sum(1, keepdims=True), y)
+
+
+SHADOW = (outputs(400, 6.0, 1.0, 1), outputs(400, 2.5, 0.6, 2))
+TARGET = (outputs(400, 6.0, 1.0, 3), outputs(400, 2.5, 0.6, 4))
+QUICK = {"nn_sorted": {"fit_config": FitConfig(epochs=30, batch_size=64, lr=1e-3)}}
+
+
+def one_hot(d: AttackData) -> AttackData:
+    return AttackData(np.eye(C)[d.probs.argmax(1)], d.labels)
+
+
+@pytest.mark.parametrize("name", ["confidence", "entropy", "modified_entropy", "gap", "nn_sorted"])
+def test_attack_beats_chance_then_falls_to_the_floor_on_labels_only(name: str) -> None:
+    attack = create_attack(name, **QUICK.get(name, {}))
+    attack.fit(*SHADOW)
+    shadow_scores = (attack.score(SHADOW[0]), attack.score(SHADOW[1]))
+    s = score_attack(attack.score(TARGET[0]), attack.score(TARGET[1]), shadow=shadow_scores)
+    assert s.balanced_accuracy > 0.65 and s.auc > 0.65, s
+    # On label-only outputs nothing beyond correctness is left: at most the gap attack's floor.
+    acc_in = float((TARGET[0].probs.argmax(1) == TARGET[0].labels).mean())
+    acc_out = float((TARGET[1].probs.argmax(1) == TARGET[1].labels).mean())
+    floor = gap_floor(acc_in, acc_out)
+    attack = create_attack(name, **QUICK.get(name, {}))
+    attack.fit(one_hot(SHADOW[0]), one_hot(SHADOW[1]))
+    s = score_attack(attack.score(one_hot(TARGET[0])), attack.score(one_hot(TARGET[1])))
+    assert s.oracle_balanced_accuracy <= floor + 1e-9, (s.oracle_balanced_accuracy, floor)
+
+
+def test_gap_attack_is_exactly_the_floor() -> None:
+    attack = create_attack("gap")
+    s = score_attack(attack.score(TARGET[0]), attack.score(TARGET[1]))
+    acc_in = (TARGET[0].probs.argmax(1) == TARGET[0].labels).mean()
+    acc_out = (TARGET[1].probs.argmax(1) == TARGET[1].labels).mean()
+    assert s.oracle_balanced_accuracy == pytest.approx(gap_floor(acc_in, acc_out))
+
+
+def test_registry() -> None:
+    assert {"confidence", "entropy", "modified_entropy", "gap", "nn_sorted"} <= set(available_attacks())
+    with pytest.raises(ValueError, match="unknown attack"):
+        create_attack("nope")
+    with pytest.raises(RuntimeError, match="fit the attack first"):
+        NnSortedAttack().score(TARGET[0])
