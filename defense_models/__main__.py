@@ -82,6 +82,20 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from defense_models.audit import AuditConfig, run_audit, write_report
+
+    config = AuditConfig(
+        bundle=Path(args.bundle), defense=args.defense_name, url=args.url, api_key=args.api_key,
+        noise_secret=args.noise_secret, attacks=tuple(args.attacks), adaptive=args.adaptive,
+        shadow_epochs=args.shadow_epochs, seed=args.seed,
+    )  # fmt: skip
+    report = run_audit(config)
+    write_report(report, Path(args.out))
+    print((Path(args.out) / "report.md").read_text())
+    return 0
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from gateway.artifacts import load_bundle
 
@@ -149,6 +163,21 @@ def main(argv: list[str] | None = None) -> int:
     _add_common(p)
     _add_defense(p)
     p.set_defaults(func=_cmd_export)
+
+    from defense_models.audit import DEFAULT_ATTACKS
+
+    p = sub.add_parser("audit", help="attack a bundle (in-process gateway) or a live endpoint (--url)")
+    p.add_argument("--bundle", required=True, help="the bundle (its split and dataset define the sets)")
+    p.add_argument("--defense", dest="defense_name", default="none", help="defense of the in-process gateway")
+    p.add_argument("--url", help="audit a running gateway at this URL instead")
+    p.add_argument("--api-key", help="bearer key for --url")
+    p.add_argument("--noise-secret", help="in-process: the secret for randomized defenses (default: demo mode)")
+    p.add_argument("--attacks", nargs="+", default=list(DEFAULT_ATTACKS))
+    p.add_argument("--adaptive", action="store_true", help="defend the shadow outputs too (defense-aware attacker)")
+    p.add_argument("--shadow-epochs", type=int, help="override the target recipe's epochs for the shadow model")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="directory for report.json and report.md")
+    p.set_defaults(func=_cmd_audit)
 
     p = sub.add_parser("info", help="verify a bundle and print its manifest")
     p.add_argument("bundle")

@@ -160,3 +160,21 @@ def test_cli_train_with_advreg_replacement(tabular: Path, tmp_path: Path, quick:
     rep = m.training["replacement"]
     assert rep["kind"] == "advreg" and rep["config"]["lam"] == 1 and rep["config"]["warmup_epochs"] == 2
     assert "plain" in m.training["accuracy"]
+
+
+def test_audit_runs_attacks_and_writes_reports(tabular: Path, tmp_path: Path, quick: None) -> None:
+    from defense_models.__main__ import main
+
+    assert main(["train", "--dataset", "tabular", "--data", str(tabular), "--preset", "demo", "--quiet",
+                 "--out", str(tmp_path / "b")]) == 0  # fmt: skip
+    for defense in ("none", "memguard"):
+        out = tmp_path / f"report-{defense}"
+        args = ["audit", "--bundle", str(tmp_path / "b"), "--defense", defense, "--shadow-epochs", "5",
+                "--attacks", "gap", "confidence", "entropy", "--out", str(out)]  # fmt: skip
+        assert main(args + (["--adaptive"] if defense != "none" else [])) == 0
+        report = json.loads((out / "report.json").read_text())
+        u = report["utility"]
+        assert u["label_loss"] == 0.0 and set(report["attacks"]) == {"gap", "confidence", "entropy"}
+        assert report["attacks"]["gap"]["oracle_balanced_accuracy"] == pytest.approx(u["label_only_floor"])
+        assert (u["l1"]["mean"] == 0) == (defense == "none")
+        assert "Label-only floor" in (out / "report.md").read_text()
