@@ -26,7 +26,7 @@ from defense_models.scoring import accuracy, gap_floor, l1_stats, label_loss, sc
 from defense_models.training.loop import FitConfig, fit
 from gateway.artifacts import load_bundle
 
-DEFAULT_ATTACKS = ("gap", "confidence", "entropy", "modified_entropy", "nn_sorted")
+DEFAULT_ATTACKS = ("gap", "confidence", "entropy", "modified_entropy", "nn_sorted", "shokri", "inference_model")
 
 
 @dataclass

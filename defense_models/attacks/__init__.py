@@ -16,7 +16,11 @@ from defense_models.attacks.base import Attack, AttackData
 __all__ = ["Attack", "AttackData", "available_attacks", "create_attack", "register_attack"]
 
 _REGISTRY: dict[str, type] = {}
-_BUILTIN_MODULES = ("defense_models.attacks.metric", "defense_models.attacks.nn_sorted")
+_BUILTIN_MODULES = (
+    "defense_models.attacks.metric",
+    "defense_models.attacks.nn_sorted",
+    "defense_models.attacks.learned",
+)
 _loaded = False
 T = TypeVar("T", bound=type)
 

@@ -27,14 +27,17 @@ def outputs(n: int, margin: float, accuracy: float, seed: int) -> AttackData:
 
 SHADOW = (outputs(400, 6.0, 1.0, 1), outputs(400, 2.5, 0.6, 2))
 TARGET = (outputs(400, 6.0, 1.0, 3), outputs(400, 2.5, 0.6, 4))
-QUICK = {"nn_sorted": {"fit_config": FitConfig(epochs=30, batch_size=64, lr=1e-3)}}
+FAST = FitConfig(epochs=30, batch_size=64, lr=1e-3)
+QUICK = {name: {"fit_config": FAST} for name in ("nn_sorted", "shokri", "inference_model")}
 
 
 def one_hot(d: AttackData) -> AttackData:
     return AttackData(np.eye(C)[d.probs.argmax(1)], d.labels)
 
 
-@pytest.mark.parametrize("name", ["confidence", "entropy", "modified_entropy", "gap", "nn_sorted"])
+@pytest.mark.parametrize(
+    "name", ["confidence", "entropy", "modified_entropy", "gap", "nn_sorted", "shokri", "inference_model"]
+)
 def test_attack_beats_chance_then_falls_to_the_floor_on_labels_only(name: str) -> None:
     attack = create_attack(name, **QUICK.get(name, {}))
     attack.fit(*SHADOW)
@@ -60,7 +63,9 @@ def test_gap_attack_is_exactly_the_floor() -> None:
 
 
 def test_registry() -> None:
-    assert {"confidence", "entropy", "modified_entropy", "gap", "nn_sorted"} <= set(available_attacks())
+    assert {"confidence", "entropy", "modified_entropy", "gap", "nn_sorted", "shokri", "inference_model"} <= set(
+        available_attacks()
+    )
     with pytest.raises(ValueError, match="unknown attack"):
         create_attack("nope")
     with pytest.raises(RuntimeError, match="fit the attack first"):
