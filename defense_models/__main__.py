@@ -88,7 +88,8 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     config = AuditConfig(
         bundle=Path(args.bundle), defense=args.defense_name, url=args.url, api_key=args.api_key,
         noise_secret=args.noise_secret, attacks=tuple(args.attacks), adaptive=args.adaptive,
-        shadow_epochs=args.shadow_epochs, seed=args.seed,
+        shadow_epochs=args.shadow_epochs, label_only=args.label_only, label_only_copies=args.label_only_copies,
+        seed=args.seed,
     )  # fmt: skip
     report = run_audit(config)
     write_report(report, Path(args.out))
@@ -175,6 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attacks", nargs="+", default=list(DEFAULT_ATTACKS))
     p.add_argument("--adaptive", action="store_true", help="defend the shadow outputs too (defense-aware attacker)")
     p.add_argument("--shadow-epochs", type=int, help="override the target recipe's epochs for the shadow model")
+    p.add_argument(
+        "--label-only",
+        action="store_true",
+        help="also run the label-only noise-robustness attack (binary features; queries the target)",
+    )
+    p.add_argument("--label-only-copies", type=int, default=20, help="perturbed copies per row (paper: 100)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="directory for report.json and report.md")
     p.set_defaults(func=_cmd_audit)

@@ -38,13 +38,18 @@ class AuditConfig:
     noise_secret: str | None = None  # in-process only; needed for randomized defenses outside --demo
     attacks: tuple[str, ...] = DEFAULT_ATTACKS
     adaptive: bool = False
+    #: Also run the label-only noise-robustness attack (binary features only); it queries the target
+    #: with ``label_only_copies`` perturbed copies of every evaluation row.
+    label_only: bool = False
+    label_only_copies: int = 20
     shadow_epochs: int | None = None  # override the target recipe's epochs for the shadow model
     attack_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     seed: int = 0
 
 
 def _shadow_outputs(manifest: Any, data: Any, parts: dict[str, np.ndarray], config: AuditConfig) -> tuple[Any, ...]:
-    """Train the attacker's shadow model with the target's recipe on shadow_in; its outputs on shadow_in/out."""
+    """Train the attacker's shadow model with the target's recipe on shadow_in; its outputs on
+    shadow_in/out, and the model itself (for query-based attacks)."""
     t = manifest.training
     fit_config = FitConfig(**{**t["fit"], "lr_milestones": tuple(t["fit"]["lr_milestones"]), "seed": config.seed})
     if config.shadow_epochs:
@@ -55,7 +60,7 @@ def _shadow_outputs(manifest: Any, data: Any, parts: dict[str, np.ndarray], conf
     fit(shadow, X_in, y_in, fit_config)
     p_in = torch.softmax(predict_logits(shadow, X_in).double(), 1).numpy()
     p_out = torch.softmax(predict_logits(shadow, torch.from_numpy(data.X[parts["shadow_out"]])).double(), 1).numpy()
-    return p_in, p_out
+    return p_in, p_out, shadow
 
 
 def _defend(bundle: Any, name: str, probs: np.ndarray) -> np.ndarray:
@@ -67,6 +72,28 @@ def _defend(bundle: Any, name: str, probs: np.ndarray) -> np.ndarray:
     keys = torch.from_numpy(RowKeyer(b"attacker's own secret", b"shadow").digests(probs.astype(np.float32)))
     p = torch.from_numpy(probs)
     return defense.defend(p, torch.log(p.clamp_min(1e-30)).float(), keys).double().numpy()
+
+
+def _noise_robustness(config: AuditConfig, predictor: Predictor, shadow: torch.nn.Module, data: Any,
+                      parts: dict[str, np.ndarray]) -> dict[str, Any]:  # fmt: skip
+    from defense_models.attacks.label_only import NoiseRobustnessAttack
+
+    def shadow_predict(X: np.ndarray) -> np.ndarray:
+        return torch.softmax(predict_logits(shadow, torch.from_numpy(X)).double(), 1).numpy()
+
+    attack = NoiseRobustnessAttack(copies=config.label_only_copies, seed=config.seed)
+    rows = {
+        r: (data.X[parts[r]], data.y[parts[r]]) for r in ("shadow_in", "shadow_out", "target_train", "eval_nonmember")
+    }
+    attack.fit(shadow_predict, *rows["shadow_in"], *rows["shadow_out"])
+    shadow_scores = (
+        attack.score(shadow_predict, *rows["shadow_in"]),
+        attack.score(shadow_predict, *rows["shadow_out"]),
+    )
+    queries_before = attack.queries
+    scores = score_attack(attack.score(predictor.predict, *rows["target_train"]),
+                          attack.score(predictor.predict, *rows["eval_nonmember"]), shadow=shadow_scores)  # fmt: skip
+    return {**scores.as_dict(), "flip_rate": attack.flip, "queries_to_target": attack.queries - queries_before}
 
 
 def run_audit(config: AuditConfig) -> dict[str, Any]:
@@ -97,12 +124,15 @@ def run_audit(config: AuditConfig) -> dict[str, Any]:
         predictor = GatewayPredictor.in_process(config.bundle, defense=config.defense, **extra)
     try:
         rel_in, rel_out = predictor.predict(members_X), predictor.predict(non_X)
+        p_in, p_out, shadow_model = _shadow_outputs(m, data, parts, config)
+        label_only = None
+        if config.label_only and data.binary:
+            label_only = _noise_robustness(config, predictor, shadow_model, data, parts)
     finally:
         close = getattr(predictor, "close", None)
         if close is not None:
             close()
 
-    p_in, p_out = _shadow_outputs(m, data, parts, config)
     if config.adaptive and config.defense != "none":
         p_in, p_out = _defend(bundle, config.defense, p_in), _defend(bundle, config.defense, p_out)
     shadow = (AttackData(p_in, data.y[parts["shadow_in"]]), AttackData(p_out, data.y[parts["shadow_out"]]))
@@ -116,6 +146,8 @@ def run_audit(config: AuditConfig) -> dict[str, Any]:
         attack.fit(*shadow)
         shadow_scores = (attack.score(shadow[0]), attack.score(shadow[1]))
         results[name] = score_attack(attack.score(target[0]), attack.score(target[1]), shadow=shadow_scores).as_dict()
+    if label_only is not None:
+        results["noise_robustness"] = label_only
     both_clean, both_released = np.concatenate([clean_in, clean_out]), np.concatenate([rel_in, rel_out])
     return {
         "bundle": {"name": m.name, "version": m.version},

@@ -178,3 +178,17 @@ def test_audit_runs_attacks_and_writes_reports(tabular: Path, tmp_path: Path, qu
         assert report["attacks"]["gap"]["oracle_balanced_accuracy"] == pytest.approx(u["label_only_floor"])
         assert (u["l1"]["mean"] == 0) == (defense == "none")
         assert "Label-only floor" in (out / "report.md").read_text()
+
+
+def test_audit_label_only_attack_on_binary_features(tmp_path: Path) -> None:
+    from defense_models.__main__ import main
+
+    assert main(["train", "--dataset", "location30", "--preset", "demo", "--epochs", "8", "--defense", "none",
+                 "--quiet", "--out", str(tmp_path / "b")]) == 0  # fmt: skip
+    out = tmp_path / "report"
+    assert main(["audit", "--bundle", str(tmp_path / "b"), "--defense", "rounding", "--shadow-epochs", "8",
+                 "--attacks", "gap", "--label-only", "--label-only-copies", "4", "--out", str(out)]) == 0  # fmt: skip
+    report = json.loads((out / "report.json").read_text())
+    nr = report["attacks"]["noise_robustness"]
+    assert nr["queries_to_target"] == 4 * 2000 and nr["flip_rate"] > 0
+    assert nr["auc"] > 0.5
