@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,7 @@ def _shadow_outputs(manifest: Any, data: Any, parts: dict[str, np.ndarray], conf
     t = manifest.training
     fit_config = FitConfig(**{**t["fit"], "lr_milestones": tuple(t["fit"]["lr_milestones"]), "seed": config.seed})
     if config.shadow_epochs:
-        fit_config = FitConfig(**{**fit_config.__dict__, "epochs": config.shadow_epochs})
+        fit_config = replace(fit_config, epochs=config.shadow_epochs)
     torch.manual_seed(config.seed)
     shadow = build(t["architecture"], data)
     X_in, y_in = torch.from_numpy(data.X[parts["shadow_in"]]), torch.from_numpy(data.y[parts["shadow_in"]])

@@ -15,13 +15,20 @@ def _json(obj: object, status: int = 200) -> Response:
     return Response(dumps(obj), status_code=status, media_type="application/json")
 
 
-async def refresh_upstream(state) -> None:  # type: ignore[no-untyped-def]
-    """Proxy mode: while the upstream is marked down, each readiness check probes it again."""
+async def check_readiness(state) -> str | None:  # type: ignore[no-untyped-def]
+    """Why the gateway is not ready (None when it is), for every readiness route.
+
+    In proxy mode, while the upstream is marked down, each check probes it again. The
+    ``gateway_ready`` gauge follows the answer.
+    """
     probe = getattr(state.runner, "probe", None)
     if not state.upstream_ok and probe is not None and state.ready:
         import asyncio
 
         state.upstream_ok = await asyncio.to_thread(probe)
+    reason: str | None = state.not_ready_reason()
+    state.metrics.ready.set(0 if reason else 1)
+    return reason
 
 
 def charge_budget(state, request: Request, rows: int) -> None:  # type: ignore[no-untyped-def]
@@ -65,9 +72,7 @@ async def healthz(request: Request) -> Response:
 
 async def readyz(request: Request) -> Response:
     state = request.app.state.gateway
-    await refresh_upstream(state)
-    reason = state.not_ready_reason()
-    state.metrics.ready.set(0 if reason else 1)
+    reason = await check_readiness(state)
     if reason is not None:
         return _json({"error": reason}, status=503)
     return _json({"status": "ready", "provider": state.runner.provider, "defense": state.defense.name})

@@ -7,6 +7,7 @@ queue → warm-up → ready. Shutdown: not ready (readiness 503) → queue drain
 from __future__ import annotations
 
 import asyncio
+import copy
 import gc
 import logging
 import time
@@ -120,16 +121,8 @@ def _build(state: GatewayState, runner_factory: RunnerFactory) -> Pipeline:
 
 def _warm_up(pipeline: Pipeline, width: int, max_batch: int) -> None:
     """Run the shapes the batcher will produce once, on throwaway metrics."""
-    probe = Pipeline(
-        pipeline.runner,
-        pipeline.defense,
-        classes=pipeline.classes,
-        output_kind=pipeline.output_kind,
-        on_defense_error=pipeline.on_defense_error,
-        metrics=GatewayMetrics(max_batch_size=max_batch),
-        keyer=pipeline.keyer,
-        device=pipeline.device,
-    )
+    probe = copy.copy(pipeline)
+    probe.metrics = GatewayMetrics(max_batch_size=max_batch)
     for b in sorted({1, max_batch}):
         probe(np.zeros((b, width), dtype=np.float32))
 

@@ -7,7 +7,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway import __version__
-from gateway.api import _json, charge_budget, refresh_upstream, serving_state
+from gateway.api import _json, charge_budget, check_readiness, serving_state
 from gateway.errors import ModelNotFound
 from gateway.schemas import parse_oip_infer, read_json
 
@@ -30,8 +30,7 @@ async def live(request: Request) -> Response:
 
 
 async def ready(request: Request) -> Response:
-    await refresh_upstream(request.app.state.gateway)
-    ok = request.app.state.gateway.not_ready_reason() is None
+    ok = await check_readiness(request.app.state.gateway) is None
     return _json({"ready": ok}, status=200 if ok else 503)
 
 
@@ -57,7 +56,7 @@ async def _metadata(request: Request, model: str, version: str | None) -> Respon
 async def _model_ready(request: Request, model: str, version: str | None) -> Response:
     state = request.app.state.gateway
     _check_model(state, model, version)
-    ok = state.not_ready_reason() is None
+    ok = await check_readiness(state) is None
     return _json({"name": model, "ready": ok}, status=200 if ok else 503)
 
 

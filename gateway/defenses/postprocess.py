@@ -142,5 +142,4 @@ class Gaussian(_Base):
         top = v.argmax(dim=1)
         vl, vt = v.gather(1, labels[:, None]), v.gather(1, top[:, None])
         v = v.scatter(1, top[:, None], vl).scatter(1, labels[:, None], vt)  # swap label <-> max
-        v = _strict_label(v, labels, 1e-9)
-        return _renormalise(v + (v.sum(dim=1, keepdim=True) == 0) * torch.nn.functional.one_hot(labels, C))
+        return _renormalise(_strict_label(v, labels, 1e-9))  # the label's entry is ≥ 1e-9: no all-zero row

@@ -166,8 +166,10 @@ async def test_unreachable_upstream_is_not_ready_until_it_answers(tiny_bundle: P
         r = await client.get("/readyz")
         assert r.status_code == 503 and "upstream" in r.json()["error"]
         assert (await client.get("/healthz")).status_code == 200  # liveness does not depend on the upstream
+        assert (await client.get("/v2/models/tiny/ready")).status_code == 503
         fake.mode = "ok"
-        assert (await client.get("/readyz")).status_code == 200  # re-probed
+        assert (await client.get("/v2/models/tiny/ready")).status_code == 200  # every ready route re-probes
+        assert (await client.get("/readyz")).status_code == 200
     dead = make_settings(tiny_bundle, upstream_url="http://127.0.0.1:9", upstream_retries=0, upstream_timeout_s=0.5)
     async with serving(dead) as (client, _):
         r = await client.post("/predict", json={"instances": rows(1)})
