@@ -306,8 +306,11 @@ def random_split(n_rows: int, seed: int, sizes: dict[str, int] | None = None) ->
     return split
 
 
-def make_split(data: Dataset, name: str, seed: int) -> Split:
-    """``memguard`` (Location30's published split) or ``random`` (seeded)."""
+def make_split(data: Dataset, name: str | None, seed: int) -> Split:
+    """``memguard`` (Location30's published split) or ``random`` (seeded); None picks memguard for
+    Location30 and random otherwise."""
+    if name is None:
+        name = "memguard" if data.name == "location30" else "random"
     if name == "memguard":
         if data.name != "location30":
             raise ValueError("the memguard split exists for location30 only; use --split random")

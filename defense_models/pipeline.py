@@ -77,6 +77,11 @@ def _family(data: Dataset) -> str:
     return "image" if data.image_shape is not None else "tabular"
 
 
+def dataset_and_split(config: TrainConfig) -> tuple[Dataset, Split]:
+    data = load_dataset(config.dataset, Path(config.data_path) if config.data_path else None)
+    return data, make_split(data, config.split, config.seed)
+
+
 def recipe(config: TrainConfig, data: Dataset) -> tuple[str, FitConfig]:
     family = _family(data)
     arch, fit_config = RECIPES.get((family, config.preset)) or RECIPES[(family, "official")]
@@ -94,9 +99,7 @@ class TrainResult:
 def train_bundle(config: TrainConfig, out: Path) -> TrainResult:
     """Train, export and write the bundle."""
     started = time.perf_counter()
-    data = load_dataset(config.dataset, Path(config.data_path) if config.data_path else None)
-    split_name = config.split or ("memguard" if data.name == "location30" else "random")
-    split = make_split(data, split_name, config.seed)
+    data, split = dataset_and_split(config)
     arch, fit_config = recipe(config, data)
 
     def tensors(role: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,9 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from defense_models.data import load_dataset, make_split
 from defense_models.nets import build
-from defense_models.pipeline import TrainConfig, recipe
+from defense_models.pipeline import TrainConfig, dataset_and_split, recipe
 from defense_models.training.loop import accuracy, fit
 from gateway.defenses.classifier import load_weights, save_weights
 
@@ -58,8 +57,7 @@ def in_mask(j: int, pool_size: int, keep: float, seed: int) -> np.ndarray:
 
 def train_shadows(config: TrainConfig, spec: ShadowSpec, out: Path, shard: tuple[int, int] = (0, 1)) -> list[int]:
     """Train the shadows of this shard that are not already in ``out``; return their indices."""
-    data = load_dataset(config.dataset, Path(config.data_path) if config.data_path else None)
-    split = make_split(data, config.split or ("memguard" if data.name == "location30" else "random"), config.seed)
+    data, split = dataset_and_split(config)
     pool = np.concatenate([split.parts[r] for r in spec.pool])  # dataset row indices
     arch, fit_config = recipe(config, data)
     out.mkdir(parents=True, exist_ok=True)
