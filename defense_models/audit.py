@@ -123,7 +123,10 @@ def run_audit(config: AuditConfig) -> dict[str, Any]:
         extra = {"noise_secret": config.noise_secret} if config.noise_secret else {"demo": True}
         predictor = GatewayPredictor.in_process(config.bundle, defense=config.defense, **extra)
     try:
-        rel_in, rel_out = predictor.predict(members_X), predictor.predict(non_X)
+        if predictor is raw:  # undefended: the released vectors are the clean ones
+            rel_in, rel_out = clean_in, clean_out
+        else:
+            rel_in, rel_out = predictor.predict(members_X), predictor.predict(non_X)
         p_in, p_out, shadow_model = _shadow_outputs(m, data, parts, config)
         label_only = None
         if config.label_only and data.binary:
