@@ -3,6 +3,8 @@
 train   --dataset location30 --out DIR [--defense memguard|aeppt|none] [--replacement advreg]
 shadows --dataset location30 --count 64 --shard i/N --out DIR
 export  --model model.onnx --members in.npz --nonmembers out.npz --out DIR
+audit   --bundle DIR [--defense memguard --param epsilon=0.5] [--adaptive] [--label-only] --out REPORT
+sweep   --bundle DIR --defense memguard --param epsilon --values 0.1 0.5 1.0 --out SWEEP  (or --plan FILE.toml)
 info    DIR
 """
 
@@ -82,18 +84,63 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_audit(args: argparse.Namespace) -> int:
-    from defense_models.audit import AuditConfig, run_audit, write_report
+def _audit_config(args: argparse.Namespace, **overrides: Any) -> Any:
+    from defense_models.audit import LABEL_ONLY, VIEWS, AuditConfig
 
-    config = AuditConfig(
-        bundle=Path(args.bundle), defense=args.defense_name, url=args.url, api_key=args.api_key,
-        noise_secret=args.noise_secret, attacks=tuple(args.attacks), adaptive=args.adaptive,
-        shadow_epochs=args.shadow_epochs, label_only=args.label_only, label_only_copies=args.label_only_copies,
-        seed=args.seed,
+    views = VIEWS if args.adaptive else tuple(args.views)
+    label_only = () if args.label_only is None else tuple(args.label_only) or LABEL_ONLY  # bare flag: both
+    return AuditConfig(
+        bundle=Path(args.bundle), url=args.url, api_key=args.api_key, noise_secret=args.noise_secret,
+        attacks=tuple(args.attacks), views=views, label_only=label_only,
+        label_only_rows=args.label_only_rows, label_only_queries=args.label_only_queries,
+        label_only_copies=args.label_only_copies, lira_shadows=Path(args.lira_shadows) if args.lira_shadows else None,
+        round_decimals=args.round_decimals, repeats=args.repeats, shadow_epochs=args.shadow_epochs, seed=args.seed,
+        progress=not args.quiet, **overrides,
     )  # fmt: skip
-    report = run_audit(config)
-    write_report(report, Path(args.out))
+
+
+def _params(pairs: list[str]) -> dict[str, Any]:
+    from defense_models.sweep import parse_value
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--param expects KEY=VALUE, got {pair!r}")
+        out[key] = parse_value(value)
+    return out
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from defense_models.audit import run_audit
+    from defense_models.report import write_report
+
+    result = run_audit(_audit_config(args, defense=args.defense_name, defense_params=_params(args.param)))
+    write_report(result, Path(args.out), plots=not args.no_plots)
     print((Path(args.out) / "report.md").read_text())
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from defense_models.sweep import grid, load_plan, run_sweep
+
+    overrides: dict[str, Any] = {}
+    if args.plan:
+        bundle, overrides, settings = load_plan(Path(args.plan))
+        args.bundle = args.bundle or str(bundle)
+    elif args.bundle and args.defense_name and args.sweep_param and args.values:
+        settings = grid(args.defense_name, args.sweep_param, args.values)
+    else:
+        raise SystemExit("sweep needs --plan FILE, or --bundle, --defense, --param and --values")
+    base = _audit_config(args)
+    for key, value in overrides.items():  # the plan's [audit] table wins over the flags' defaults
+        base = replace(base, **{key: tuple(value) if isinstance(value, list) else value})
+    if base.lira_shadows is not None:
+        base = replace(base, lira_shadows=Path(base.lira_shadows))
+    run_sweep(Path(args.bundle), settings, Path(args.out), base)
+    print((Path(args.out) / "sweep.md").read_text())
     return 0
 
 
@@ -125,6 +172,29 @@ def _add_recipe(p: argparse.ArgumentParser) -> None:
 def _add_defense(p: argparse.ArgumentParser) -> None:
     p.add_argument("--defense", action="append", choices=("memguard", "aeppt", "none", "all"), default=None,
                    help="defender's classifiers to train (repeatable; default: all)")  # fmt: skip
+
+
+def _add_audit(p: argparse.ArgumentParser) -> None:
+    from defense_models.audit import DEFAULT_ATTACKS, LABEL_ONLY, VIEWS
+
+    p.add_argument("--url", help="audit a running gateway at this URL instead")
+    p.add_argument("--api-key", help="bearer key for --url")
+    p.add_argument("--noise-secret", help="in-process: the secret for randomized defenses (default: demo mode)")
+    p.add_argument("--attacks", nargs="+", default=list(DEFAULT_ATTACKS), help="vector attacks")
+    p.add_argument("--views", nargs="+", default=["shadow"], choices=VIEWS,
+                   help="attacker knowledge for the vector attacks (all but shadow need a defense)")  # fmt: skip
+    p.add_argument("--adaptive", action="store_true", help="all views: " + ", ".join(VIEWS))
+    p.add_argument("--label-only", nargs="*", default=None, choices=LABEL_ONLY,
+                   help="label-only attacks that query the target (no names: both)")  # fmt: skip
+    p.add_argument("--label-only-rows", type=int, default=250, help="members (and non-members) they query")
+    p.add_argument("--label-only-queries", type=int, default=200, help="boundary distance: queries per row at most")
+    p.add_argument("--label-only-copies", type=int, default=20, help="noise robustness: copies per row (paper: 100)")
+    p.add_argument("--lira-shadows", help="reference models from `shadows` (runs LiRA online and offline)")
+    p.add_argument("--round-decimals", type=int, default=2, help="view rounded: decimals")
+    p.add_argument("--repeats", type=int, default=5, help="view repeated: queries averaged per record")
+    p.add_argument("--shadow-epochs", type=int, help="override the target recipe's epochs for the shadow model")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,26 +235,26 @@ def main(argv: list[str] | None = None) -> int:
     _add_defense(p)
     p.set_defaults(func=_cmd_export)
 
-    from defense_models.audit import DEFAULT_ATTACKS
-
     p = sub.add_parser("audit", help="attack a bundle (in-process gateway) or a live endpoint (--url)")
     p.add_argument("--bundle", required=True, help="the bundle (its split and dataset define the sets)")
-    p.add_argument("--defense", dest="defense_name", default="none", help="defense of the in-process gateway")
-    p.add_argument("--url", help="audit a running gateway at this URL instead")
-    p.add_argument("--api-key", help="bearer key for --url")
-    p.add_argument("--noise-secret", help="in-process: the secret for randomized defenses (default: demo mode)")
-    p.add_argument("--attacks", nargs="+", default=list(DEFAULT_ATTACKS))
-    p.add_argument("--adaptive", action="store_true", help="defend the shadow outputs too (defense-aware attacker)")
-    p.add_argument("--shadow-epochs", type=int, help="override the target recipe's epochs for the shadow model")
-    p.add_argument(
-        "--label-only",
-        action="store_true",
-        help="also run the label-only noise-robustness attack (binary features; queries the target)",
-    )
-    p.add_argument("--label-only-copies", type=int, default=20, help="perturbed copies per row (paper: 100)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="directory for report.json and report.md")
+    p.add_argument("--defense", dest="defense_name", default="none",
+                   help="defense of the in-process gateway (and of the adaptive attacker's copy)")  # fmt: skip
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="defense parameter, repeatable (e.g. epsilon=0.5, decimals=2, step_size=1e-4)")  # fmt: skip
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    _add_audit(p)
+    p.add_argument("--out", required=True, help="directory for report.md, report.json, scores.npz and plots")
     p.set_defaults(func=_cmd_audit)
+
+    p = sub.add_parser("sweep", help="audit many settings: accuracy-vs-budget curves and comparison tables")
+    p.add_argument("--plan", help="TOML plan: bundle, [audit] options and [[setting]] entries")
+    p.add_argument("--bundle", help="bundle (a plan's own bundle otherwise)")
+    p.add_argument("--defense", dest="defense_name", help="with --param/--values: the defense to sweep")
+    p.add_argument("--param", dest="sweep_param", help="the parameter to sweep (e.g. epsilon, step_size)")
+    p.add_argument("--values", nargs="+", help="its values")
+    _add_audit(p)
+    p.add_argument("--out", required=True, help="directory for sweep.md, sweep.json, sweep.png and each report")
+    p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("info", help="verify a bundle and print its manifest")
     p.add_argument("bundle")

@@ -1,208 +1,431 @@
-"""Audit a bundle or a deployment: attacks × one predictor → report.json and report.md.
+"""Audit a bundle or a deployment: attacks × attacker knowledge × one predictor → a report.
 
 The bundle's ``split.npz`` rebuilds the sets: evaluation members (the target's training rows) against
 evaluation non-members the defender's classifiers never saw; the attacker's shadow model trains with
-the target's recipe on the shadow split (MemGuard's set-up). With ``adaptive``, the shadow outputs go
-through the same defense before the attacks learn from them (an attacker who knows the defense).
-Every defended result is printed next to the label-only floor 0.5 + (train_acc − test_acc)/2.
+the target's recipe on the shadow split (MemGuard's set-up).
+
+Three families of attacks:
+
+* vector attacks (``defense_models.attacks`` registry) learn from released vectors. They run once per
+  attacker *view* (what the attacker knows, ``VIEWS``): shadow outputs as they are; shadow outputs
+  through the same defense (adaptive); the endpoint's own outputs on half of the evaluation members
+  and non-members (known records, scored on the other half); rounding before attacking; averaging
+  repeated queries (jittered, so each copy has its own noise key).
+* label-only attacks (``label_only``) query the endpoint and read labels only: noise robustness
+  (binary features) and boundary distance (HopSkipJump), each within a query budget per row.
+* LiRA (``lira_shadows``): reference models from ``python -m defense_models shadows`` on the
+  evaluation pool, online and offline.
+
+Every defended result is reported next to the label-only floor 0.5 + (train_acc − test_acc)/2.
 """
 
 from __future__ import annotations
 
-import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from defense_models.attacks import AttackData, available_attacks, create_attack
 from defense_models.data import load_dataset
 from defense_models.nets import build, predict_logits
 from defense_models.predictors import GatewayPredictor, Predictor, RawOnnxPredictor
-from defense_models.scoring import accuracy, gap_floor, l1_stats, label_loss, score_attack
+from defense_models.scoring import (
+    accuracy,
+    balanced_accuracy_at,
+    best_threshold,
+    gap_floor,
+    l1_stats,
+    label_loss,
+    score_attack,
+)
 from defense_models.training.loop import FitConfig, fit
 from gateway.artifacts import load_bundle
 
 DEFAULT_ATTACKS = ("gap", "confidence", "entropy", "modified_entropy", "nn_sorted", "shokri", "inference_model")
+#: Attacks that read the released confidence values (all but the gap attack's label check): the
+#: issue's "confidence-based" goal applies to these.
+CONFIDENCE_BASED = frozenset(DEFAULT_ATTACKS) - {"gap"}
+#: What the attacker knows. ``shadow`` always runs; the others need a defense (``--adaptive``).
+VIEWS = ("shadow", "adaptive", "known", "rounded", "repeated")
+LABEL_ONLY = ("noise_robustness", "boundary_distance")
+#: Per-class accuracies only for classes with at least this many members and non-members.
+PER_CLASS_MIN_ROWS = 10
 
 
 @dataclass
 class AuditConfig:
     bundle: Path
     defense: str = "none"
+    defense_params: dict[str, Any] = field(default_factory=dict)  # e.g. {"epsilon": 0.5}
     url: str | None = None  # audit a running deployment instead of the in-process gateway
     api_key: str | None = None
     noise_secret: str | None = None  # in-process only; needed for randomized defenses outside --demo
     attacks: tuple[str, ...] = DEFAULT_ATTACKS
-    adaptive: bool = False
-    #: Also run the label-only noise-robustness attack (binary features only); it queries the target
-    #: with ``label_only_copies`` perturbed copies of every evaluation row.
-    label_only: bool = False
-    label_only_copies: int = 20
+    views: tuple[str, ...] = ("shadow",)
+    #: Label-only attacks to run (they query the target: ``label_only_rows`` members and as many
+    #: non-members, ``label_only_queries`` queries per row at most).
+    label_only: tuple[str, ...] = ()
+    label_only_rows: int = 250
+    label_only_queries: int = 200
+    label_only_copies: int = 20  # noise robustness: perturbed copies per row
+    lira_shadows: Path | None = None  # reference models from `defense_models shadows`
+    known_fraction: float = 0.5  # view "known": share of evaluation records the attacker knows
+    round_decimals: int = 2  # view "rounded"
+    repeats: int = 5  # view "repeated": queries averaged per record
+    jitter: float = 1e-4  # view "repeated": uniform input jitter making each copy a new query
     shadow_epochs: int | None = None  # override the target recipe's epochs for the shadow model
     attack_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     seed: int = 0
+    progress: bool = True
 
 
-def _shadow_outputs(manifest: Any, data: Any, parts: dict[str, np.ndarray], config: AuditConfig) -> tuple[Any, ...]:
-    """Train the attacker's shadow model with the target's recipe on shadow_in; its outputs on
-    shadow_in/out, and the model itself (for query-based attacks)."""
+@dataclass
+class AuditResult:
+    """The report (JSON-ready) and the arrays its plots need."""
+
+    report: dict[str, Any]
+    scores: dict[str, tuple[np.ndarray, np.ndarray]]  # "view/attack" -> (member scores [M], non-member scores [N])
+    clean: tuple[np.ndarray, np.ndarray]  # undefended vectors on members, non-members
+    released: tuple[np.ndarray, np.ndarray]
+    labels: tuple[np.ndarray, np.ndarray]
+
+
+@dataclass
+class _Sets:
+    data: Any
+    parts: dict[str, np.ndarray]
+
+    def rows(self, role: str) -> tuple[np.ndarray, np.ndarray]:
+        return self.data.X[self.parts[role]], self.data.y[self.parts[role]]
+
+
+# --- the attacker's models and its copy of the defense -----------------------------------------------
+def _shadow_model(manifest: Any, sets: _Sets, config: AuditConfig) -> torch.nn.Module:
+    """The attacker's shadow model, trained with the target's recipe on shadow_in."""
     t = manifest.training
     fit_config = FitConfig(**{**t["fit"], "lr_milestones": tuple(t["fit"]["lr_milestones"]), "seed": config.seed})
     if config.shadow_epochs:
         fit_config = replace(fit_config, epochs=config.shadow_epochs)
     torch.manual_seed(config.seed)
-    shadow = build(t["architecture"], data)
-    X_in, y_in = torch.from_numpy(data.X[parts["shadow_in"]]), torch.from_numpy(data.y[parts["shadow_in"]])
-    fit(shadow, X_in, y_in, fit_config)
-    p_in = torch.softmax(predict_logits(shadow, X_in).double(), 1).numpy()
-    p_out = torch.softmax(predict_logits(shadow, torch.from_numpy(data.X[parts["shadow_out"]])).double(), 1).numpy()
-    return p_in, p_out, shadow
+    shadow = build(t["architecture"], sets.data)
+    X, y = sets.rows("shadow_in")
+    fit(shadow, torch.from_numpy(X), torch.from_numpy(y), fit_config, progress=config.progress, desc="shadow model")
+    return shadow.eval()
 
 
-def _defend(bundle: Any, name: str, probs: np.ndarray) -> np.ndarray:
-    """The adaptive attacker's copy of the defense, applied to its own shadow outputs."""
-    from gateway.defenses import create_defense
-    from gateway.defenses._keyed import RowKeyer
+def _softmax_predict(model: torch.nn.Module) -> Callable[[np.ndarray], np.ndarray]:
+    def predict(X: np.ndarray) -> np.ndarray:
+        return torch.softmax(predict_logits(model, torch.from_numpy(np.asarray(X, np.float32))).double(), 1).numpy()
 
-    defense = create_defense(name, bundle, {}, torch.device("cpu"))
-    keys = torch.from_numpy(RowKeyer(b"attacker's own secret", b"shadow").digests(probs.astype(np.float32)))
-    p = torch.from_numpy(probs)
-    return defense.defend(p, torch.log(p.clamp_min(1e-30)).float(), keys).double().numpy()
+    return predict
 
 
-def _noise_robustness(config: AuditConfig, predictor: Predictor, shadow: torch.nn.Module, data: Any,
-                      parts: dict[str, np.ndarray]) -> dict[str, Any]:  # fmt: skip
-    from defense_models.attacks.label_only import NoiseRobustnessAttack
+class _AttackerDefense:
+    """The adaptive attacker's own copy of the defense (same bundle and parameters, its own secret)."""
 
-    def shadow_predict(X: np.ndarray) -> np.ndarray:
-        return torch.softmax(predict_logits(shadow, torch.from_numpy(X)).double(), 1).numpy()
+    def __init__(self, bundle: Any, name: str, params: dict[str, Any]) -> None:
+        from gateway.defenses import create_defense
 
-    attack = NoiseRobustnessAttack(copies=config.label_only_copies, seed=config.seed)
+        self._defense = create_defense(name, bundle, params, torch.device("cpu"))
+
+    def __call__(self, probs: np.ndarray, secret: bytes = b"attacker's own secret") -> np.ndarray:
+        from gateway.defenses._keyed import RowKeyer
+
+        keys = torch.from_numpy(RowKeyer(secret, b"shadow").digests(probs.astype(np.float32)))
+        p = torch.from_numpy(probs)
+        return self._defense.defend(p, torch.log(p.clamp_min(1e-30)).float(), keys).double().numpy()
+
+
+def round_vectors(probs: np.ndarray, decimals: int) -> np.ndarray:
+    """The "rounded" attacker's pre-processing: round to ``decimals`` and renormalise (rows that round
+    to all zeros stay as they were)."""
+    r = np.round(probs, decimals)
+    s = r.sum(axis=1, keepdims=True)
+    return np.where(s > 0, r / np.where(s > 0, s, 1), probs)
+
+
+# --- views: what each attacker trains on and what it scores -----------------------------------------
+_Arrays = tuple[np.ndarray, np.ndarray]  # (members' rows, non-members' rows)
+
+
+def _views(config: AuditConfig, predictor: Predictor, defend: _AttackerDefense | None, sets: _Sets,
+           shadow_p: _Arrays, released: _Arrays) -> dict[str, Any]:  # fmt: skip
+    """view name -> (attacker's training pair, evaluation pair, note)."""
+    y_sin, y_sout = sets.data.y[sets.parts["shadow_in"]], sets.data.y[sets.parts["shadow_out"]]
+    y_in, y_out = sets.data.y[sets.parts["target_train"]], sets.data.y[sets.parts["eval_nonmember"]]
+    target = (AttackData(released[0], y_in), AttackData(released[1], y_out))
+    views: dict[str, Any] = {}
+    if "shadow" in config.views:
+        views["shadow"] = ((AttackData(shadow_p[0], y_sin), AttackData(shadow_p[1], y_sout)), target,
+                           "shadow model's outputs as they are")  # fmt: skip
+    if defend is None:
+        return views
+    defended = (defend(shadow_p[0]), defend(shadow_p[1]))
+    adaptive = (AttackData(defended[0], y_sin), AttackData(defended[1], y_sout))
+    if "adaptive" in config.views:
+        views["adaptive"] = (adaptive, target, "shadow outputs passed through the same defense")
+    if "known" in config.views:
+        rng = np.random.default_rng(config.seed)
+        k_in = rng.random(len(y_in)) < config.known_fraction  # the records the attacker knows
+        k_out = rng.random(len(y_out)) < config.known_fraction
+        train = (AttackData(released[0][k_in], y_in[k_in]), AttackData(released[1][k_out], y_out[k_out]))
+        test = (AttackData(released[0][~k_in], y_in[~k_in]), AttackData(released[1][~k_out], y_out[~k_out]))
+        views["known"] = (train, test, f"endpoint's outputs on {config.known_fraction:.0%} of the evaluation "
+                          "records, scored on the rest")  # fmt: skip
+    if "rounded" in config.views:
+        d = config.round_decimals
+        views["rounded"] = (
+            tuple(AttackData(round_vectors(a.probs, d), a.labels) for a in adaptive),
+            tuple(AttackData(round_vectors(a.probs, d), a.labels) for a in target),
+            f"adaptive, every vector rounded to {d} decimals first",
+        )
+    if "repeated" in config.views:
+        rng = np.random.default_rng(config.seed + 1)
+        r = config.repeats
+        X_in, X_out = sets.rows("target_train")[0], sets.rows("eval_nonmember")[0]
+
+        def averaged(X: np.ndarray) -> np.ndarray:
+            jittered = np.repeat(X, r, axis=0) + rng.uniform(-config.jitter, config.jitter, (len(X) * r, X.shape[1]))
+            return predictor.predict(jittered.astype(np.float32)).reshape(len(X), r, -1).mean(axis=1)
+
+        def shadow_averaged(p: np.ndarray) -> np.ndarray:
+            return np.mean([defend(p, secret=f"copy {i}".encode()) for i in range(r)], axis=0)
+
+        views["repeated"] = (
+            (AttackData(shadow_averaged(shadow_p[0]), y_sin), AttackData(shadow_averaged(shadow_p[1]), y_sout)),
+            (AttackData(averaged(X_in), y_in), AttackData(averaged(X_out), y_out)),
+            f"{r} queries per record, inputs jittered by ±{config.jitter:g} so each copy gets its own noise key",
+        )
+    return views
+
+
+def _per_class(members: np.ndarray, nonmembers: np.ndarray, y_in: np.ndarray, y_out: np.ndarray,
+               tau: float) -> dict[int, float]:  # fmt: skip
+    out = {}
+    for c in np.union1d(y_in, y_out):
+        m, n = members[y_in == c], nonmembers[y_out == c]
+        if min(m.size, n.size) >= PER_CLASS_MIN_ROWS:
+            out[int(c)] = balanced_accuracy_at(m, n, tau)
+    return out
+
+
+# --- label-only and reference-model attacks ------------------------------------------------------------
+def _label_only(config: AuditConfig, name: str, predictor: Predictor, shadow: torch.nn.Module, sets: _Sets,
+                lo_hi: tuple[float, float]) -> tuple[dict[str, Any], tuple[np.ndarray, np.ndarray]]:  # fmt: skip
+    from defense_models.attacks.label_only import BoundaryDistanceAttack, NoiseRobustnessAttack
+
+    n = config.label_only_rows
     rows = {
-        r: (data.X[parts[r]], data.y[parts[r]]) for r in ("shadow_in", "shadow_out", "target_train", "eval_nonmember")
+        r: tuple(a[:n] for a in sets.rows(r)) for r in ("shadow_in", "shadow_out", "target_train", "eval_nonmember")
     }
-    attack.fit(shadow_predict, *rows["shadow_in"], *rows["shadow_out"])
-    shadow_scores = (
-        attack.score(shadow_predict, *rows["shadow_in"]),
-        attack.score(shadow_predict, *rows["shadow_out"]),
-    )
-    queries_before = attack.queries
-    scores = score_attack(attack.score(predictor.predict, *rows["target_train"]),
-                          attack.score(predictor.predict, *rows["eval_nonmember"]), shadow=shadow_scores)  # fmt: skip
-    return {**scores.as_dict(), "flip_rate": attack.flip, "queries_to_target": attack.queries - queries_before}
+    shadow_predict = _softmax_predict(shadow)
+    attack: Any
+    if name == "noise_robustness":
+        attack = NoiseRobustnessAttack(copies=config.label_only_copies, seed=config.seed)
+        attack.fit(shadow_predict, *rows["shadow_in"], *rows["shadow_out"])
+        calib = attack.score(shadow_predict, *rows["shadow_in"]), attack.score(shadow_predict, *rows["shadow_out"])
+        extra: dict[str, Any] = {"flip_rate": attack.flip}
+    else:
+        attack = BoundaryDistanceAttack(
+            max_queries=config.label_only_queries, lo=lo_hi[0], hi=lo_hi[1], seed=config.seed
+        )
+        calib = attack.fit(shadow_predict, *rows["shadow_in"], *rows["shadow_out"])
+        extra = {"max_queries_per_row": attack.max_queries}
+    before = attack.queries
+    s = attack.score(predictor.predict, *rows["target_train"]), attack.score(predictor.predict, *rows["eval_nonmember"])
+    spent = attack.queries - before
+    return {**score_attack(*s, shadow=calib).as_dict(), **extra, "queries_to_target": spent,
+            "queries_per_row": spent / (2 * len(rows["target_train"][1]))}, s  # fmt: skip
 
 
-def run_audit(config: AuditConfig) -> dict[str, Any]:
+def _lira(config: AuditConfig, sets: _Sets, released: _Arrays,
+          defend: _AttackerDefense | None) -> dict[str, tuple[dict[str, Any], _Arrays]]:  # fmt: skip
+    from defense_models.attacks.lira import Lira, logit_confidence
+    from defense_models.shadows import load_shadows
+
+    assert config.lira_shadows is not None
+    refs = load_shadows(config.lira_shadows, sets.data)
+    if len(refs) < 4:
+        raise ValueError(f"LiRA needs at least 4 reference models in {config.lira_shadows}, found {len(refs)}")
+    pool = np.asarray(refs[0][1]["pool_rows"])
+    position = {int(r): i for i, r in enumerate(pool)}
+    members, nonmembers = sets.parts["target_train"], sets.parts["eval_nonmember"]
+    missing = [r for r in np.concatenate([members, nonmembers]) if int(r) not in position]
+    if missing or refs[0][1]["dataset_sha256"] != sets.data.sha256:
+        raise ValueError(
+            "the reference models were not trained on this bundle's evaluation records "
+            "(train them with `defense_models shadows` and the bundle's dataset, split and seed)"
+        )
+    idx = np.array([position[int(r)] for r in np.concatenate([members, nonmembers])])
+    X, y = sets.data.X[pool], sets.data.y[pool]
+    phi, masks = [], []
+    for model, meta in tqdm(refs, desc="LiRA references", disable=not config.progress, leave=False):
+        p = _softmax_predict(model.eval())(X)
+        if defend is not None:  # the adaptive attacker defends its reference outputs too
+            p = defend(p)
+        phi.append(logit_confidence(p, y)[idx])
+        masks.append(np.asarray(meta["in_mask"], bool)[idx])
+    phi_refs, in_refs = np.stack(phi), np.stack(masks)  # [K, N_members + N_nonmembers]
+    y_eval = sets.data.y[np.concatenate([members, nonmembers])]
+    target_phi = logit_confidence(np.concatenate(released), y_eval)
+    out = {}
+    for online in (True, False):
+        attack = Lira(online=online)
+        attack.fit(phi_refs, in_refs)
+        s = attack.score(target_phi)
+        pair = s[: len(members)], s[len(members) :]
+        calib = Lira.leave_one_out(phi_refs, in_refs, online)
+        out["lira_online" if online else "lira_offline"] = (
+            {**score_attack(*pair, shadow=calib).as_dict(), "reference_models": len(refs)},
+            pair,
+        )
+    return out
+
+
+# --- the audit ------------------------------------------------------------------------------------------
+def _open_predictor(config: AuditConfig, raw: RawOnnxPredictor) -> Predictor:
+    if config.url:
+        return GatewayPredictor.over_http(config.url, api_key=config.api_key)
+    if config.defense == "none" and not config.defense_params:
+        return raw
+    extra = {"noise_secret": config.noise_secret} if config.noise_secret else {"demo": True}
+    return GatewayPredictor.in_process(config.bundle, defense=config.defense, defense_params=config.defense_params,
+                                       log_level="warning", **extra)  # fmt: skip
+
+
+def _summary(results: dict[str, dict[str, Any]], floor: float) -> dict[str, Any]:
+    """Best attacks and the issue's goals, judged on shadow-threshold balanced accuracy."""
+
+    def best(keys: list[str]) -> dict[str, Any] | None:
+        if not keys:
+            return None
+        k = max(keys, key=lambda k: results[k]["balanced_accuracy"])
+        return {"attack": k, "balanced_accuracy": results[k]["balanced_accuracy"], "auc": results[k]["auc"]}
+
+    confidence_based = [k for k in results if k.split("/")[-1] in CONFIDENCE_BASED or "lira" in k]
+    max_tpr = max((results[k]["tpr_at_01pct_fpr"] for k in results), default=0.0)
+    worst = best(confidence_based)
+    return {
+        "best_attack": best(list(results)),
+        "best_confidence_based": worst,
+        "confidence_based_within_1pt_of_floor": worst is None or worst["balanced_accuracy"] <= floor + 0.01,
+        "max_tpr_at_01pct_fpr": max_tpr,
+    }
+
+
+def run_audit(config: AuditConfig) -> AuditResult:
     started = time.perf_counter()
     bundle = load_bundle(config.bundle)
     m = bundle.manifest
     t = m.training
     if "split" not in t or "split.npz" not in m.files:
         raise ValueError("this bundle has no recorded split; audit bundles written by `defense_models train`")
+    unknown = [a for a in config.attacks if a not in available_attacks()]
+    unknown += [a for a in config.label_only if a not in LABEL_ONLY]
+    unknown += [v for v in config.views if v not in VIEWS]
+    if unknown:
+        raise ValueError(f"unknown attack or view {unknown}; attacks: {available_attacks()}, label-only: "
+                         f"{list(LABEL_ONLY)}, views: {list(VIEWS)}")  # fmt: skip
     data_path = t["config"].get("data_path")
     data = load_dataset(t["config"]["dataset"], Path(data_path) if data_path else None)
     if data.sha256 != t["dataset"]["sha256"]:
         raise ValueError("the dataset on disk differs from the one the bundle was trained on (sha256 mismatch)")
     with np.load(bundle.path("split.npz")) as f:
-        parts = {k: f[k] for k in f.files}
-    members_X, members_y = data.X[parts["target_train"]], data.y[parts["target_train"]]
-    non_X, non_y = data.X[parts["eval_nonmember"]], data.y[parts["eval_nonmember"]]
+        sets = _Sets(data, {k: f[k] for k in f.files})
+    (X_in, y_in), (X_out, y_out) = sets.rows("target_train"), sets.rows("eval_nonmember")
+    defended = config.defense != "none" or config.url is not None
+    defend = _AttackerDefense(bundle, config.defense, config.defense_params) if config.defense != "none" else None
 
     raw = RawOnnxPredictor(config.bundle)
-    clean_in, clean_out = raw.predict(members_X), raw.predict(non_X)
-    predictor: Predictor
-    if config.url:
-        predictor = GatewayPredictor.over_http(config.url, api_key=config.api_key)
-    elif config.defense == "none":
-        predictor = raw
-    else:
-        extra = {"noise_secret": config.noise_secret} if config.noise_secret else {"demo": True}
-        predictor = GatewayPredictor.in_process(config.bundle, defense=config.defense, **extra)
+    clean = raw.predict(X_in), raw.predict(X_out)
+    predictor = _open_predictor(config, raw)
+    results: dict[str, dict[str, Any]] = {}
+    scores: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    notes: dict[str, str] = {}
+    per_class: dict[str, dict[int, float]] = {}
+    repeat_proof = None
     try:
-        if predictor is raw:  # undefended: the released vectors are the clean ones
-            rel_in, rel_out = clean_in, clean_out
-        else:
-            rel_in, rel_out = predictor.predict(members_X), predictor.predict(non_X)
-        p_in, p_out, shadow_model = _shadow_outputs(m, data, parts, config)
-        label_only = None
-        if config.label_only and data.binary:
-            label_only = _noise_robustness(config, predictor, shadow_model, data, parts)
+        released = clean if predictor is raw else (predictor.predict(X_in), predictor.predict(X_out))
+        if predictor is not raw:  # the same queries again: keyed noise must give the same answers
+            again = predictor.predict(X_in[:200])
+            repeat_proof = float((np.abs(again - released[0][:200]).max(axis=1) == 0).mean())
+        shadow = _shadow_model(m, sets, config)
+        predict_shadow = _softmax_predict(shadow)
+        shadow_p = predict_shadow(sets.rows("shadow_in")[0]), predict_shadow(sets.rows("shadow_out")[0])
+        views = _views(config, predictor, defend, sets, shadow_p, released)
+        for name in config.label_only:
+            if name == "noise_robustness" and not data.binary:
+                continue  # it flips binary features
+            key = f"label-only/{name}"
+            results[key], scores[key] = _label_only(config, name, predictor, shadow, sets,
+                                                    (float(data.X.min()), float(data.X.max())))  # fmt: skip
+            notes["label-only"] = "label queries only, within a per-row query budget"
     finally:
         close = getattr(predictor, "close", None)
-        if close is not None:
+        if close is not None and predictor is not raw:
             close()
 
-    if config.adaptive and config.defense != "none":
-        p_in, p_out = _defend(bundle, config.defense, p_in), _defend(bundle, config.defense, p_out)
-    shadow = (AttackData(p_in, data.y[parts["shadow_in"]]), AttackData(p_out, data.y[parts["shadow_out"]]))
-    target = (AttackData(rel_in, members_y), AttackData(rel_out, non_y))
+    bar = tqdm(total=len(views) * len(config.attacks), desc="attacks", disable=not config.progress, leave=False)
+    for view, (train, test, note) in views.items():
+        notes[view] = note
+        for name in config.attacks:
+            bar.set_postfix_str(f"{view}/{name}")
+            t0 = time.perf_counter()
+            attack = create_attack(name, **config.attack_options.get(name, {}))
+            attack.fit(*train)
+            calib = (attack.score(train[0]), attack.score(train[1]))
+            pair = attack.score(test[0]), attack.score(test[1])
+            s = score_attack(*pair, shadow=calib)
+            key = f"{view}/{name}"
+            results[key] = {**s.as_dict(), "seconds": round(time.perf_counter() - t0, 1)}
+            scores[key] = pair
+            per_class[key] = _per_class(*pair, test[0].labels, test[1].labels, best_threshold(*calib)[0])
+            bar.update()
+    bar.close()
+    if config.lira_shadows is not None:
+        for key, (res, pair) in _lira(config, sets, released, defend).items():
+            results[f"reference/{key}"], scores[f"reference/{key}"] = res, pair
+        notes["reference"] = "LiRA on reference models trained on random halves of the evaluation pool"
 
-    train_acc, test_acc = accuracy(rel_in, members_y), accuracy(rel_out, non_y)
+    train_acc, test_acc = accuracy(released[0], y_in), accuracy(released[1], y_out)
     floor = gap_floor(train_acc, test_acc)
-    results = {}
-    for name in config.attacks:
-        attack = create_attack(name, **config.attack_options.get(name, {}))
-        attack.fit(*shadow)
-        shadow_scores = (attack.score(shadow[0]), attack.score(shadow[1]))
-        results[name] = score_attack(attack.score(target[0]), attack.score(target[1]), shadow=shadow_scores).as_dict()
-    if label_only is not None:
-        results["noise_robustness"] = label_only
-    both_clean, both_released = np.concatenate([clean_in, clean_out]), np.concatenate([rel_in, rel_out])
-    return {
-        "bundle": {"name": m.name, "version": m.version},
+    both_clean, both_released = np.concatenate(clean), np.concatenate(released)
+    report = {
+        "bundle": {"name": m.name, "version": m.version, "replacement": t.get("replacement", {}).get("kind")},
         "target": config.url or f"in-process gateway ({config.defense})",
         "defense": config.defense,
-        "adaptive": config.adaptive,
+        "defense_params": config.defense_params,
+        "defended": defended,
+        "views": notes,
         "utility": {
             "train_accuracy": train_acc,
             "test_accuracy": test_acc,
+            "undefended_test_accuracy": accuracy(clean[1], y_out),
             "label_only_floor": floor,
             "label_loss": label_loss(both_released, both_clean),
             "l1": l1_stats(both_released, both_clean),
-            "l1_members": l1_stats(rel_in, clean_in),
-            "l1_nonmembers": l1_stats(rel_out, clean_out),
+            "l1_members": l1_stats(released[0], clean[0]),
+            "l1_nonmembers": l1_stats(released[1], clean[1]),
+            "exact_repeats_identical": repeat_proof,
         },
         "attacks": results,
+        "per_class_balanced_accuracy": per_class,
+        "summary": _summary(results, floor),
         "sets": {
-            "members": len(members_y),
-            "nonmembers": len(non_y),
-            "shadow_in": len(shadow[0]),
-            "shadow_out": len(shadow[1]),
+            "members": len(y_in),
+            "nonmembers": len(y_out),
+            "shadow_in": len(sets.parts["shadow_in"]),
+            "shadow_out": len(sets.parts["shadow_out"]),
         },
         "seconds": round(time.perf_counter() - started, 1),
     }
+    return AuditResult(report, scores, clean, released, (y_in, y_out))
 
 
-def write_report(report: dict[str, Any], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    u = report["utility"]
-    lines = [
-        f"# Membership-inference audit: {report['bundle']['name']} {report['bundle']['version']}",
-        "",
-        f"Target: {report['target']}; defense `{report['defense']}`"
-        f"{' (adaptive attacker: shadow outputs defended too)' if report['adaptive'] else ''}.",
-        f"Test accuracy {u['test_accuracy']:.4f} (train {u['train_accuracy']:.4f}); label loss {u['label_loss']:.4f}; "
-        f"mean L1 {u['l1']['mean']:.4f} (members {u['l1_members']['mean']:.4f}, non-members "
-        f"{u['l1_nonmembers']['mean']:.4f}).",
-        f"**Label-only floor: {u['label_only_floor']:.4f}** = 0.5 + (train − test)/2: no label-preserving defense "
-        "can push an attack below it.",
-        "",
-        "| attack | balanced acc. (shadow τ) | oracle | AUC | TPR@1% FPR | TPR@0.1% FPR | vs floor |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for name, s in report["attacks"].items():
-        lines.append(
-            f"| {name} | {s['balanced_accuracy']:.4f} | {s['oracle_balanced_accuracy']:.4f} | {s['auc']:.4f} | "
-            f"{s['tpr_at_1pct_fpr']:.4f} | {s['tpr_at_01pct_fpr']:.4f} | "
-            f"{s['balanced_accuracy'] - u['label_only_floor']:+.4f} |"
-        )
-    lines += ["", f"Sets: {report['sets']}. TPR@0.1% FPR resolves 1/{report['sets']['nonmembers']}.", ""]
-    (out / "report.md").write_text("\n".join(lines))
-
-
-__all__ = ["DEFAULT_ATTACKS", "AuditConfig", "available_attacks", "run_audit", "write_report"]
+__all__ = ["DEFAULT_ATTACKS", "LABEL_ONLY", "VIEWS", "AuditConfig", "AuditResult", "available_attacks", "run_audit"]

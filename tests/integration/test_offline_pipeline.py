@@ -164,31 +164,103 @@ def test_cli_train_with_advreg_replacement(tabular: Path, tmp_path: Path, quick:
 
 def test_audit_runs_attacks_and_writes_reports(tabular: Path, tmp_path: Path, quick: None) -> None:
     from defense_models.__main__ import main
+    from defense_models.report import PLOTS
 
     assert main(["train", "--dataset", "tabular", "--data", str(tabular), "--preset", "demo", "--quiet",
                  "--out", str(tmp_path / "b")]) == 0  # fmt: skip
     for defense in ("none", "memguard"):
         out = tmp_path / f"report-{defense}"
         args = ["audit", "--bundle", str(tmp_path / "b"), "--defense", defense, "--shadow-epochs", "5",
-                "--attacks", "gap", "confidence", "entropy", "--out", str(out)]  # fmt: skip
-        assert main(args + (["--adaptive"] if defense != "none" else [])) == 0
+                "--attacks", "gap", "confidence", "entropy", "--quiet", "--out", str(out)]  # fmt: skip
+        assert main(args + (["--adaptive", "--param", "epsilon=0.5"] if defense != "none" else [])) == 0
         report = json.loads((out / "report.json").read_text())
         u = report["utility"]
-        assert u["label_loss"] == 0.0 and set(report["attacks"]) == {"gap", "confidence", "entropy"}
-        assert report["attacks"]["gap"]["oracle_balanced_accuracy"] == pytest.approx(u["label_only_floor"])
+        views = ["shadow"] if defense == "none" else ["shadow", "adaptive", "known", "rounded", "repeated"]
+        assert list(report["views"]) == views
+        assert set(report["attacks"]) == {f"{v}/{a}" for v in views for a in ("gap", "confidence", "entropy")}
+        assert u["label_loss"] == 0.0
+        assert report["attacks"]["shadow/gap"]["oracle_balanced_accuracy"] == pytest.approx(u["label_only_floor"])
         assert (u["l1"]["mean"] == 0) == (defense == "none")
         assert "Label-only floor" in (out / "report.md").read_text()
+        for plot in PLOTS:
+            assert (out / plot).stat().st_size > 5_000, plot  # a real figure, not an empty file
+        with np.load(out / "scores.npz") as f:
+            assert f["shadow/confidence/members"].shape == (report["sets"]["members"],)
+        if defense == "memguard":
+            assert report["defense_params"] == {"epsilon": 0.5}
+            assert u["exact_repeats_identical"] == 1.0  # keyed noise: an exact repeat gets the same answer
+            assert u["l1"]["mean"] <= 0.5 + 0.1  # ε bounds the expected L1
 
 
-def test_audit_label_only_attack_on_binary_features(tmp_path: Path) -> None:
+def test_audit_label_only_and_lira_attacks(tmp_path: Path) -> None:
     from defense_models.__main__ import main
 
-    assert main(["train", "--dataset", "location30", "--preset", "demo", "--epochs", "8", "--defense", "none",
-                 "--quiet", "--out", str(tmp_path / "b")]) == 0  # fmt: skip
+    recipe = ["--dataset", "location30", "--preset", "demo", "--epochs", "8", "--quiet"]
+    assert main(["train", *recipe, "--defense", "none", "--out", str(tmp_path / "b")]) == 0
+    assert main(["shadows", *recipe, "--count", "4", "--out", str(tmp_path / "refs")]) == 0
     out = tmp_path / "report"
-    assert main(["audit", "--bundle", str(tmp_path / "b"), "--defense", "rounding", "--shadow-epochs", "8",
-                 "--attacks", "gap", "--label-only", "--label-only-copies", "4", "--out", str(out)]) == 0  # fmt: skip
+    assert main(["audit", "--bundle", str(tmp_path / "b"), "--defense", "rounding", "--param", "decimals=1",
+                 "--shadow-epochs", "8", "--attacks", "gap", "--label-only", "--label-only-rows", "60",
+                 "--label-only-copies", "4", "--label-only-queries", "80", "--lira-shadows", str(tmp_path / "refs"),
+                 "--quiet", "--no-plots", "--out", str(out)]) == 0  # fmt: skip
     report = json.loads((out / "report.json").read_text())
-    nr = report["attacks"]["noise_robustness"]
-    assert nr["queries_to_target"] == 4 * 2000 and nr["flip_rate"] > 0
-    assert nr["auc"] > 0.5
+    nr = report["attacks"]["label-only/noise_robustness"]
+    assert nr["queries_to_target"] == 4 * 120 and nr["flip_rate"] > 0 and nr["n_members"] == 60
+    bd = report["attacks"]["label-only/boundary_distance"]
+    assert bd["queries_per_row"] <= 80 and bd["auc"] > 0.5
+    for key in ("reference/lira_online", "reference/lira_offline"):
+        assert report["attacks"][key]["reference_models"] == 4
+        assert report["attacks"][key]["auc"] > 0.55, report["attacks"][key]
+
+
+def test_sweep_plan_writes_the_table_and_the_curves(tabular: Path, tmp_path: Path, quick: None) -> None:
+    from defense_models.__main__ import main
+
+    assert main(["train", "--dataset", "tabular", "--data", str(tabular), "--preset", "demo", "--quiet",
+                 "--out", str(tmp_path / "b")]) == 0  # fmt: skip
+    plan = tmp_path / "plan.toml"
+    plan.write_text(f"""
+bundle = "{tmp_path / "b"}"
+[audit]
+attacks = ["gap", "confidence"]
+views = ["shadow", "adaptive"]
+shadow_epochs = 5
+[[setting]]
+label = "none"
+[[setting]]
+label = "rounding 1"
+defense = "rounding"
+params = {{ decimals = 1 }}
+""")
+    assert main(["sweep", "--plan", str(plan), "--quiet", "--out", str(tmp_path / "s")]) == 0
+    rows = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    assert [r["setting"] for r in rows] == ["none", "rounding 1"]
+    assert set(rows[1]["attacks"]) == {"shadow/gap", "shadow/confidence", "adaptive/gap", "adaptive/confidence"}
+    assert all(r["label_loss"] == 0 for r in rows) and rows[0]["mean_l1"] == 0 < rows[1]["mean_l1"]
+    md = (tmp_path / "s" / "sweep.md").read_text()
+    assert "[rounding 1](rounding_1/report.md)" in md and "TPR at 0.1% FPR" in md
+    assert (tmp_path / "s" / "sweep.png").stat().st_size > 5_000
+    assert (tmp_path / "s" / "rounding_1" / "roc.png").exists()
+
+    # the command-line grid: one curve over a parameter
+    assert main(["sweep", "--bundle", str(tmp_path / "b"), "--defense", "memguard", "--param", "epsilon",
+                 "--values", "0.2", "1", "--attacks", "confidence", "--shadow-epochs", "5", "--quiet",
+                 "--out", str(tmp_path / "g")]) == 0  # fmt: skip
+    rows = json.loads((tmp_path / "g" / "sweep.json").read_text())
+    assert [(r["curve"], r["x"], r["params"]) for r in rows] == [
+        ("memguard epsilon", 0.2, {"epsilon": 0.2}),
+        ("memguard epsilon", 1.0, {"epsilon": 1}),
+    ]
+    assert rows[0]["mean_l1"] <= rows[1]["mean_l1"] + 1e-9  # a smaller budget distorts less
+
+
+def test_sweep_plan_errors_name_the_fix(tmp_path: Path) -> None:
+    from defense_models.sweep import load_plan
+
+    plan = tmp_path / "p.toml"
+    plan.write_text('bundle = "x"\n[audit]\nattaks = ["gap"]\n[[setting]]\nlabel = "a"\n')
+    with pytest.raises(ValueError, match="unknown \\[audit\\] keys \\['attaks'\\]"):
+        load_plan(plan)
+    plan.write_text('bundle = "x"\n')
+    with pytest.raises(ValueError, match="at least one"):
+        load_plan(plan)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from defense_models.attacks.label_only import NoiseRobustnessAttack
+from defense_models.attacks.label_only import BoundaryDistanceAttack, NoiseRobustnessAttack
 from defense_models.data import load_dataset, memguard_split
 from defense_models.scoring import score_attack
 from defense_models.training.loop import FitConfig, fit
@@ -48,3 +48,42 @@ def test_noise_robustness_works_through_a_label_preserving_defense() -> None:
     np.testing.assert_array_equal(raw[0], defended[0])  # labels are all it sees: the defense is invisible
     np.testing.assert_array_equal(raw[1], defended[1])
     assert attack.queries > 0
+
+
+def test_boundary_distance_beats_chance_within_its_budget_and_ignores_the_output_defense() -> None:
+    d, parts = load_dataset("location30"), memguard_split().parts
+    take = {k: v[:150] for k, v in parts.items()}
+    target = overfit_model(d.X[take["target_train"]], d.y[take["target_train"]], 0)
+    shadow = overfit_model(d.X[take["shadow_in"]], d.y[take["shadow_in"]], 1)
+    attack = BoundaryDistanceAttack(max_queries=120, seed=3)
+    s_in, s_out = attack.fit(predictor(shadow), d.X[take["shadow_in"]], d.y[take["shadow_in"]],
+                             d.X[take["shadow_out"]], d.y[take["shadow_out"]])  # fmt: skip
+    assert attack.threshold is not None and s_in.shape == (150,) and (s_in >= 0).all()
+    before = attack.queries
+    rows = {r: (d.X[take[r]], d.y[take[r]]) for r in ("target_train", "eval_nonmember")}
+    raw = [attack.score(predictor(target), *rows[r]) for r in ("target_train", "eval_nonmember")]
+    assert attack.queries - before <= 2 * 150 * attack.max_queries  # the per-row budget holds
+    defended = [attack.score(predictor(target, decimals=1), *rows[r]) for r in ("target_train", "eval_nonmember")]
+    scores = score_attack(*raw, shadow=(s_in, s_out))
+    assert scores.auc > 0.6, scores
+    np.testing.assert_allclose(raw[0], defended[0])  # same labels, same seed: same distances
+    np.testing.assert_allclose(raw[1], defended[1])
+
+
+def test_boundary_budget_is_exact() -> None:
+    calls: list[int] = []
+
+    def predict(X: np.ndarray) -> np.ndarray:  # a linear two-class model
+        calls.append(len(X))
+        z = X[:, :1] - 0.5
+        return np.concatenate([z, -z], axis=1)
+
+    X = np.random.default_rng(0).uniform(0, 1, (7, 5)).astype(np.float32)
+    y = predict(X).argmax(1)
+    calls.clear()
+    attack = BoundaryDistanceAttack(max_queries=400, init_tries=12, search_steps=8, grad_queries=8, step_tries=3)
+    dist = attack.distances(predict, X, y)
+    assert sum(calls) == attack.queries <= 7 * 400
+    true = np.abs(X[:, 0] - 0.5)  # the distance to the boundary x₀ = 0.5
+    assert (dist >= true - 1e-6).all()  # every boundary point found really is labelled differently
+    np.testing.assert_allclose(dist, true, atol=0.05)
