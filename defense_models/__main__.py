@@ -45,6 +45,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         **_recipe_kwargs(args),
         defenses=_defenses(args),
         replacement=args.replacement,
+        replacement_params=_params(args.replacement_param),
         advreg=AdvRegConfig(
             lam=args.advreg_lambda, k=args.advreg_k, epochs=args.advreg_epochs, warmup_epochs=args.advreg_epochs // 2
         ),
@@ -207,8 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     _add_recipe(p)
     _add_defense(p)
     p.add_argument("--out", required=True, help="bundle directory to write (replaced atomically)")
-    p.add_argument("--replacement", choices=("none", "advreg"), default="none",
-                   help="advreg: serve an adversarially-regularized replacement (Nasr et al.)")  # fmt: skip
+    p.add_argument("--replacement", choices=("none", "advreg", "l2", "dropout", "stacking", "dpsgd"), default="none",
+                   help="serve a training-time defense's model instead: advreg (Nasr et al.), l2, dropout, "
+                   "stacking (Salem et al.), dpsgd (Opacus)")  # fmt: skip
+    p.add_argument("--replacement-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="e.g. l2: lam=1e-3; dropout: p=0.5; dpsgd: epsilon=8 delta=1e-5 epochs=30 lr=1e-3")  # fmt: skip
     p.add_argument("--advreg-lambda", type=float, default=3.0, help="λ of adversarial regularization")
     p.add_argument("--advreg-k", type=int, default=2, help="inference-model steps per classifier step")
     p.add_argument("--advreg-epochs", type=int, default=80, help="epochs, the first half plain (warm-up)")

@@ -1,6 +1,6 @@
 """One command from a dataset to a servable bundle.
 
-Dataset and split → target model (or its adversarially-regularized replacement) → the defender's
+Dataset and split → target model (or a training-time defense's replacement) → the defender's
 classifiers on the served model's outputs → AEPPT calibration → ONNX export with the parity gate,
 weights, split indices and ``manifest.json``, written atomically.
 """
@@ -20,9 +20,10 @@ from defense_models.calibrate import calibrate_aeppt_step
 from defense_models.data import Dataset, Split, load_dataset, make_split
 from defense_models.export import write_bundle
 from defense_models.nets import build, predict_logits
-from defense_models.training.adv_reg import AdvRegConfig, train_adv_reg
+from defense_models.training.adv_reg import AdvRegConfig
 from defense_models.training.defenders import MEMGUARD_FIT, SUBSTITUTE_FIT, train_memguard_classifier, train_substitute
 from defense_models.training.loop import FitConfig, accuracy, fit
+from defense_models.training.replacements import Context, train_replacement
 from gateway.artifacts import DefenseEntry
 from gateway.defenses.aeppt import AepptParams
 from gateway.defenses.classifier import save_weights
@@ -59,7 +60,10 @@ class TrainConfig:
     arch: str | None = None  # override the recipe's architecture
     epochs: int | None = None  # override the recipe's epochs
     defenses: tuple[str, ...] = DEFENSES
-    replacement: Literal["none", "advreg"] = "none"
+    #: A training-time defense whose model is served instead of the target (``training.replacements``:
+    #: advreg, l2, dropout, stacking, dpsgd), with its parameters.
+    replacement: str = "none"
+    replacement_params: dict[str, Any] = field(default_factory=dict)
     advreg: AdvRegConfig = field(default_factory=AdvRegConfig)
     #: Train the replacement with the target recipe's optimizer, lr and batch size (λ, k, epochs and
     #: warm-up from ``advreg``).
@@ -113,21 +117,12 @@ def train_bundle(config: TrainConfig, out: Path) -> TrainResult:
     accuracies: dict[str, Any] = {"train": accuracy(model, *members), "test": accuracy(model, *nonmembers)}
     t_target = time.perf_counter() - started
     replacement: dict[str, Any] = {"kind": "none"}
-    if config.replacement == "advreg":
+    if config.replacement != "none":
         plain = dict(accuracies)
-        torch.manual_seed(config.seed)
-        model = build(arch, data)
-        adv = config.advreg
-        if config.advreg_follow_recipe:  # the target recipe's optimizer; λ, k, epochs and warm-up from advreg
-            milestones = (adv.epochs * 3 // 4,) if fit_config.lr_milestones else ()
-            adv = replace(adv, optimizer=fit_config.optimizer, lr=fit_config.lr, batch_size=fit_config.batch_size,
-                          lr_milestones=milestones)  # fmt: skip
-        result = train_adv_reg(
-            model, members, nonmembers, tensors("validation"), data.classes,
-            replace(adv, seed=config.seed), progress=config.progress,
-        )  # fmt: skip
+        context = Context(data, arch, fit_config, members, nonmembers, tensors("validation"), config.seed,
+                          config.progress, config.advreg, config.advreg_follow_recipe)  # fmt: skip
+        model, replacement = train_replacement(config.replacement, context, dict(config.replacement_params))
         accuracies = {"train": accuracy(model, *members), "test": accuracy(model, *nonmembers), "plain": plain}
-        replacement = {"kind": "advreg", "config": asdict(adv), "best_epoch": result.best_epoch}
     t_model = time.perf_counter() - started
     files, defenses, report = train_defenders(config, model, members, nonmembers)
     t_defenders = time.perf_counter() - started - t_model
@@ -160,7 +155,7 @@ def train_bundle(config: TrainConfig, out: Path) -> TrainResult:
         },
     )  # fmt: skip
     gap = accuracies["train"] - accuracies["test"]
-    kind = ", adv. regularized" if replacement["kind"] == "advreg" else ""
+    kind = f", replacement {replacement['kind']}" if replacement["kind"] != "none" else ""
     summary = {
         "model": f"{manifest.name} {manifest.version} ({arch}{kind})",
         "train accuracy": f"{accuracies['train']:.4f}",

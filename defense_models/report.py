@@ -44,8 +44,12 @@ def _groups(keys: list[str]) -> dict[str, list[str]]:
 def plot_roc(result: AuditResult, path: Path) -> None:
     plt = _pyplot()
     groups = _groups(list(result.scores))
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.6 * len(groups), 4.4), squeeze=False)
-    for ax, (view, keys) in zip(axes[0], groups.items(), strict=True):
+    cols = min(4, len(groups))
+    rows = -(-len(groups) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 4.2 * rows), squeeze=False)
+    for ax in axes.flat[len(groups) :]:
+        ax.set_axis_off()
+    for ax, (view, keys) in zip(axes.flat, groups.items(), strict=False):
         floor = 1.0 / max(len(result.scores[keys[0]][1]), 1)
         for k in keys:
             r = roc(*result.scores[k])

@@ -264,3 +264,40 @@ def test_sweep_plan_errors_name_the_fix(tmp_path: Path) -> None:
     plan.write_text('bundle = "x"\n')
     with pytest.raises(ValueError, match="at least one"):
         load_plan(plan)
+
+
+@pytest.mark.parametrize(
+    ("kind", "params"),
+    [("l2", ["lam=0.01"]), ("dropout", ["p=0.3"]), ("stacking", ["combiner_epochs=5"]),
+     ("dpsgd", ["epsilon=4", "epochs=3"])],
+)  # fmt: skip
+def test_training_time_defenses_export_bundles_the_gateway_serves(
+    kind: str, params: list[str], tabular: Path, tmp_path: Path, quick: None
+) -> None:
+    from defense_models.__main__ import main
+    from defense_models.predictors import GatewayPredictor, RawOnnxPredictor
+
+    args = ["train", "--dataset", "tabular", "--data", str(tabular), "--preset", "demo", "--defense", "none",
+            "--quiet", "--replacement", kind, "--out", str(tmp_path / "b")]  # fmt: skip
+    for p in params:
+        args += ["--replacement-param", p]
+    assert main(args) == 0
+    m = load_bundle(tmp_path / "b").manifest
+    rep = m.training["replacement"]
+    assert rep["kind"] == kind and "plain" in m.training["accuracy"]
+    if kind == "dpsgd":
+        assert np.isfinite(rep["epsilon"]) and 0 < rep["epsilon"] <= 4 + 1e-6 and rep["noise_multiplier"] > 0
+    if kind == "stacking":
+        assert sum(rep["parts"]) == len(np.load(tmp_path / "b" / "split.npz")["target_train"])
+    X = np.random.default_rng(0).normal(size=(32, 12)).astype(np.float32)
+    with GatewayPredictor.in_process(tmp_path / "b", defense="none", demo=True) as served:
+        np.testing.assert_allclose(served.predict(X), RawOnnxPredictor(tmp_path / "b").predict(X), atol=1e-5)
+
+
+def test_unknown_replacement_parameters_are_refused(tabular: Path, tmp_path: Path, quick: None) -> None:
+    from defense_models.__main__ import main
+
+    with pytest.raises(ValueError, match=r"unknown parameters \['lambda'\]; known: \['lam'\]"):
+        main(["train", "--dataset", "tabular", "--data", str(tabular), "--preset", "demo", "--defense", "none",
+              "--quiet", "--replacement", "l2", "--replacement-param", "lambda=1",
+              "--out", str(tmp_path / "b")])  # fmt: skip

@@ -1,0 +1,206 @@
+"""Training-time defenses: each trains a replacement for the target model, served instead of it.
+
+One registry, ``REPLACEMENTS``: name -> trainer(context, params) -> (model, record). The record goes
+into the bundle's manifest (``training.replacement``). Parameters come from ``--replacement-param
+KEY=VALUE`` (``TrainConfig.replacement_params``); unknown keys are refused.
+
+* ``advreg``: adversarial regularization (Nasr et al.), see ``adv_reg.py``.
+* ``l2``: the target recipe with an L2 penalty λ·‖w‖² on every weight (Nasr Table 6's baseline);
+  implemented as the optimizer's weight decay 2λ (the gradient of λ‖w‖²).
+* ``dropout``: the target recipe with dropout p after every hidden activation (ML-Leaks).
+* ``stacking``: Salem et al.'s model stacking: the members split in three disjoint parts; two base
+  models (the target recipe) on parts 1 and 2; a combiner (C·2 → 64 → C) on their softmax outputs
+  for part 3. The served model is the whole stack.
+* ``dpsgd``: DP-SGD through Opacus with a target ε (RDP accountant); the accountant's ε, δ, the
+  noise multiplier and the clipping norm go into the manifest.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from defense_models.data import Dataset
+from defense_models.nets import build, mlp
+from defense_models.training.adv_reg import AdvRegConfig, train_adv_reg
+from defense_models.training.loop import FitConfig, fit, seed_everything
+
+Pair = tuple[torch.Tensor, torch.Tensor]  # (X [N, D] float32, y [N] int64)
+
+
+@dataclass(frozen=True)
+class Context:
+    data: Dataset
+    arch: str
+    fit_config: FitConfig  # the target recipe
+    members: Pair
+    reference: Pair  # non-members the defender may use (Nasr's reference set)
+    validation: Pair
+    seed: int
+    progress: bool
+    advreg: AdvRegConfig
+    advreg_follow_recipe: bool
+
+
+Trainer = Callable[[Context, dict[str, Any]], tuple[nn.Module, dict[str, Any]]]
+REPLACEMENTS: dict[str, Trainer] = {}
+
+
+def register(name: str) -> Callable[[Trainer], Trainer]:
+    def deco(fn: Trainer) -> Trainer:
+        REPLACEMENTS[name] = fn
+        return fn
+
+    return deco
+
+
+def _take(params: dict[str, Any], defaults: dict[str, Any], kind: str) -> dict[str, Any]:
+    if unknown := set(params) - set(defaults):
+        raise ValueError(f"--replacement {kind}: unknown parameters {sorted(unknown)}; known: {sorted(defaults)}")
+    return {**defaults, **params}
+
+
+def train_replacement(kind: str, ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+    try:
+        trainer = REPLACEMENTS[kind]
+    except KeyError:
+        raise ValueError(f"unknown replacement {kind!r}; choose one of {sorted(REPLACEMENTS)}") from None
+    torch.manual_seed(ctx.seed)
+    model, record = trainer(ctx, params)
+    return model.eval(), {"kind": kind, **record}
+
+
+def _plain(ctx: Context, X: torch.Tensor, y: torch.Tensor, fit_config: FitConfig, desc: str,
+           model: nn.Module | None = None) -> nn.Module:  # fmt: skip
+    model = model if model is not None else build(ctx.arch, ctx.data)
+    fit(model, X, y, fit_config, progress=ctx.progress, desc=desc)
+    return model
+
+
+@register("advreg")
+def _advreg(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+    adv = replace(ctx.advreg, **_take(params, {}, "advreg"))
+    f = ctx.fit_config
+    if ctx.advreg_follow_recipe:  # the target recipe's optimizer; λ, k, epochs and warm-up from advreg
+        milestones = (adv.epochs * 3 // 4,) if f.lr_milestones else ()
+        adv = replace(adv, optimizer=f.optimizer, lr=f.lr, batch_size=f.batch_size, lr_milestones=milestones)
+    model = build(ctx.arch, ctx.data)
+    result = train_adv_reg(model, ctx.members, ctx.reference, ctx.validation, ctx.data.classes,
+                           replace(adv, seed=ctx.seed), progress=ctx.progress)  # fmt: skip
+    return model, {"config": asdict(adv), "best_epoch": result.best_epoch}
+
+
+@register("l2")
+def _l2(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+    p = _take(params, {"lam": 1e-3}, "l2")
+    model = _plain(ctx, *ctx.members, replace(ctx.fit_config, weight_decay=2 * p["lam"]), f"target, L2 λ={p['lam']}")
+    return model, {"lam": p["lam"], "weight_decay": 2 * p["lam"]}
+
+
+def with_dropout(model: nn.Sequential, p: float) -> nn.Sequential:
+    """The same layers with Dropout(p) after every hidden activation (identity in eval mode and ONNX)."""
+    layers: list[nn.Module] = []
+    children = list(model.children())
+    for i, layer in enumerate(children):
+        layers.append(layer)
+        if isinstance(layer, nn.ReLU | nn.Tanh) and i < len(children) - 1:
+            layers.append(nn.Dropout(p))
+    return nn.Sequential(*layers)
+
+
+@register("dropout")
+def _dropout(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+    p = _take(params, {"p": 0.5}, "dropout")
+    model = build(ctx.arch, ctx.data)
+    if not isinstance(model, nn.Sequential):
+        raise ValueError(f"dropout needs a sequential architecture, {ctx.arch} is not")
+    model = _plain(ctx, *ctx.members, ctx.fit_config, f"target, dropout {p['p']}", with_dropout(model, p["p"]))
+    return model, {"p": p["p"]}
+
+
+class Stacked(nn.Module):
+    """x -> combiner([softmax(a(x)), softmax(b(x))]) logits; exported to ONNX as one model."""
+
+    def __init__(self, a: nn.Module, b: nn.Module, combiner: nn.Module) -> None:
+        super().__init__()
+        self.a, self.b, self.combiner = a, b, combiner
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.softmax(self.a(x), 1), torch.softmax(self.b(x), 1)], 1)  # [N, 2C]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.combiner(self.features(x))  # [N, C]
+
+
+@register("stacking")
+def _stacking(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+    p = _take(params, {"combiner_epochs": 100}, "stacking")
+    X, y = ctx.members
+    order = torch.from_numpy(np.random.default_rng(ctx.seed).permutation(len(y)))
+    parts = torch.tensor_split(order, 3)  # three disjoint parts of the members
+    a = _plain(ctx, X[parts[0]], y[parts[0]], ctx.fit_config, "stacking base A")
+    b = _plain(ctx, X[parts[1]], y[parts[1]], ctx.fit_config, "stacking base B")
+    stacked = Stacked(a.eval(), b.eval(), mlp(2 * ctx.data.classes, (64,), ctx.data.classes))
+    with torch.no_grad():
+        feats = stacked.features(X[parts[2]])
+    fit(stacked.combiner, feats, y[parts[2]], FitConfig(epochs=p["combiner_epochs"], lr=1e-3, seed=ctx.seed),
+        progress=ctx.progress, desc="stacking combiner")  # fmt: skip
+    return stacked, {"parts": [len(t) for t in parts], "combiner_epochs": p["combiner_epochs"]}
+
+
+@register("dpsgd")
+def _dpsgd(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+    """[choices: Opacus' RDP accountant with Poisson sampling; δ = 1e-5 (< 1/N for these sets); clip
+    norm 1; Adam at the recipe's batch size, lr 1e-3 and 30 epochs, since DP noise at the plain-SGD
+    recipe's lr 0.01 barely trains the MLP; every one of these is a parameter. Opacus' secure_mode
+    (noise from a CSPRNG, needs torchcsprng) is off, as in research use; the manifest says so.]"""
+    p = _take(params, {"epsilon": 8.0, "delta": 1e-5, "max_grad_norm": 1.0, "epochs": 30, "lr": 1e-3,
+                       "batch_size": ctx.fit_config.batch_size}, "dpsgd")  # fmt: skip
+    try:
+        from opacus import PrivacyEngine
+    except ImportError:  # pragma: no cover - the train extra installs it
+        raise RuntimeError("--replacement dpsgd needs Opacus: pip install -e '.[train]'") from None
+    with warnings.catch_warnings():
+        # Opacus warns that secure_mode is off, and torch that its per-sample-gradient hooks fire on
+        # inputs that need no gradient; both are expected here.
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        return _dp_train(ctx, p, PrivacyEngine(accountant="rdp", secure_mode=False))
+
+
+def _dp_train(ctx: Context, p: dict[str, Any], engine: Any) -> tuple[nn.Module, dict[str, Any]]:
+    gen = seed_everything(ctx.seed)
+    model = build(ctx.arch, ctx.data)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*ctx.members), batch_size=p["batch_size"],
+                                         shuffle=True, generator=gen)  # fmt: skip
+    optimizer = torch.optim.Adam(model.parameters(), lr=p["lr"])
+    private, optimizer, loader = engine.make_private_with_epsilon(
+        module=model, optimizer=optimizer, data_loader=loader, target_epsilon=p["epsilon"],
+        target_delta=p["delta"], epochs=p["epochs"], max_grad_norm=p["max_grad_norm"],
+    )  # fmt: skip
+    loss_fn = nn.CrossEntropyLoss()
+    epochs = range(p["epochs"])
+    if ctx.progress:
+        from tqdm.auto import tqdm
+
+        epochs = tqdm(epochs, desc=f"DP-SGD ε={p['epsilon']}", leave=False)
+    private.train()
+    for _ in epochs:
+        for xb, yb in loader:
+            if len(yb) == 0:  # Poisson sampling can draw an empty batch
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(private(xb), yb).backward()
+            optimizer.step()
+    spent = float(engine.get_epsilon(p["delta"]))
+    model = private._module  # the plain module, for export
+    noise = float(optimizer.noise_multiplier)
+    accounting = {"target_epsilon": p["epsilon"], "epsilon": spent, "noise_multiplier": noise, "accountant": "rdp",
+                  "secure_mode": False}  # fmt: skip
+    return model, {**p, **accounting}

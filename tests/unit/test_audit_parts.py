@@ -1,0 +1,45 @@
+"""The audit's small parts: the rounding attacker's pre-processing and the goal summary."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from defense_models.audit import _summary, round_vectors
+
+
+@given(arrays(np.float64, st.tuples(st.integers(1, 20), st.integers(2, 30)), elements=st.floats(0, 1)),
+       st.integers(0, 4))  # fmt: skip
+def test_round_vectors_stays_on_the_simplex(raw: np.ndarray, decimals: int) -> None:
+    p = np.where(raw.sum(1, keepdims=True) > 0, raw, 1.0)
+    p = p / p.sum(1, keepdims=True)
+    r = round_vectors(p, decimals)
+    assert np.isfinite(r).all() and (r >= 0).all()
+    np.testing.assert_allclose(r.sum(1), 1.0, atol=1e-9)
+
+
+def test_round_vectors_removes_small_noise() -> None:
+    p = np.array([[0.6, 0.3, 0.1]])
+    noisy = p + np.array([[0.001, -0.0004, -0.0006]])
+    np.testing.assert_allclose(round_vectors(noisy, 2), p)
+
+
+def _scores(bacc: float, tpr: float = 0.0) -> dict[str, float]:
+    return {"balanced_accuracy": bacc, "auc": bacc, "tpr_at_01pct_fpr": tpr}
+
+
+def test_summary_picks_the_best_and_judges_the_floor() -> None:
+    results = {
+        "shadow/gap": _scores(0.70),
+        "adaptive/nn_sorted": _scores(0.705, tpr=0.004),
+        "label-only/boundary_distance": _scores(0.72),
+        "reference/lira_online": _scores(0.69, tpr=0.02),
+    }
+    s = _summary(results, floor=0.70)
+    assert s["best_attack"]["attack"] == "label-only/boundary_distance"
+    assert s["best_confidence_based"]["attack"] == "adaptive/nn_sorted"  # gap and label-only read no confidences
+    assert s["confidence_based_within_1pt_of_floor"] and s["max_tpr_at_01pct_fpr"] == 0.02
+    results["shadow/confidence"] = _scores(0.75)
+    assert not _summary(results, floor=0.70)["confidence_based_within_1pt_of_floor"]
