@@ -96,6 +96,7 @@ def _audit_config(args: argparse.Namespace, **overrides: Any) -> Any:
         label_only_rows=args.label_only_rows, label_only_queries=args.label_only_queries,
         label_only_copies=args.label_only_copies, lira_shadows=Path(args.lira_shadows) if args.lira_shadows else None,
         round_decimals=args.round_decimals, repeats=args.repeats, shadow_epochs=args.shadow_epochs, seed=args.seed,
+        attacker_data=args.attacker_data, attacker_data_params=_params(args.attacker_data_param),
         progress=not args.quiet, **overrides,
     )  # fmt: skip
 
@@ -123,9 +124,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
-    from defense_models.sweep import grid, load_plan, run_sweep
+    from defense_models.sweep import audit_config, grid, load_plan, run_sweep
 
     overrides: dict[str, Any] = {}
     if args.plan:
@@ -135,11 +134,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         settings = grid(args.defense_name, args.sweep_param, args.values)
     else:
         raise SystemExit("sweep needs --plan FILE, or --bundle, --defense, --param and --values")
-    base = _audit_config(args)
-    for key, value in overrides.items():  # the plan's [audit] table wins over the flags' defaults
-        base = replace(base, **{key: tuple(value) if isinstance(value, list) else value})
-    if base.lira_shadows is not None:
-        base = replace(base, lira_shadows=Path(base.lira_shadows))
+    base = audit_config(_audit_config(args), overrides)  # the plan's [audit] table wins over the flags' defaults
     run_sweep(Path(args.bundle), settings, Path(args.out), base)
     print((Path(args.out) / "sweep.md").read_text())
     return 0
@@ -194,6 +189,11 @@ def _add_audit(p: argparse.ArgumentParser) -> None:
     p.add_argument("--round-decimals", type=int, default=2, help="view rounded: decimals")
     p.add_argument("--repeats", type=int, default=5, help="view repeated: queries averaged per record")
     p.add_argument("--shadow-epochs", type=int, help="override the target recipe's epochs for the shadow model")
+    p.add_argument("--attacker-data", default="real", choices=("real", "noisy", "marginal", "model"),
+                   help="the shadow model's training data (Shokri et al.): real records, noisy copies, "
+                   "marginal-based or model-based synthesis (queries the target)")  # fmt: skip
+    p.add_argument("--attacker-data-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="noisy: flip=0.2; marginal/model: max_queries=N")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 

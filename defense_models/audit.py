@@ -80,6 +80,10 @@ class AuditConfig:
     repeats: int = 5  # view "repeated": queries averaged per record
     jitter: float = 1e-4  # view "repeated": uniform input jitter making each copy a new query
     shadow_epochs: int | None = None  # override the target recipe's epochs for the shadow model
+    #: Where the shadow model's training data comes from (``attacker_data``: real, noisy, marginal,
+    #: model) and the source's options (e.g. {"flip": 0.2}, {"max_queries": 100000}).
+    attacker_data: str = "real"
+    attacker_data_params: dict[str, Any] = field(default_factory=dict)
     attack_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     seed: int = 0
     progress: bool = True
@@ -100,8 +104,12 @@ class AuditResult:
 class _Sets:
     data: Any
     parts: dict[str, np.ndarray]
+    #: The attacker's own records for shadow_in / shadow_out (from ``attacker_data``), if not the split's.
+    shadow: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     def rows(self, role: str) -> tuple[np.ndarray, np.ndarray]:
+        if role in self.shadow:
+            return self.shadow[role]
         return self.data.X[self.parts[role]], self.data.y[self.parts[role]]
 
 
@@ -157,7 +165,7 @@ _Arrays = tuple[np.ndarray, np.ndarray]  # (members' rows, non-members' rows)
 def _views(config: AuditConfig, predictor: Predictor, defend: _AttackerDefense | None, sets: _Sets,
            shadow_p: _Arrays, released: _Arrays) -> dict[str, Any]:  # fmt: skip
     """view name -> (attacker's training pair, evaluation pair, note)."""
-    y_sin, y_sout = sets.data.y[sets.parts["shadow_in"]], sets.data.y[sets.parts["shadow_out"]]
+    y_sin, y_sout = sets.rows("shadow_in")[1], sets.rows("shadow_out")[1]
     y_in, y_out = sets.data.y[sets.parts["target_train"]], sets.data.y[sets.parts["eval_nonmember"]]
     target = (AttackData(released[0], y_in), AttackData(released[1], y_out))
     views: dict[str, Any] = {}
@@ -350,11 +358,19 @@ def run_audit(config: AuditConfig) -> AuditResult:
     notes: dict[str, str] = {}
     per_class: dict[str, dict[int, float]] = {}
     repeat_proof = None
+    attacker: dict[str, Any] = {"source": "real", "queries_to_target": 0}
     try:
         released = clean if predictor is raw else (predictor.predict(X_in), predictor.predict(X_out))
         if predictor is not raw:  # the same queries again: keyed noise must give the same answers
             again = predictor.predict(X_in[:200])
             repeat_proof = float((np.abs(again - released[0][:200]).max(axis=1) == 0).mean())
+        if config.attacker_data != "real":
+            from defense_models.attacker_data import attacker_records
+
+            records = attacker_records(config.attacker_data, sets.rows("shadow_in"), sets.rows("shadow_out"),
+                                       predictor.predict, seed=config.seed, **config.attacker_data_params)  # fmt: skip
+            sets.shadow = {"shadow_in": (records.X_in, records.y_in), "shadow_out": (records.X_out, records.y_out)}
+            attacker = records.summary(config.attacker_data)
         shadow = _shadow_model(m, sets, config)
         predict_shadow = _softmax_predict(shadow)
         shadow_p = predict_shadow(sets.rows("shadow_in")[0]), predict_shadow(sets.rows("shadow_out")[0])
@@ -403,6 +419,7 @@ def run_audit(config: AuditConfig) -> AuditResult:
         "defense_params": config.defense_params,
         "defended": defended,
         "views": notes,
+        "attacker_data": {**attacker, "params": config.attacker_data_params},
         "utility": {
             "train_accuracy": train_acc,
             "test_accuracy": test_acc,
@@ -420,8 +437,8 @@ def run_audit(config: AuditConfig) -> AuditResult:
         "sets": {
             "members": len(y_in),
             "nonmembers": len(y_out),
-            "shadow_in": len(sets.parts["shadow_in"]),
-            "shadow_out": len(sets.parts["shadow_out"]),
+            "shadow_in": len(sets.rows("shadow_in")[1]),
+            "shadow_out": len(sets.rows("shadow_out")[1]),
         },
         "seconds": round(time.perf_counter() - started, 1),
     }

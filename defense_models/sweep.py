@@ -40,6 +40,7 @@ class Setting:
     bundle: Path | None = None  # default: the sweep's bundle
     curve: str | None = None  # settings sharing a curve are plotted against x
     x: float | None = None
+    audit: dict[str, Any] = field(default_factory=dict)  # AuditConfig fields for this setting only
 
     @property
     def slug(self) -> str:
@@ -74,13 +75,27 @@ def load_plan(path: Path) -> tuple[Path, dict[str, Any], list[Setting]]:
         raise ValueError(f"{path}: unknown [audit] keys {sorted(bad)}; known: {sorted(known)}")
     settings = []
     for s in plan.get("setting", []):
-        if bad := set(s) - {"label", "defense", "params", "bundle", "curve", "x"}:
+        if bad := set(s) - {"label", "defense", "params", "bundle", "curve", "x", "audit"}:
             raise ValueError(f"{path}: unknown setting keys {sorted(bad)}")
+        if bad := set(s.get("audit", {})) - known:
+            raise ValueError(f"{path}: setting {s['label']!r}: unknown audit keys {sorted(bad)}")
         settings.append(Setting(s["label"], s.get("defense", "none"), dict(s.get("params", {})),
-                                Path(s["bundle"]) if "bundle" in s else None, s.get("curve"), s.get("x")))  # fmt: skip
+                                Path(s["bundle"]) if "bundle" in s else None, s.get("curve"), s.get("x"),
+                                dict(s.get("audit", {}))))  # fmt: skip
     if "bundle" not in plan or not settings:
         raise ValueError(f"{path}: a plan needs `bundle = ...` and at least one [[setting]]")
     return Path(plan["bundle"]), audit, settings
+
+
+def audit_config(base: AuditConfig, overrides: dict[str, Any]) -> AuditConfig:
+    """``base`` with TOML values applied (lists become tuples, paths become Paths)."""
+    for key, value in overrides.items():
+        if isinstance(value, list):
+            value = tuple(value)
+        if key in ("lira_shadows", "bundle") and value is not None:
+            value = Path(value)
+        base = replace(base, **{key: value})
+    return base
 
 
 def _row(setting: Setting, report: dict[str, Any]) -> dict[str, Any]:
@@ -89,7 +104,8 @@ def _row(setting: Setting, report: dict[str, Any]) -> dict[str, Any]:
     conf_scores = report["attacks"].get(conf.get("attack", ""), {})
     return {
         "setting": setting.label, "slug": setting.slug, "curve": setting.curve, "x": setting.x,
-        "defense": setting.defense, "params": setting.params,
+        "defense": setting.defense, "params": setting.params, "attacker_data": report["attacker_data"],
+        "replacement": report["bundle"]["replacement"],
         "test_accuracy": u["test_accuracy"], "undefended_test_accuracy": u["undefended_test_accuracy"],
         "train_accuracy": u["train_accuracy"], "label_loss": u["label_loss"], "mean_l1": u["l1"]["mean"],
         "label_only_floor": u["label_only_floor"],
@@ -111,7 +127,8 @@ def run_sweep(
     rows = []
     for i, setting in enumerate(settings, 1):
         t0 = time.perf_counter()
-        config = replace(base, bundle=setting.bundle or bundle, defense=setting.defense, defense_params=setting.params)
+        config = audit_config(replace(base, bundle=setting.bundle or bundle, defense=setting.defense,
+                                      defense_params=setting.params), setting.audit)  # fmt: skip
         result = run_audit(config)
         write_report(result, out / setting.slug)
         rows.append(_row(setting, result.report))

@@ -301,3 +301,51 @@ def test_unknown_replacement_parameters_are_refused(tabular: Path, tmp_path: Pat
         main(["train", "--dataset", "tabular", "--data", str(tabular), "--preset", "demo", "--defense", "none",
               "--quiet", "--replacement", "l2", "--replacement-param", "lambda=1",
               "--out", str(tmp_path / "b")])  # fmt: skip
+
+
+def test_comparison_plan_over_defenses_and_attacker_data(tabular: Path, tmp_path: Path, quick: None) -> None:
+    """Issue 7's comparison on a tiny configuration: a training-time defense's bundle next to the plain
+    one, and the Shokri attack under attacker-data sources that query the endpoint."""
+    from defense_models.__main__ import main
+
+    train = [
+        "train",
+        "--dataset",
+        "tabular",
+        "--data",
+        str(tabular),
+        "--preset",
+        "demo",
+        "--defense",
+        "none",
+        "--quiet",
+    ]
+    assert main([*train, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*train, "--replacement", "l2", "--replacement-param", "lam=0.01", "--out", str(tmp_path / "l2")]) == 0
+    plan = tmp_path / "compare.toml"
+    plan.write_text(f"""
+bundle = "{tmp_path / "plain"}"
+[audit]
+attacks = ["gap", "confidence", "shokri"]
+shadow_epochs = 5
+[[setting]]
+label = "none"
+[[setting]]
+label = "L2 0.01"
+bundle = "{tmp_path / "l2"}"
+[[setting]]
+label = "none, marginal attacker data"
+audit = {{ attacker_data = "marginal", attacks = ["shokri"] }}
+[[setting]]
+label = "none, model-based attacker data"
+audit = {{ attacker_data = "model", attacker_data_params = {{ max_queries = 3000 }}, attacks = ["shokri"] }}
+""")
+    assert main(["sweep", "--plan", str(plan), "--quiet", "--out", str(tmp_path / "c")]) == 0
+    rows = {r["setting"]: r for r in json.loads((tmp_path / "c" / "sweep.json").read_text())}
+    assert rows["L2 0.01"]["replacement"] == "l2" and rows["none"]["replacement"] == "none"
+    marginal = rows["none, marginal attacker data"]["attacker_data"]
+    assert marginal["queries_to_target"] == marginal["records_in"] + marginal["records_out"] > 0  # one per record
+    model_based = rows["none, model-based attacker data"]["attacker_data"]
+    assert 0 < model_based["queries_to_target"] <= 3000 and model_based["records_in"] > 0
+    assert set(rows["none, marginal attacker data"]["attacks"]) == {"shadow/shokri"}
+    assert "| [L2 0.01](L2_0.01/report.md) |" in (tmp_path / "c" / "sweep.md").read_text()
