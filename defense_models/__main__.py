@@ -135,7 +135,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     else:
         raise SystemExit("sweep needs --plan FILE, or --bundle, --defense, --param and --values")
     base = audit_config(_audit_config(args), overrides)  # the plan's [audit] table wins over the flags' defaults
-    run_sweep(Path(args.bundle), settings, Path(args.out), base)
+    run_sweep(Path(args.bundle), settings, Path(args.out), base, resume=args.resume)
     print((Path(args.out) / "sweep.md").read_text())
     return 0
 
@@ -256,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--defense", dest="defense_name", help="with --param/--values: the defense to sweep")
     p.add_argument("--param", dest="sweep_param", help="the parameter to sweep (e.g. epsilon, step_size)")
     p.add_argument("--values", nargs="+", help="its values")
+    p.add_argument("--resume", action="store_true", help="read back settings already audited in --out")
     _add_audit(p)
     p.add_argument("--out", required=True, help="directory for sweep.md, sweep.json, sweep.png and each report")
     p.set_defaults(func=_cmd_sweep)

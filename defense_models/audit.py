@@ -225,7 +225,7 @@ def _per_class(members: np.ndarray, nonmembers: np.ndarray, y_in: np.ndarray, y_
 
 # --- label-only and reference-model attacks ------------------------------------------------------------
 def _label_only(config: AuditConfig, name: str, predictor: Predictor, shadow: torch.nn.Module, sets: _Sets,
-                lo_hi: tuple[float, float]) -> tuple[dict[str, Any], tuple[np.ndarray, np.ndarray]]:  # fmt: skip
+                lo_hi: tuple[float, float], released: _Arrays) -> tuple[dict[str, Any], _Arrays]:  # fmt: skip
     from defense_models.attacks.label_only import BoundaryDistanceAttack, NoiseRobustnessAttack
 
     n = config.label_only_rows
@@ -248,8 +248,10 @@ def _label_only(config: AuditConfig, name: str, predictor: Predictor, shadow: to
     before = attack.queries
     s = attack.score(predictor.predict, *rows["target_train"]), attack.score(predictor.predict, *rows["eval_nonmember"])
     spent = attack.queries - before
+    (_, y_in), (_, y_out) = rows["target_train"], rows["eval_nonmember"]
+    floor = gap_floor(accuracy(released[0][:n], y_in), accuracy(released[1][:n], y_out))  # on these rows
     return {**score_attack(*s, shadow=calib).as_dict(), **extra, "queries_to_target": spent,
-            "queries_per_row": spent / (2 * len(rows["target_train"][1]))}, s  # fmt: skip
+            "queries_per_row": spent / (2 * len(y_in)), "label_only_floor_on_rows": floor}, s  # fmt: skip
 
 
 def _lira(config: AuditConfig, sets: _Sets, released: _Arrays,
@@ -379,8 +381,8 @@ def run_audit(config: AuditConfig) -> AuditResult:
             if name == "noise_robustness" and not data.binary:
                 continue  # it flips binary features
             key = f"label-only/{name}"
-            results[key], scores[key] = _label_only(config, name, predictor, shadow, sets,
-                                                    (float(data.X.min()), float(data.X.max())))  # fmt: skip
+            lo_hi = float(data.X.min()), float(data.X.max())
+            results[key], scores[key] = _label_only(config, name, predictor, shadow, sets, lo_hi, released)
             notes["label-only"] = "label queries only, within a per-row query budget"
     finally:
         close = getattr(predictor, "close", None)

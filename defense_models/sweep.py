@@ -92,8 +92,8 @@ def audit_config(base: AuditConfig, overrides: dict[str, Any]) -> AuditConfig:
     for key, value in overrides.items():
         if isinstance(value, list):
             value = tuple(value)
-        if key in ("lira_shadows", "bundle") and value is not None:
-            value = Path(value)
+        if key in ("lira_shadows", "bundle"):
+            value = Path(value) if value else None  # "" switches LiRA off for one setting
         base = replace(base, **{key: value})
     return base
 
@@ -104,7 +104,8 @@ def _row(setting: Setting, report: dict[str, Any]) -> dict[str, Any]:
     conf_scores = report["attacks"].get(conf.get("attack", ""), {})
     return {
         "setting": setting.label, "slug": setting.slug, "curve": setting.curve, "x": setting.x,
-        "defense": setting.defense, "params": setting.params, "attacker_data": report["attacker_data"],
+        "defense": setting.defense, "params": setting.params,
+        "attacker_data": report.get("attacker_data", {"source": "real"}),  # older reports: real data
         "replacement": report["bundle"]["replacement"],
         "test_accuracy": u["test_accuracy"], "undefended_test_accuracy": u["undefended_test_accuracy"],
         "train_accuracy": u["train_accuracy"], "label_loss": u["label_loss"], "mean_l1": u["l1"]["mean"],
@@ -119,13 +120,19 @@ def _row(setting: Setting, report: dict[str, Any]) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def run_sweep(
-    bundle: Path, settings: list[Setting], out: Path, base: AuditConfig | None = None
-) -> list[dict[str, Any]]:
+def run_sweep(bundle: Path, settings: list[Setting], out: Path, base: AuditConfig | None = None, *,
+              resume: bool = False) -> list[dict[str, Any]]:  # fmt: skip
+    """Audit every setting; with ``resume``, a setting whose report.json is already in ``out`` is read
+    back instead of audited again (an interrupted sweep picks up where it stopped)."""
     base = base or AuditConfig(bundle=bundle)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for i, setting in enumerate(settings, 1):
+        done = out / setting.slug / "report.json"
+        if resume and done.exists():
+            rows.append(_row(setting, json.loads(done.read_text())))
+            print(f"[{i}/{len(settings)}] {setting.label}: already audited, read back", flush=True)
+            continue
         t0 = time.perf_counter()
         config = audit_config(replace(base, bundle=setting.bundle or bundle, defense=setting.defense,
                                       defense_params=setting.params), setting.audit)  # fmt: skip

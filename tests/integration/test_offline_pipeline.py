@@ -241,6 +241,11 @@ params = {{ decimals = 1 }}
     assert "[rounding 1](rounding_1/report.md)" in md and "TPR at 0.1% FPR" in md
     assert (tmp_path / "s" / "sweep.png").stat().st_size > 5_000
     assert (tmp_path / "s" / "rounding_1" / "roc.png").exists()
+    report = tmp_path / "s" / "rounding_1" / "report.json"
+    before = report.stat().st_mtime_ns
+    assert main(["sweep", "--plan", str(plan), "--quiet", "--resume", "--out", str(tmp_path / "s")]) == 0
+    assert report.stat().st_mtime_ns == before  # read back, not audited again
+    assert json.loads((tmp_path / "s" / "sweep.json").read_text()) == rows
 
     # the command-line grid: one curve over a parameter
     assert main(["sweep", "--bundle", str(tmp_path / "b"), "--defense", "memguard", "--param", "epsilon",
