@@ -47,7 +47,16 @@ from defense_models.scoring import (
 from defense_models.training.loop import FitConfig, fit
 from gateway.artifacts import load_bundle
 
-DEFAULT_ATTACKS = ("gap", "confidence", "entropy", "modified_entropy", "nn_sorted", "shokri", "inference_model")
+DEFAULT_ATTACKS = (
+    "gap",
+    "confidence",
+    "entropy",
+    "modified_entropy",
+    "nn_sorted",
+    "shokri",
+    "shokri_one",
+    "inference_model",
+)
 #: Attacks that read the released confidence values (all but the gap attack's label check): the
 #: issue's "confidence-based" goal applies to these.
 CONFIDENCE_BASED = frozenset(DEFAULT_ATTACKS) - {"gap"}

@@ -71,6 +71,16 @@ class ShokriAttack:
 
 
 @register_attack
+class ShokriOneModelAttack(ShokriAttack):
+    """Shokri et al.'s attack with one binary model for all classes (the paper's simpler variant)."""
+
+    name: ClassVar[str] = "shokri_one"
+
+    def __init__(self, fit_config: FitConfig = ATTACK_FIT, seed: int = 0) -> None:
+        super().__init__(fit_config, min_class_rows=np.iinfo(np.int64).max, seed=seed)
+
+
+@register_attack
 class InferenceModelAttack:
     """Nasr et al.'s inference model h(prediction, one-hot true label) with prediction, label and
     connection branches (the official code's sizes), trained with BCE on the attacker's data. The

@@ -36,7 +36,7 @@ def one_hot(d: AttackData) -> AttackData:
 
 
 @pytest.mark.parametrize(
-    "name", ["confidence", "entropy", "modified_entropy", "gap", "nn_sorted", "shokri", "inference_model"]
+    "name", ["confidence", "entropy", "modified_entropy", "gap", "nn_sorted", "shokri", "shokri_one", "inference_model"]
 )
 def test_attack_beats_chance_then_falls_to_the_floor_on_labels_only(name: str) -> None:
     attack = create_attack(name, **QUICK.get(name, {}))
