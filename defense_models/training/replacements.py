@@ -4,7 +4,8 @@ One registry, ``REPLACEMENTS``: name -> trainer(context, params) -> (model, reco
 into the bundle's manifest (``training.replacement``). Parameters come from ``--replacement-param
 KEY=VALUE`` (``TrainConfig.replacement_params``); unknown keys are refused.
 
-* ``advreg``: adversarial regularization (Nasr et al.), see ``adv_reg.py``.
+* ``advreg``: adversarial regularization (Nasr et al.), see ``adv_reg.py``; ``reference_size`` uses
+  only the first N reference records (Nasr Table 7's sweep); ``lam`` and ``k`` override the flags.
 * ``l2``: the target recipe with an L2 penalty λ·‖w‖² on every weight (Nasr Table 6's baseline);
   implemented as the optimizer's weight decay 2λ (the gradient of λ‖w‖²).
 * ``dropout``: the target recipe with dropout p after every hidden activation (ML-Leaks).
@@ -85,15 +86,20 @@ def _plain(ctx: Context, X: torch.Tensor, y: torch.Tensor, fit_config: FitConfig
 
 @register("advreg")
 def _advreg(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
-    adv = replace(ctx.advreg, **_take(params, {}, "advreg"))
+    p = _take(params, {"lam": ctx.advreg.lam, "k": ctx.advreg.k, "reference_size": None}, "advreg")
+    adv = replace(ctx.advreg, lam=p["lam"], k=p["k"])
+    size = p["reference_size"] or len(ctx.reference[1])
+    if not 0 < size <= len(ctx.reference[1]):
+        raise ValueError(f"advreg reference_size must be in 1..{len(ctx.reference[1])}, got {size}")
+    reference = (ctx.reference[0][:size], ctx.reference[1][:size])  # Nasr Table 7: the reference set's size
     f = ctx.fit_config
     if ctx.advreg_follow_recipe:  # the target recipe's optimizer; λ, k, epochs and warm-up from advreg
         milestones = (adv.epochs * 3 // 4,) if f.lr_milestones else ()
         adv = replace(adv, optimizer=f.optimizer, lr=f.lr, batch_size=f.batch_size, lr_milestones=milestones)
     model = build(ctx.arch, ctx.data)
-    result = train_adv_reg(model, ctx.members, ctx.reference, ctx.validation, ctx.data.classes,
+    result = train_adv_reg(model, ctx.members, reference, ctx.validation, ctx.data.classes,
                            replace(adv, seed=ctx.seed), progress=ctx.progress)  # fmt: skip
-    return model, {"config": asdict(adv), "best_epoch": result.best_epoch}
+    return model, {"config": asdict(adv), "best_epoch": result.best_epoch, "reference_size": size}
 
 
 @register("l2")

@@ -160,6 +160,11 @@ def test_cli_train_with_advreg_replacement(tabular: Path, tmp_path: Path, quick:
     rep = m.training["replacement"]
     assert rep["kind"] == "advreg" and rep["config"]["lam"] == 1 and rep["config"]["warmup_epochs"] == 2
     assert "plain" in m.training["accuracy"]
+    full = rep["reference_size"]
+    # Nasr Table 7's knob: a smaller reference set
+    assert main([*args, "--replacement-param", "reference_size=20", "--replacement-param", "lam=2"]) == 0
+    rep = load_bundle(tmp_path / "b").manifest.training["replacement"]
+    assert rep["reference_size"] == 20 < full and rep["config"]["lam"] == 2
 
 
 def test_audit_runs_attacks_and_writes_reports(tabular: Path, tmp_path: Path, quick: None) -> None:
