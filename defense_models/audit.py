@@ -37,6 +37,7 @@ from defense_models.nets import build, predict_logits
 from defense_models.predictors import GatewayPredictor, Predictor, RawOnnxPredictor
 from defense_models.scoring import (
     accuracy,
+    auc,
     balanced_accuracy_at,
     best_threshold,
     gap_floor,
@@ -61,7 +62,7 @@ DEFAULT_ATTACKS = (
 #: issue's "confidence-based" goal applies to these.
 CONFIDENCE_BASED = frozenset(DEFAULT_ATTACKS) - {"gap"}
 #: What the attacker knows. ``shadow`` always runs; the others need a defense (``--adaptive``).
-VIEWS = ("shadow", "adaptive", "known", "rounded", "repeated")
+VIEWS = ("shadow", "adaptive", "flipped", "known", "rounded", "repeated")
 LABEL_ONLY = ("noise_robustness", "boundary_distance")
 #: Per-class accuracies only for classes with at least this many members and non-members.
 PER_CLASS_MIN_ROWS = 10
@@ -169,39 +170,55 @@ def round_vectors(probs: np.ndarray, decimals: int) -> np.ndarray:
 
 # --- views: what each attacker trains on and what it scores -----------------------------------------
 _Arrays = tuple[np.ndarray, np.ndarray]  # (members' rows, non-members' rows)
+_Pair = tuple[AttackData, AttackData]
+
+
+@dataclass(frozen=True)
+class _View:
+    train: _Pair  # what the attack model learns from
+    test: _Pair  # what it scores: evaluation members, non-members
+    note: str
+    calibrate: _Pair | None = None  # where the attacker sets its threshold (default: train)
+    orient: bool = False  # flip the score when it ranks the calibration members below non-members
 
 
 def _views(config: AuditConfig, predictor: Predictor, defend: _AttackerDefense | None, sets: _Sets,
            shadow_p: _Arrays, released: _Arrays) -> dict[str, Any]:  # fmt: skip
-    """view name -> (attacker's training pair, evaluation pair, note)."""
+    """view name -> what the attacker trains on, scores and calibrates with."""
     y_sin, y_sout = sets.rows("shadow_in")[1], sets.rows("shadow_out")[1]
     y_in, y_out = sets.data.y[sets.parts["target_train"]], sets.data.y[sets.parts["eval_nonmember"]]
     target = (AttackData(released[0], y_in), AttackData(released[1], y_out))
-    views: dict[str, Any] = {}
+    views: dict[str, _View] = {}
+    raw = (AttackData(shadow_p[0], y_sin), AttackData(shadow_p[1], y_sout))
     if "shadow" in config.views:
-        views["shadow"] = ((AttackData(shadow_p[0], y_sin), AttackData(shadow_p[1], y_sout)), target,
-                           "shadow model's outputs as they are")  # fmt: skip
+        views["shadow"] = _View(raw, target, "shadow model's outputs as they are")
     if defend is None:
         return views
     defended = (defend(shadow_p[0]), defend(shadow_p[1]))
     adaptive = (AttackData(defended[0], y_sin), AttackData(defended[1], y_sout))
     if "adaptive" in config.views:
-        views["adaptive"] = (adaptive, target, "shadow outputs passed through the same defense")
+        views["adaptive"] = _View(adaptive, target, "shadow outputs passed through the same defense")
+    if "flipped" in config.views:
+        views["flipped"] = _View(raw, target, "trained on raw shadow outputs; orientation and threshold set on "
+                                 "defended shadow outputs (a defense that inverts decisions leaks as AUC < 0.5)",
+                                 calibrate=adaptive, orient=True)  # fmt: skip
     if "known" in config.views:
         rng = np.random.default_rng(config.seed)
         k_in = rng.random(len(y_in)) < config.known_fraction  # the records the attacker knows
         k_out = rng.random(len(y_out)) < config.known_fraction
         train = (AttackData(released[0][k_in], y_in[k_in]), AttackData(released[1][k_out], y_out[k_out]))
         test = (AttackData(released[0][~k_in], y_in[~k_in]), AttackData(released[1][~k_out], y_out[~k_out]))
-        views["known"] = (train, test, f"endpoint's outputs on {config.known_fraction:.0%} of the evaluation "
-                          "records, scored on the rest")  # fmt: skip
+        views["known"] = _View(train, test, f"endpoint's outputs on {config.known_fraction:.0%} of the evaluation "
+                               "records, scored on the rest")  # fmt: skip
     if "rounded" in config.views:
         d = config.round_decimals
-        views["rounded"] = (
-            tuple(AttackData(round_vectors(a.probs, d), a.labels) for a in adaptive),
-            tuple(AttackData(round_vectors(a.probs, d), a.labels) for a in target),
-            f"adaptive, every vector rounded to {d} decimals first",
+        rounded_train = (AttackData(round_vectors(adaptive[0].probs, d), y_sin),
+                         AttackData(round_vectors(adaptive[1].probs, d), y_sout))  # fmt: skip
+        rounded_test = (
+            AttackData(round_vectors(released[0], d), y_in),
+            AttackData(round_vectors(released[1], d), y_out),
         )
+        views["rounded"] = _View(rounded_train, rounded_test, f"adaptive, every vector rounded to {d} decimals first")
     if "repeated" in config.views:
         rng = np.random.default_rng(config.seed + 1)
         r = config.repeats
@@ -214,7 +231,7 @@ def _views(config: AuditConfig, predictor: Predictor, defend: _AttackerDefense |
         def shadow_averaged(p: np.ndarray) -> np.ndarray:
             return np.mean([defend(p, secret=f"copy {i}".encode()) for i in range(r)], axis=0)
 
-        views["repeated"] = (
+        views["repeated"] = _View(
             (AttackData(shadow_averaged(shadow_p[0]), y_sin), AttackData(shadow_averaged(shadow_p[1]), y_sout)),
             (AttackData(averaged(X_in), y_in), AttackData(averaged(X_out), y_out)),
             f"{r} queries per record, inputs jittered by ±{config.jitter:g} so each copy gets its own noise key",
@@ -399,20 +416,29 @@ def run_audit(config: AuditConfig) -> AuditResult:
             close()
 
     bar = tqdm(total=len(views) * len(config.attacks), desc="attacks", disable=not config.progress, leave=False)
-    for view, (train, test, note) in views.items():
-        notes[view] = note
+    fitted: dict[tuple[int, str], Any] = {}  # views that train on the same data share the fitted attack
+    for view_name, view in views.items():
+        notes[view_name] = view.note
         for name in config.attacks:
-            bar.set_postfix_str(f"{view}/{name}")
+            bar.set_postfix_str(f"{view_name}/{name}")
             t0 = time.perf_counter()
-            attack = create_attack(name, **config.attack_options.get(name, {}))
-            attack.fit(*train)
-            calib = (attack.score(train[0]), attack.score(train[1]))
-            pair = attack.score(test[0]), attack.score(test[1])
+            if (id(view.train), name) not in fitted:
+                attack = create_attack(name, **config.attack_options.get(name, {}))
+                attack.fit(*view.train)
+                fitted[(id(view.train), name)] = attack
+            attack = fitted[(id(view.train), name)]
+            on = view.calibrate or view.train
+            calib = (attack.score(on[0]), attack.score(on[1]))
+            pair = attack.score(view.test[0]), attack.score(view.test[1])
+            sign = -1.0 if view.orient and auc(*calib) < 0.5 else 1.0
+            calib, pair = (sign * calib[0], sign * calib[1]), (sign * pair[0], sign * pair[1])
             s = score_attack(*pair, shadow=calib)
-            key = f"{view}/{name}"
+            key = f"{view_name}/{name}"
             results[key] = {**s.as_dict(), "seconds": round(time.perf_counter() - t0, 1)}
+            if view.orient:
+                results[key]["orientation"] = sign
             scores[key] = pair
-            per_class[key] = _per_class(*pair, test[0].labels, test[1].labels, best_threshold(*calib)[0])
+            per_class[key] = _per_class(*pair, view.test[0].labels, view.test[1].labels, best_threshold(*calib)[0])
             bar.update()
     bar.close()
     if config.lira_shadows is not None:

@@ -180,7 +180,7 @@ def test_audit_runs_attacks_and_writes_reports(tabular: Path, tmp_path: Path, qu
         assert main(args + (["--adaptive", "--param", "epsilon=0.5"] if defense != "none" else [])) == 0
         report = json.loads((out / "report.json").read_text())
         u = report["utility"]
-        views = ["shadow"] if defense == "none" else ["shadow", "adaptive", "known", "rounded", "repeated"]
+        views = ["shadow"] if defense == "none" else ["shadow", "adaptive", "flipped", "known", "rounded", "repeated"]
         assert list(report["views"]) == views
         assert set(report["attacks"]) == {f"{v}/{a}" for v in views for a in ("gap", "confidence", "entropy")}
         assert u["label_loss"] == 0.0
@@ -195,6 +195,7 @@ def test_audit_runs_attacks_and_writes_reports(tabular: Path, tmp_path: Path, qu
             assert report["defense_params"] == {"epsilon": 0.5}
             assert u["exact_repeats_identical"] == 1.0  # keyed noise: an exact repeat gets the same answer
             assert u["l1"]["mean"] <= 0.5 + 0.1  # ε bounds the expected L1
+            assert report["attacks"]["flipped/confidence"]["orientation"] in (-1.0, 1.0)
 
 
 def test_audit_label_only_and_lira_attacks(tmp_path: Path) -> None:
