@@ -1,0 +1,67 @@
+"""Condense sweep results into the tables of docs/RESULTS.md.
+
+    python bench/summarize.py reports/location30/sweep.json [--extra reports/location30-flipped/sweep.json]
+
+Prints one Markdown row per setting: utility, the label-only floor, MemGuard's NN attack (shadow and
+adaptive views), the best attack of each family, and the goals' verdicts. ``--extra`` sweeps add their
+attacks to the settings with the same label (e.g. the flipped view run separately).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+FAMILIES = {
+    "label-only": lambda k: k.startswith("label-only/"),
+    "LiRA": lambda k: k.startswith("reference/"),
+    "vector, adaptive views": lambda k: (
+        k.split("/")[0] in ("adaptive", "flipped", "known", "rounded", "repeated") and not k.endswith("/gap")
+    ),
+    "vector, shadow": lambda k: k.startswith("shadow/") and not k.endswith("/gap"),
+}
+
+
+def _best(attacks: dict[str, Any], keep: Any) -> tuple[str, dict[str, Any]] | None:
+    keys = [k for k in attacks if keep(k)]
+    if not keys:
+        return None
+    k = max(keys, key=lambda k: attacks[k]["balanced_accuracy"])
+    return k, attacks[k]
+
+
+def _cell(best: tuple[str, dict[str, Any]] | None) -> str:
+    if best is None:
+        return "—"
+    k, r = best
+    return f"{r['balanced_accuracy']:.3f} ({k.split('/', 1)[1]})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweep", type=Path)
+    parser.add_argument("--extra", type=Path, action="append", default=[])
+    args = parser.parse_args()
+    rows = json.loads(args.sweep.read_text())
+    for extra in args.extra:
+        by_label = {r["setting"]: r for r in json.loads(extra.read_text())}
+        for r in rows:
+            r["attacks"].update(by_label.get(r["setting"], {}).get("attacks", {}))
+    print("| setting | test acc. | label loss | mean L1 | floor | NN, shadow / adaptive | best vector attack, "
+          "shadow | best vector attack, defense-aware | LiRA | label-only | max TPR@0.1% FPR |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---|---|---|---|---:|")
+    for r in rows:
+        a = r["attacks"]
+        nn = "/".join(f"{a[k]['balanced_accuracy']:.3f}" if k in a else "—"
+                      for k in ("shadow/nn_sorted", "adaptive/nn_sorted"))  # fmt: skip
+        tpr = max((v["tpr_at_01pct_fpr"] for v in a.values()), default=0.0)
+        cells = [_cell(_best(a, FAMILIES[f])) for f in ("vector, shadow", "vector, adaptive views", "LiRA",
+                                                         "label-only")]  # fmt: skip
+        print(f"| {r['setting']} | {r['test_accuracy']:.3f} | {r['label_loss']:.3f} | {r['mean_l1']:.3f} | "
+              f"{r['label_only_floor']:.3f} | {nn} | " + " | ".join(cells) + f" | {tpr:.3f} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
