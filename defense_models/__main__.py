@@ -178,7 +178,7 @@ def _add_audit(p: argparse.ArgumentParser) -> None:
     p.add_argument("--noise-secret", help="in-process: the secret for randomized defenses (default: demo mode)")
     p.add_argument("--attacks", nargs="+", default=list(DEFAULT_ATTACKS), help="vector attacks")
     p.add_argument("--views", nargs="+", default=["shadow"], choices=VIEWS,
-                   help="attacker knowledge for the vector attacks (all but shadow need a defense)")  # fmt: skip
+                   help="attacker knowledge for vector attacks (all but shadow and known need a defense)")  # fmt: skip
     p.add_argument("--adaptive", action="store_true", help="all views: " + ", ".join(VIEWS))
     p.add_argument("--label-only", nargs="*", default=None, choices=LABEL_ONLY,
                    help="label-only attacks that query the target (no names: both)")  # fmt: skip

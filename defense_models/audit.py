@@ -61,7 +61,8 @@ DEFAULT_ATTACKS = (
 #: Attacks that read the released confidence values (all but the gap attack's label check): the
 #: issue's "confidence-based" goal applies to these.
 CONFIDENCE_BASED = frozenset(DEFAULT_ATTACKS) - {"gap"}
-#: What the attacker knows. ``shadow`` always runs; the others need a defense (``--adaptive``).
+#: What the attacker knows. ``shadow`` and ``known`` need no defense; the others use the attacker's
+#: copy of it (``--adaptive`` selects all).
 VIEWS = ("shadow", "adaptive", "flipped", "known", "rounded", "repeated")
 LABEL_ONLY = ("noise_robustness", "boundary_distance")
 #: Per-class accuracies only for classes with at least this many members and non-members.
@@ -192,16 +193,6 @@ def _views(config: AuditConfig, predictor: Predictor, defend: _AttackerDefense |
     raw = (AttackData(shadow_p[0], y_sin), AttackData(shadow_p[1], y_sout))
     if "shadow" in config.views:
         views["shadow"] = _View(raw, target, "shadow model's outputs as they are")
-    if defend is None:
-        return views
-    defended = (defend(shadow_p[0]), defend(shadow_p[1]))
-    adaptive = (AttackData(defended[0], y_sin), AttackData(defended[1], y_sout))
-    if "adaptive" in config.views:
-        views["adaptive"] = _View(adaptive, target, "shadow outputs passed through the same defense")
-    if "flipped" in config.views:
-        views["flipped"] = _View(raw, target, "trained on raw shadow outputs; orientation and threshold set on "
-                                 "defended shadow outputs (a defense that inverts decisions leaks as AUC < 0.5)",
-                                 calibrate=adaptive, orient=True)  # fmt: skip
     if "known" in config.views:
         rng = np.random.default_rng(config.seed)
         k_in = rng.random(len(y_in)) < config.known_fraction  # the records the attacker knows
@@ -210,6 +201,28 @@ def _views(config: AuditConfig, predictor: Predictor, defend: _AttackerDefense |
         test = (AttackData(released[0][~k_in], y_in[~k_in]), AttackData(released[1][~k_out], y_out[~k_out]))
         views["known"] = _View(train, test, f"endpoint's outputs on {config.known_fraction:.0%} of the evaluation "
                                "records, scored on the rest")  # fmt: skip
+    if defend is None:
+        return views
+    views.update(_defense_aware_views(config, predictor, defend, sets, shadow_p, released, raw, target))
+    return {v: views[v] for v in VIEWS if v in views}  # report in VIEWS order
+
+
+def _defense_aware_views(
+    config: AuditConfig, predictor: Predictor, defend: _AttackerDefense, sets: _Sets, shadow_p: _Arrays,
+    released: _Arrays, raw: _Pair, target: _Pair,
+) -> dict[str, _View]:  # fmt: skip
+    """The views that need the attacker's copy of the defense."""
+    y_sin, y_sout = raw[0].labels, raw[1].labels
+    y_in, y_out = target[0].labels, target[1].labels
+    views: dict[str, _View] = {}
+    defended = (defend(shadow_p[0]), defend(shadow_p[1]))
+    adaptive = (AttackData(defended[0], y_sin), AttackData(defended[1], y_sout))
+    if "adaptive" in config.views:
+        views["adaptive"] = _View(adaptive, target, "shadow outputs passed through the same defense")
+    if "flipped" in config.views:
+        views["flipped"] = _View(raw, target, "trained on raw shadow outputs; orientation and threshold set on "
+                                 "defended shadow outputs (a defense that inverts decisions leaks as AUC < 0.5)",
+                                 calibrate=adaptive, orient=True)  # fmt: skip
     if "rounded" in config.views:
         d = config.round_decimals
         rounded_train = (AttackData(round_vectors(adaptive[0].probs, d), y_sin),

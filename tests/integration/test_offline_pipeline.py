@@ -177,10 +177,12 @@ def test_audit_runs_attacks_and_writes_reports(tabular: Path, tmp_path: Path, qu
         out = tmp_path / f"report-{defense}"
         args = ["audit", "--bundle", str(tmp_path / "b"), "--defense", defense, "--shadow-epochs", "5",
                 "--attacks", "gap", "confidence", "entropy", "--quiet", "--out", str(out)]  # fmt: skip
-        assert main(args + (["--adaptive", "--param", "epsilon=0.5"] if defense != "none" else [])) == 0
+        assert main(args + (["--adaptive", "--param", "epsilon=0.5"] if defense != "none" else
+                            ["--views", "shadow", "known"])) == 0  # fmt: skip
         report = json.loads((out / "report.json").read_text())
         u = report["utility"]
-        views = ["shadow"] if defense == "none" else ["shadow", "adaptive", "flipped", "known", "rounded", "repeated"]
+        views = ["shadow", "known"] if defense == "none" else ["shadow", "adaptive", "flipped", "known", "rounded",
+                                                               "repeated"]  # fmt: skip
         assert list(report["views"]) == views
         assert set(report["attacks"]) == {f"{v}/{a}" for v in views for a in ("gap", "confidence", "entropy")}
         assert u["label_loss"] == 0.0
