@@ -17,7 +17,7 @@ from typing import Any
 FAMILIES = {
     "label-only": lambda k: k.startswith("label-only/"),
     "LiRA": lambda k: k.startswith("reference/"),
-    "vector, adaptive views": lambda k: (
+    "vector, other views": lambda k: (
         k.split("/")[0] in ("adaptive", "flipped", "known", "rounded", "repeated") and not k.endswith("/gap")
     ),
     "vector, shadow": lambda k: k.startswith("shadow/") and not k.endswith("/gap"),
@@ -50,14 +50,14 @@ def main() -> None:
         for r in rows:
             r["attacks"].update(by_label.get(r["setting"], {}).get("attacks", {}))
     print("| setting | test acc. | label loss | mean L1 | floor | NN, shadow / adaptive | best vector attack, "
-          "shadow | best vector attack, defense-aware | LiRA | label-only | max TPR@0.1% FPR |")  # fmt: skip
+          "shadow | best vector attack, other views | LiRA | label-only | max TPR@0.1% FPR |")  # fmt: skip
     print("|---|---:|---:|---:|---:|---:|---|---|---|---|---:|")
     for r in rows:
         a = r["attacks"]
         nn = "/".join(f"{a[k]['balanced_accuracy']:.3f}" if k in a else "—"
                       for k in ("shadow/nn_sorted", "adaptive/nn_sorted"))  # fmt: skip
         tpr = max((v["tpr_at_01pct_fpr"] for v in a.values()), default=0.0)
-        cells = [_cell(_best(a, FAMILIES[f])) for f in ("vector, shadow", "vector, adaptive views", "LiRA",
+        cells = [_cell(_best(a, FAMILIES[f])) for f in ("vector, shadow", "vector, other views", "LiRA",
                                                          "label-only")]  # fmt: skip
         print(f"| {r['setting']} | {r['test_accuracy']:.3f} | {r['label_loss']:.3f} | {r['mean_l1']:.3f} | "
               f"{r['label_only_floor']:.3f} | {nn} | " + " | ".join(cells) + f" | {tpr:.3f} |")  # fmt: skip
