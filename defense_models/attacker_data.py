@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from gateway.registry import Registry
+
 #: predict(X [N, D]) -> probabilities [N, C] (the endpoint, or any Predictor's .predict)
 PredictFn = Callable[[np.ndarray], np.ndarray]
 
@@ -54,26 +56,15 @@ class _Counted:
         return self._predict(np.ascontiguousarray(X, dtype=np.float32))
 
 
-Source = Callable[..., AttackerRecords]
-SOURCES: dict[str, Source] = {}
-
-
-def register(name: str) -> Callable[[Source], Source]:
-    def deco(fn: Source) -> Source:
-        SOURCES[name] = fn
-        return fn
-
-    return deco
+SOURCES = Registry("attacker data")
+register = SOURCES.function
 
 
 def attacker_records(source: str, shadow_in: tuple[np.ndarray, np.ndarray], shadow_out: tuple[np.ndarray, np.ndarray],
                      predict: PredictFn, *, seed: int = 0, **params: Any) -> AttackerRecords:  # fmt: skip
     """``shadow_in``/``shadow_out``: the real records the attacker holds (X, y); ``predict``: the endpoint."""
-    try:
-        fn = SOURCES[source]
-    except KeyError:
-        raise ValueError(f"unknown attacker data {source!r}; choose one of {sorted(SOURCES)}") from None
-    return fn(shadow_in, shadow_out, predict, np.random.default_rng(seed), **params)
+    fn = SOURCES.get(source)
+    return fn(shadow_in, shadow_out, predict, np.random.default_rng(seed), **params)  # type: ignore[no-any-return]
 
 
 @register("real")

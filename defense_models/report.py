@@ -34,6 +34,12 @@ def _pyplot() -> Any:
     return plt
 
 
+def _save(fig: Any, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+
+
 def _groups(keys: list[str]) -> dict[str, list[str]]:
     groups: dict[str, list[str]] = {}
     for k in keys:
@@ -58,9 +64,7 @@ def plot_roc(result: AuditResult, path: Path) -> None:
         ax.set(xscale="log", yscale="log", xlabel="false-positive rate", ylabel="true-positive rate", title=view)
         ax.legend(fontsize=7, loc="lower right")
     fig.suptitle(f"ROC (log-log), defense {result.report['defense']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_distributions(result: AuditResult, path: Path) -> None:
@@ -82,9 +86,7 @@ def plot_distributions(result: AuditResult, path: Path) -> None:
             ax.hist(b, bins=bins, alpha=0.55, label="non-members", density=True)
             ax.set(title=f"{title}: {metric}", xlabel=metric, ylabel="density")
             ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_l1(result: AuditResult, path: Path) -> None:
@@ -97,9 +99,7 @@ def plot_l1(result: AuditResult, path: Path) -> None:
     ax.hist(d_out, bins=bins, alpha=0.55, label=f"non-members (mean {d_out.mean():.3f})")
     ax.set(title=f"L1 distortion, defense {result.report['defense']}", xlabel="‖released − clean‖₁", ylabel="rows")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_per_class(result: AuditResult, path: Path) -> None:
@@ -112,9 +112,7 @@ def plot_per_class(result: AuditResult, path: Path) -> None:
     ax.axvline(result.report["utility"]["label_only_floor"], color="k", ls=":", lw=0.8, label="label-only floor")
     ax.set(xlabel="per-class balanced accuracy", ylabel="share of classes (CDF)", title="per-class attack accuracy")
     ax.legend(fontsize=6, ncols=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def markdown(report: dict[str, Any]) -> str:

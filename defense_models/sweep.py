@@ -178,7 +178,7 @@ def sweep_markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def plot_sweep(rows: list[dict[str, Any]], path: Path) -> None:
-    from defense_models.report import _pyplot
+    from defense_models.report import _pyplot, _save
 
     plt = _pyplot()
     curves: dict[str, list[dict[str, Any]]] = {}
@@ -213,6 +213,4 @@ def plot_sweep(rows: list[dict[str, Any]], path: Path) -> None:
         ax.scatter(r["test_accuracy"], r["best_balanced_accuracy"], s=18)
         ax.annotate(r["setting"], (r["test_accuracy"], r["best_balanced_accuracy"]), fontsize=6)
     ax.set(xlabel="test accuracy", ylabel="best attack balanced accuracy", title="privacy vs utility")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)

@@ -7,17 +7,18 @@ Built-in members live in modules that are imported on first lookup, so importing
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
-from typing import TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 T = TypeVar("T", bound=type)
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class Registry:
-    def __init__(self, kind: str, builtin_modules: Sequence[str]) -> None:
+    def __init__(self, kind: str, builtin_modules: Sequence[str] = ()) -> None:
         self.kind = kind
         self._builtin_modules = tuple(builtin_modules)
-        self._classes: dict[str, type] = {}
+        self._classes: dict[str, Any] = {}
         self._loaded = False
 
     def register(self, cls: T) -> T:
@@ -25,10 +26,17 @@ class Registry:
         name = getattr(cls, "name", None)
         if not isinstance(name, str) or not name:
             raise TypeError(f"{cls.__qualname__} needs a non-empty class attribute `name`")
-        if name in self._classes and self._classes[name] is not cls:
+        return self._add(name, cls)
+
+    def function(self, name: str) -> Callable[[F], F]:
+        """Decorator for a family of plain functions (e.g. trainers), registered under ``name``."""
+        return lambda fn: self._add(name, fn)
+
+    def _add(self, name: str, member: Any) -> Any:
+        if name in self._classes and self._classes[name] is not member:
             raise ValueError(f"{self.kind} {name!r} is already registered by {self._classes[name].__qualname__}")
-        self._classes[name] = cls
-        return cls
+        self._classes[name] = member
+        return member
 
     def unregister(self, name: str) -> None:
         """For tests that register a dummy."""
@@ -44,7 +52,7 @@ class Registry:
         self._load_builtins()
         return sorted(self._classes)
 
-    def get(self, name: str) -> type:
+    def get(self, name: str) -> Any:
         self._load_builtins()
         try:
             return self._classes[name]

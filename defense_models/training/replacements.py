@@ -19,7 +19,6 @@ KEY=VALUE`` (``TrainConfig.replacement_params``); unknown keys are refused.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -31,6 +30,7 @@ from defense_models.data import Dataset
 from defense_models.nets import build, mlp
 from defense_models.training.adv_reg import AdvRegConfig, train_adv_reg
 from defense_models.training.loop import FitConfig, fit, seed_everything
+from gateway.registry import Registry
 
 Pair = tuple[torch.Tensor, torch.Tensor]  # (X [N, D] float32, y [N] int64)
 
@@ -49,16 +49,9 @@ class Context:
     advreg_follow_recipe: bool
 
 
-Trainer = Callable[[Context, dict[str, Any]], tuple[nn.Module, dict[str, Any]]]
-REPLACEMENTS: dict[str, Trainer] = {}
-
-
-def register(name: str) -> Callable[[Trainer], Trainer]:
-    def deco(fn: Trainer) -> Trainer:
-        REPLACEMENTS[name] = fn
-        return fn
-
-    return deco
+#: name -> trainer(context, params) -> (model, manifest record)
+REPLACEMENTS = Registry("replacement")
+register = REPLACEMENTS.function
 
 
 def _take(params: dict[str, Any], defaults: dict[str, Any], kind: str) -> dict[str, Any]:
@@ -68,10 +61,7 @@ def _take(params: dict[str, Any], defaults: dict[str, Any], kind: str) -> dict[s
 
 
 def train_replacement(kind: str, ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
-    try:
-        trainer = REPLACEMENTS[kind]
-    except KeyError:
-        raise ValueError(f"unknown replacement {kind!r}; choose one of {sorted(REPLACEMENTS)}") from None
+    trainer = REPLACEMENTS.get(kind)
     torch.manual_seed(ctx.seed)
     model, record = trainer(ctx, params)
     return model.eval(), {"kind": kind, **record}

@@ -45,3 +45,19 @@ def test_register_dummy_then_duplicate_raises() -> None:
 def test_none_takes_no_parameters() -> None:
     with pytest.raises(ValueError, match="takes no parameters"):
         create_defense("none", None, {"epsilon": 1}, torch.device("cpu"))
+
+
+def test_function_families_register_by_name_and_refuse_duplicates() -> None:
+    from gateway.registry import Registry
+
+    trainers = Registry("trainer")
+
+    @trainers.function("plain")
+    def plain() -> str:
+        return "plain"
+
+    assert trainers.get("plain") is plain and trainers.names() == ["plain"]
+    with pytest.raises(ValueError, match="already registered"):
+        trainers.function("plain")(lambda: "other")
+    with pytest.raises(ValueError, match=r"unknown trainer 'nope'; choose one of \['plain'\]"):
+        trainers.get("nope")
