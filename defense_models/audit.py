@@ -39,7 +39,6 @@ from defense_models.scoring import (
     accuracy,
     auc,
     balanced_accuracy_at,
-    best_threshold,
     gap_floor,
     l1_stats,
     label_loss,
@@ -138,7 +137,10 @@ def _shadow_model(manifest: Any, sets: _Sets, config: AuditConfig) -> torch.nn.M
     return shadow.eval()
 
 
-def _softmax_predict(model: torch.nn.Module) -> Callable[[np.ndarray], np.ndarray]:
+_Predict = Callable[[np.ndarray], np.ndarray]  # X [N, D] -> probabilities [N, C]
+
+
+def _softmax_predict(model: torch.nn.Module) -> _Predict:
     def predict(X: np.ndarray) -> np.ndarray:
         return torch.softmax(predict_logits(model, torch.from_numpy(np.asarray(X, np.float32))).double(), 1).numpy()
 
@@ -263,27 +265,25 @@ def _per_class(members: np.ndarray, nonmembers: np.ndarray, y_in: np.ndarray, y_
 
 
 # --- label-only and reference-model attacks ------------------------------------------------------------
-def _label_only(config: AuditConfig, name: str, predictor: Predictor, shadow: torch.nn.Module, sets: _Sets,
-                lo_hi: tuple[float, float], released: _Arrays) -> tuple[dict[str, Any], _Arrays]:  # fmt: skip
+def _label_only(config: AuditConfig, name: str, predictor: Predictor, shadow_predict: _Predict, sets: _Sets,
+                released: _Arrays) -> tuple[dict[str, Any], _Arrays]:  # fmt: skip
     from defense_models.attacks.label_only import BoundaryDistanceAttack, NoiseRobustnessAttack
 
     n = config.label_only_rows
     rows = {
         r: tuple(a[:n] for a in sets.rows(r)) for r in ("shadow_in", "shadow_out", "target_train", "eval_nonmember")
     }
-    shadow_predict = _softmax_predict(shadow)
     attack: Any
     if name == "noise_robustness":
         attack = NoiseRobustnessAttack(copies=config.label_only_copies, seed=config.seed)
-        attack.fit(shadow_predict, *rows["shadow_in"], *rows["shadow_out"])
-        calib = attack.score(shadow_predict, *rows["shadow_in"]), attack.score(shadow_predict, *rows["shadow_out"])
-        extra: dict[str, Any] = {"flip_rate": attack.flip}
+        extra: dict[str, Any] = {}
     else:
-        attack = BoundaryDistanceAttack(
-            max_queries=config.label_only_queries, lo=lo_hi[0], hi=lo_hi[1], seed=config.seed
-        )
-        calib = attack.fit(shadow_predict, *rows["shadow_in"], *rows["shadow_out"])
+        lo, hi = float(sets.data.X.min()), float(sets.data.X.max())  # the feature box
+        attack = BoundaryDistanceAttack(max_queries=config.label_only_queries, lo=lo, hi=hi, seed=config.seed)
         extra = {"max_queries_per_row": attack.max_queries}
+    calib = attack.fit(shadow_predict, *rows["shadow_in"], *rows["shadow_out"])  # shadow scores: the threshold
+    if name == "noise_robustness":
+        extra["flip_rate"] = attack.flip
     before = attack.queries
     s = attack.score(predictor.predict, *rows["target_train"]), attack.score(predictor.predict, *rows["eval_nonmember"])
     spent = attack.queries - before
@@ -420,8 +420,7 @@ def run_audit(config: AuditConfig) -> AuditResult:
             if name == "noise_robustness" and not data.binary:
                 continue  # it flips binary features
             key = f"label-only/{name}"
-            lo_hi = float(data.X.min()), float(data.X.max())
-            results[key], scores[key] = _label_only(config, name, predictor, shadow, sets, lo_hi, released)
+            results[key], scores[key] = _label_only(config, name, predictor, predict_shadow, sets, released)
             notes["label-only"] = "label queries only, within a per-row query budget"
     finally:
         close = getattr(predictor, "close", None)
@@ -451,7 +450,7 @@ def run_audit(config: AuditConfig) -> AuditResult:
             if view.orient:
                 results[key]["orientation"] = sign
             scores[key] = pair
-            per_class[key] = _per_class(*pair, view.test[0].labels, view.test[1].labels, best_threshold(*calib)[0])
+            per_class[key] = _per_class(*pair, view.test[0].labels, view.test[1].labels, s.threshold)
             bar.update()
     bar.close()
     if config.lira_shadows is not None:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from defense_models.attacks.base import AttackData
-from defense_models.attacks.metric import neg_entropy
+from defense_models.attacks.metric import confidence, neg_entropy
 from defense_models.audit import AuditResult
 from defense_models.scoring import roc
 
@@ -74,13 +74,9 @@ def plot_distributions(result: AuditResult, path: Path) -> None:
         rows.append(("released", result.released))
     fig, axes = plt.subplots(len(rows), 2, figsize=(10, 3.4 * len(rows)), squeeze=False)
     for (title, (p_in, p_out)), ax_row in zip(rows, axes, strict=True):
-        for ax, (metric, fn) in zip(ax_row, (("confidence on the true label", "conf"), ("entropy", "ent")),
-                                    strict=True):  # fmt: skip
-
-            def value(p: np.ndarray, y: np.ndarray, fn: str = fn) -> np.ndarray:
-                return p[np.arange(len(y)), y] if fn == "conf" else -neg_entropy(AttackData(p, y))
-
-            a, b = value(p_in, result.labels[0]), value(p_out, result.labels[1])
+        metrics = (("confidence on the true label", confidence), ("entropy", lambda d: -neg_entropy(d)))
+        for ax, (metric, fn) in zip(ax_row, metrics, strict=True):
+            a, b = fn(AttackData(p_in, result.labels[0])), fn(AttackData(p_out, result.labels[1]))
             bins = np.linspace(min(a.min(), b.min()), max(a.max(), b.max()) + 1e-9, 40)
             ax.hist(a, bins=bins, alpha=0.55, label="members", density=True)
             ax.hist(b, bins=bins, alpha=0.55, label="non-members", density=True)

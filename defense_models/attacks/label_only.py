@@ -42,16 +42,19 @@ class NoiseRobustnessAttack:
         return (labels == y[:, None]).mean(axis=1)
 
     def fit(self, shadow_predict: PredictFn, X_in: np.ndarray, y_in: np.ndarray, X_out: np.ndarray,
-            y_out: np.ndarray) -> None:  # fmt: skip
-        """Pick the flip rate that separates the shadow model's members from its non-members best."""
-        best = (-1.0, self.flips[0])
+            y_out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """Pick the flip rate that separates the shadow model's members from its non-members best;
+        return the shadow scores at that rate (for the audit's threshold)."""
+        best: tuple[float, float, tuple[np.ndarray, np.ndarray]] | None = None
         for flip in self.flips:
             s_in = self._robustness(shadow_predict, X_in, y_in, flip)
             s_out = self._robustness(shadow_predict, X_out, y_out, flip)
             bacc = best_threshold(s_in, s_out)[1]
-            if bacc > best[0]:
-                best = (bacc, flip)
+            if best is None or bacc > best[0]:
+                best = (bacc, flip, (s_in, s_out))
+        assert best is not None, "flips must not be empty"
         self.flip = best[1]
+        return best[2]
 
     def score(self, predict: PredictFn, X: np.ndarray, y: np.ndarray) -> np.ndarray:
         if self.flip is None:

@@ -38,9 +38,12 @@ def test_noise_robustness_works_through_a_label_preserving_defense() -> None:
     target = overfit_model(d.X[take["target_train"]], d.y[take["target_train"]], 0)
     shadow = overfit_model(d.X[take["shadow_in"]], d.y[take["shadow_in"]], 1)
     attack = NoiseRobustnessAttack(copies=20)
-    attack.fit(predictor(shadow), d.X[take["shadow_in"]], d.y[take["shadow_in"]],
-               d.X[take["shadow_out"]], d.y[take["shadow_out"]])  # fmt: skip
+    calib = attack.fit(predictor(shadow), d.X[take["shadow_in"]], d.y[take["shadow_in"]],
+                       d.X[take["shadow_out"]], d.y[take["shadow_out"]])  # fmt: skip
     assert attack.flip in attack.flips
+    # fit returns the shadow scores at the chosen flip rate, the same a second scoring gives
+    np.testing.assert_array_equal(calib[0], attack.score(predictor(shadow), d.X[take["shadow_in"]],
+                                                         d.y[take["shadow_in"]]))  # fmt: skip
     rows = {r: (d.X[take[r]], d.y[take[r]]) for r in ("target_train", "eval_nonmember")}
     raw = [attack.score(predictor(target), *rows[r]) for r in ("target_train", "eval_nonmember")]
     defended = [attack.score(predictor(target, decimals=1), *rows[r]) for r in ("target_train", "eval_nonmember")]
