@@ -104,3 +104,40 @@ def test_batched_matches_the_serial_reference(defenders: dict[str, Any], data: A
     )
     assert worst <= 1e-9, worst
     assert (out != probs).any(1).all()
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        AepptParams(step_size=0.004),
+        AepptParams(step_size=0.02, clip_eps=0.05),  # the clip box, and label guards firing
+        AepptParams(step_size=0.004, dtype="float64"),
+    ],
+    ids=["box", "clip", "float64"],
+)
+def test_single_row_path_matches_the_batched_path(defenders: dict[str, Any], data: Any, params: AepptParams) -> None:
+    """Batch 1 runs a NumPy loop (``_iterate_row``); it must give what the batched loop gives."""
+    probs = torch.cat([data[0][:16], data[1][:16]])
+    z = torch.log(probs).float()
+    keys = keys_for(z)
+    d = Aeppt(defenders["substitute"], params, CPU)
+    batched = d.defend(probs, z, keys)
+    single = torch.cat([d.defend(probs[i : i + 1], z[i : i + 1], keys[i : i + 1]) for i in range(len(probs))])
+    assert (batched != probs).any(1).all()  # every row moved
+    assert (single - batched).abs().max().item() <= (1e-6 if params.dtype == "float32" else 1e-12)
+    assert torch.equal(single.argmax(1), probs.argmax(1))
+
+
+def test_single_row_path_matches_the_serial_reference(defenders: dict[str, Any], data: Any) -> None:
+    from gateway.defenses._keyed import row_uniforms
+    from tests.reference import aeppt_reference_row
+
+    probs = torch.cat([data[0][:5], data[1][:5]])
+    keys = keys_for(torch.log(probs).float())
+    params = AepptParams(step_size=0.004, clip_eps=0.2, dtype="float64")
+    d = Aeppt(defenders["substitute"], params, CPU)
+    r = row_uniforms(keys, params.iterations).double()
+    for i in range(len(probs)):
+        out = d.defend(probs[i : i + 1], probs[i : i + 1].float(), keys[i : i + 1])[0]
+        ref = aeppt_reference_row(defenders["substitute"], probs[i], r[i], params)
+        assert (out - ref).abs().max().item() <= 1e-9

@@ -30,6 +30,20 @@ from tests.conftest import keys_for
 def test_philox_known_answers(counter: list[int], key: list[int], expected: list[int]) -> None:
     out = philox4x32(torch.tensor(counter, dtype=torch.int64), torch.tensor(key, dtype=torch.int64))
     assert out.tolist() == expected
+    # the same rounds on NumPy arrays (the CPU path of row_uniforms)
+    assert philox4x32(np.array([counter], dtype=np.int64), np.array([key], dtype=np.int64))[0].tolist() == expected
+
+
+@pytest.mark.parametrize("stream", [0, 1])
+def test_numpy_and_tensor_streams_agree(stream: int) -> None:
+    """CPU draws run in NumPy, other devices as tensor ops: the bits must be identical."""
+    from gateway.defenses._keyed import _uniforms_numpy, _uniforms_torch
+
+    words = np.random.default_rng(stream).integers(0, 2**32, size=(50, 8), dtype=np.int64)
+    for n in (1, 4, 37, 100):
+        a = _uniforms_numpy(words, n, stream)
+        assert torch.equal(a, _uniforms_torch(words, n, stream, torch.device("cpu")))
+        assert a.shape == (50, n) and a.dtype == torch.float32
 
 
 def test_digest_is_a_function_of_secret_context_and_row() -> None:
