@@ -186,13 +186,17 @@ class Aeppt:
         delta = delta.clone()
         step = d[:, None] * delta  # [B, K] d·α·r_k
         step_k = step.unsqueeze(2).unbind(1)  # K × [B, 1] views: freezing (zeroing rows) reaches them
-        # The label's lead shrinks by at most 2·α·r_k per step (every coordinate moves at most α·r_k), so
-        # the guard's exact test can wait until the smallest lead, less the largest possible shrink since
-        # it was measured, could have reached 0. Both are plain floats: no tensor work per iteration.
-        shrink = (2 * delta.amax(dim=0)).tolist()  # K floats
+        # The label's lead shrinks by at most 2·α·r_k per step (every coordinate moves at most α·r_k, plus
+        # a rounding allowance), so a row's exact test can wait until its last measured lead, less the
+        # largest possible shrink since, could have reached 0. Per row: key = lead + G at measurement,
+        # with G_k the cumulative shrink (plain floats); a row is due at step k once key ≤ G_k, and only
+        # due rows are measured. Frozen rows have key = ∞.
+        eps = 4 * torch.finfo(self.dtype).eps
+        G = torch.cumsum(2 * delta.amax(dim=0).double() + eps, 0).tolist()  # K floats
         v = y.clone()
         frozen = torch.zeros(y.shape[0], dtype=torch.bool, device=self.device)
-        lead = float(self._margin(v, labels).min())
+        key = self._margin(v, labels).double()  # [B]
+        due_at = float(key.min())
         need_logit = p.direction == "per_step" or p.early_stop
         box = p.clip_eps is None  # the box is [0, 1]: a scalar in-place clamp
         WpT, bp, WcpT, Wcp, Wp, Wo = self.WpT, self.bp, self.WcpT, self.Wcp, self.Wp, self.Wo
@@ -222,21 +226,20 @@ class Aeppt:
             assert sign is not None
             cand = torch.addcmul(v, step_k[k], sign)  # [B, C]
             cand = cand.clamp_(0.0, 1.0) if box else torch.clamp(cand, lo, hi)
-            if p.renormalize == "step":
+            every = p.renormalize == "step"  # renormalising moves every coordinate: test every row exactly
+            if every:
                 cand = cand / cand.sum(dim=1, keepdim=True)
-                lead = -1.0  # renormalising moves every coordinate: test exactly
-            lead -= shrink[k]
-            if lead <= 0:
+            if every or G[k] >= due_at:
                 # Label guard: a step that would change or tie the argmax is undone and the row freezes.
-                margin = self._margin(cand, labels)
-                bad = (margin <= 0) & ~frozen
+                due = (~frozen).nonzero()[:, 0] if every else (key <= G[k]).nonzero()[:, 0]  # [n]
+                margin = self._margin(cand[due], labels[due])  # [n]
+                bad = margin <= 0
                 if bool(bad.any()):
-                    cand[bad] = v[bad]
-                    self._freeze(bad, frozen, delta, step)
-                    margin = self._margin(cand, labels)
-                lead = (
-                    float(torch.where(frozen, float("inf"), margin).min()) if not bool(frozen.all()) else float("inf")
-                )
+                    rows = due[bad]
+                    cand[rows] = v[rows]
+                    self._freeze(rows, frozen, delta, step)
+                key[due] = torch.where(bad, float("inf"), margin.double() + G[k])
+                due_at = float(key.min())
             v = cand
         return v
 
@@ -258,7 +261,8 @@ class Aeppt:
         # The box: ufuncs in place (np.clip's Python wrappers cost more than the clamp itself).
         lo_np, hi_np = (0.0, 1.0) if self.config.clip_eps is None else (lo[0].numpy(), hi[0].numpy())
         steps = (d[0] * delta[0]).tolist()  # K floats d·α·r_k
-        shrink = (2 * delta[0]).tolist()
+        eps = 4 * torch.finfo(self.dtype).eps  # the rounding allowance of ``_iterate``
+        shrink = [2 * x + eps for x in delta[0].tolist()]
 
         def margin(u: np.ndarray) -> float:
             top = u[label]
@@ -300,8 +304,9 @@ class Aeppt:
 
     @staticmethod
     def _freeze(rows: torch.Tensor, frozen: torch.Tensor, delta: torch.Tensor, step: torch.Tensor) -> None:
-        """Freeze rows [B] in place: they take no further steps."""
-        if bool(rows.any()):
-            frozen |= rows
-            delta[rows] = 0
-            step[rows] = 0
+        """Freeze rows (a [B] mask or indices) in place: they take no further steps."""
+        idx = rows.nonzero()[:, 0] if rows.dtype == torch.bool else rows
+        if idx.numel():
+            frozen[idx] = True
+            delta.index_fill_(0, idx, 0)
+            step.index_fill_(0, idx, 0)

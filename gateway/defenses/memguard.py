@@ -86,7 +86,7 @@ class _G:
         """s [N, C] -> (h [N], hidden activations [a1 [N,256], a2 [N,128], a3 [N,64]])."""
         acts, x = [], s
         for W, b in self.layers[:-1]:
-            x = torch.relu(torch.addmm(b, x, W.t()))
+            x = torch.addmm(b, x, W.t()).clamp_min_(0)  # ReLU in place: one pass fewer over [N, width]
             acts.append(x)
         W, b = self.layers[-1]
         return torch.addmm(b, x, W.t())[:, 0], acts
@@ -201,7 +201,7 @@ class MemGuard:
         for it in range(max_steps + 1):
             s = torch.softmax(x, dim=1)  # [n, C]
             h, acts = self.g.forward(s)  # [n]
-            top_other, arg_other = x[:, :-1].max(dim=1)  # [n] max over j < C-1 and its index
+            top_other = x[:, :-1].amax(dim=1)  # [n] max over j < C-1 (its index only for hinge rows, below)
             if it > 0:
                 label_ok = x[:, -1] > top_other  # [n] strict maximum
                 reached = label_ok & (h * h_ref <= 0)
@@ -217,18 +217,21 @@ class MemGuard:
                     # compute until then, but copying every working tensor each time a row ends costs more.
                     if n_live <= live.numel() * 7 // 8:
                         keep = live
-                        ids, x, s, h, s_ref, h_ref, c3w, top_other, arg_other, live = (
-                            t[keep] for t in (ids, x, s, h, s_ref, h_ref, c3w, top_other, arg_other, live)
+                        ids, x, s, h, s_ref, h_ref, c3w, top_other, live = (
+                            t[keep] for t in (ids, x, s, h, s_ref, h_ref, c3w, top_other, live)
                         )
                         acts = [a[keep] for a in acts]
             work += n_live  # steps the rows need; rows awaiting compaction are not counted
             # dL/ds: c1·sign(h)·∂h/∂s + c3·sign(s − s̃)
             gs = torch.addcmul(self.g.input_grad(C1 * torch.sign(h), acts), c3w[:, None], torch.sign(s - s_ref))
             gx = s * (gs - (gs * s).sum(dim=1, keepdim=True))  # softmax backward [n, C]
-            # c2·ReLU(max_{j<C-1} x_j − x_{C-1}): gradient +c2 at the argmax, −c2 at the label
-            hinge = (top_other - x[:, -1] > 0).to(x.dtype) * C2  # [n]
-            gx.scatter_add_(1, arg_other[:, None], hinge[:, None])
-            gx[:, -1] -= hinge
+            # c2·ReLU(max_{j<C-1} x_j − x_{C-1}): gradient +c2 at the argmax (first maximal index, as
+            # max(dim) picks), −c2 at the label; only rows whose label is not ahead have one.
+            hinged = (top_other > x[:, -1]).nonzero()[:, 0]  # [m]
+            if hinged.numel():
+                arg_other = x[hinged, :-1].argmax(dim=1)  # [m]
+                gx.index_put_((hinged, arg_other), gx.new_full((hinged.numel(),), C2), accumulate=True)
+                gx[hinged, -1] -= C2
             norm = gx.norm(dim=1, keepdim=True)  # [n, 1]
             scale = torch.where(norm > 0, p.step_size / norm, torch.zeros_like(norm)) * live[:, None]  # [n, 1]
             x = torch.addcmul(x, gx, scale, value=-1.0)
