@@ -85,6 +85,14 @@ class Aeppt:
         self.Wo, self.bo = w["out.weight"][0], w["out.bias"]  # [64], [1]
         self.WpT, self.WcpT = self.Wp.t().contiguous(), self.Wcp.t().contiguous()  # [C, 256], [256, 64]
         self.classes = substitute.classes
+        # Large batches fold both biases into the GEMMs (addmm's broadcast copy of the bias is a full
+        # extra pass over [B, 256]): [v, 1] @ [Wpᵀ; bp], and [a, t̂] @ [Wcpᵀ; T] with T[c] the label
+        # branch's output for class c, so t̂ @ T is each row's label part.
+        C = self.classes
+        eye = torch.eye(C, device=device, dtype=self.dtype)
+        table = torch.addmm(self.bc, torch.relu(torch.addmm(self.bl, eye, self.Wl.t())), self.Wcl.t())  # [C, 64]
+        self.W1_aug = torch.cat([self.WpT, self.bp[None]]).contiguous()  # [C + 1, 256]
+        self.Wc_aug = torch.cat([self.WcpT, table]).contiguous()  # [256 + C, 64]
         # Zero-copy NumPy views for the single-row path (``_iterate_row``): CPU only.
         self._np = None if device.type != "cpu" else tuple(
             t.numpy() for t in (self.WpT, self.bp, self.WcpT, self.Wcp, self.Wp, self.Wo)
@@ -193,8 +201,19 @@ class Aeppt:
         # due rows are measured. Frozen rows have key = ∞.
         eps = 4 * torch.finfo(self.dtype).eps
         G = torch.cumsum(2 * delta.amax(dim=0).double() + eps, 0).tolist()  # K floats
-        v = y.clone()
-        frozen = torch.zeros(y.shape[0], dtype=torch.bool, device=self.device)
+        B, C = y.shape
+        reuse = B <= 64  # in larger batches some row's masks change at nearly every step
+        if reuse:
+            v = y.clone()
+        else:  # ping-pong buffers [v, 1] and one [a, t̂] buffer, for the bias-folded GEMMs
+            bufs = [torch.ones(B, C + 1, device=self.device, dtype=self.dtype) for _ in range(2)]
+            bufs[0][:, :C] = y
+            v, cur = bufs[0][:, :C], 0
+            width = self.WpT.shape[1]
+            a_t = torch.empty(B, width + C, device=self.device, dtype=self.dtype)
+            a_t[:, width:] = torch.nn.functional.one_hot(labels, C)
+            a = a_t[:, :width]  # [B, 256] view
+        frozen = torch.zeros(B, dtype=torch.bool, device=self.device)
         key = self._margin(v, labels).double()  # [B]
         due_at = float(key.min())
         need_logit = p.direction == "per_step" or p.early_stop
@@ -202,11 +221,14 @@ class Aeppt:
         WpT, bp, WcpT, Wcp, Wp, Wo = self.WpT, self.bp, self.WcpT, self.Wcp, self.Wp, self.Wo
         sign: torch.Tensor | None = None
         prev_ma = prev_mc = torch.empty(0)
-        reuse = y.shape[0] <= 64  # in larger batches some row's masks change at nearly every step
         for k in range(p.iterations):
-            # Small batches: matmul + in-place bias is cheaper per call; large ones: the bias inside the GEMM.
-            a = (torch.matmul(v, WpT).add_(bp) if reuse else torch.addmm(bp, v, WpT)).clamp_min_(0)  # [B, 256]
-            pc = torch.addmm(label_part, a, WcpT)  # [B, 64] pre-activations of the connection layer
+            # Small batches: matmul + in-place bias is cheaper per call; large ones: biases inside the GEMMs.
+            if reuse:
+                a = torch.matmul(v, WpT).add_(bp).clamp_min_(0)  # [B, 256]
+                pc = torch.addmm(label_part, a, WcpT)  # [B, 64] pre-activations of the connection layer
+            else:
+                torch.mm(bufs[cur], self.W1_aug, out=a).clamp_min_(0)
+                pc = torch.mm(a_t, self.Wc_aug)
             if need_logit:
                 logit = pc.clamp_min(0) @ Wo + self.bo  # [B]
                 if p.direction == "per_step":
@@ -224,11 +246,15 @@ class Aeppt:
                 g = torch.ops.aten.threshold_backward(Wo.expand_as(pc), pc, 0) @ Wcp  # [B, 256]
                 sign = (torch.ops.aten.threshold_backward(g, a, 0) @ Wp).sign_()  # [B, C]
             assert sign is not None
-            cand = torch.addcmul(v, step_k[k], sign)  # [B, C]
-            cand = cand.clamp_(0.0, 1.0) if box else torch.clamp(cand, lo, hi)
+            if reuse:
+                cand = torch.addcmul(v, step_k[k], sign)  # [B, C]
+            else:
+                cur = 1 - cur
+                cand = torch.addcmul(v, step_k[k], sign, out=bufs[cur][:, :C])
+            cand = cand.clamp_(0.0, 1.0) if box else torch.clamp(cand, lo, hi, out=cand)
             every = p.renormalize == "step"  # renormalising moves every coordinate: test every row exactly
             if every:
-                cand = cand / cand.sum(dim=1, keepdim=True)
+                cand.div_(cand.sum(dim=1, keepdim=True))
             if every or G[k] >= due_at:
                 # Label guard: a step that would change or tie the argmax is undone and the row freezes.
                 due = (~frozen).nonzero()[:, 0] if every else (key <= G[k]).nonzero()[:, 0]  # [n]

@@ -106,6 +106,8 @@ class MemGuard:
     randomized: ClassVar[bool] = True
     #: Per row the released vector may be anywhere on the simplex; ε bounds the *expected* L1.
     l1_bound = 2.0
+    #: Phase I compacts its working set once 1/COMPACT_DIVISOR of it has finished.
+    COMPACT_DIVISOR: ClassVar[int] = 8
 
     def __init__(self, g: MemGuardClassifier, params: MemGuardParams, device: torch.device) -> None:
         self.config = params
@@ -215,7 +217,7 @@ class MemGuard:
                         break
                     # Compact once an eighth of the working set has finished: finished rows cost
                     # compute until then, but copying every working tensor each time a row ends costs more.
-                    if n_live <= live.numel() * 7 // 8:
+                    if n_live <= live.numel() - live.numel() // self.COMPACT_DIVISOR:
                         keep = live
                         ids, x, s, h, s_ref, h_ref, c3w, top_other, live = (
                             t[keep] for t in (ids, x, s, h, s_ref, h_ref, c3w, top_other, live)
@@ -224,7 +226,7 @@ class MemGuard:
             work += n_live  # steps the rows need; rows awaiting compaction are not counted
             # dL/ds: c1·sign(h)·∂h/∂s + c3·sign(s − s̃)
             gs = torch.addcmul(self.g.input_grad(C1 * torch.sign(h), acts), c3w[:, None], torch.sign(s - s_ref))
-            gx = s * (gs - (gs * s).sum(dim=1, keepdim=True))  # softmax backward [n, C]
+            gx = torch._softmax_backward_data(gs, s, 1, s.dtype)  # softmax backward, fused: s·(gs − Σ gs·s) [n, C]
             # c2·ReLU(max_{j<C-1} x_j − x_{C-1}): gradient +c2 at the argmax (first maximal index, as
             # max(dim) picks), −c2 at the label; only rows whose label is not ahead have one.
             hinged = (top_other > x[:, -1]).nonzero()[:, 0]  # [m]
