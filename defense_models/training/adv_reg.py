@@ -19,6 +19,7 @@ kept (the code reloads a hand-picked epoch).
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -104,8 +105,10 @@ def train_adv_reg(
     *,
     device: torch.device | None = None,
     progress: bool = False,
+    on_epoch: Callable[[int, nn.Module], None] | None = None,
 ) -> AdvRegResult:
-    """Train ``model`` (x -> logits) in place with adversarial regularization; keep the best-validation weights."""
+    """Train ``model`` (x -> logits) in place with adversarial regularization; keep the checkpoint that
+    ``config.select`` picks. ``on_epoch(epoch, model)`` runs after every epoch (learning curves)."""
     device = device or torch.device("cpu")
     gen = seed_everything(config.seed)
     model.to(device)
@@ -177,6 +180,8 @@ def train_adv_reg(
             loss.backward()
             opt_f.step()
         sched.step()
+        if on_epoch is not None:
+            on_epoch(epoch, model)
         acc = accuracy(model, Xv, yv)
         result.val_acc.append(acc)
         result.attack_gain.append(sum(gains) / len(gains) if gains else 0.5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -69,8 +70,12 @@ def fit(
     device: torch.device | None = None,
     progress: bool = False,
     desc: str = "fit",
+    on_epoch: Callable[[int, nn.Module], None] | None = None,
 ) -> FitResult:
-    """Minibatch training of ``model`` on (X[N, ...] or a tuple of such, y[N]) in place."""
+    """Minibatch training of ``model`` on (X[N, ...] or a tuple of such, y[N]) in place.
+
+    ``on_epoch(epoch, model)`` runs after every epoch (learning curves, e.g. ``bench/advreg_frontier.py``).
+    """
     device = device or torch.device("cpu")
     gen = seed_everything(config.seed)
     model.to(device)
@@ -107,6 +112,8 @@ def fit(
             opt.step()
             total += float(loss.detach()) * b.numel()
         sched.step()
+        if on_epoch is not None:
+            on_epoch(result.epochs_run, model)
         result.epochs_run += 1
         result.train_loss.append(total / n)
         if val is not None:

@@ -74,10 +74,10 @@ def _plain(ctx: Context, X: torch.Tensor, y: torch.Tensor, fit_config: FitConfig
     return model
 
 
-@register("advreg")
-def _advreg(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+def advreg_setup(ctx: Context, params: dict[str, Any]) -> tuple[AdvRegConfig, Pair]:
+    """The advreg trainer's resolved config and reference set (also used by ``bench/advreg_frontier.py``)."""
     p = _take(params, {"lam": ctx.advreg.lam, "k": ctx.advreg.k, "reference_size": None}, "advreg")
-    adv = replace(ctx.advreg, lam=p["lam"], k=p["k"])
+    adv = replace(ctx.advreg, lam=p["lam"], k=p["k"], seed=ctx.seed)
     size = p["reference_size"] or len(ctx.reference[1])
     if not 0 < size <= len(ctx.reference[1]):
         raise ValueError(f"advreg reference_size must be in 1..{len(ctx.reference[1])}, got {size}")
@@ -86,10 +86,16 @@ def _advreg(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, dict[str, 
     if ctx.advreg_follow_recipe:  # the target recipe's optimizer; λ, k, epochs and warm-up from advreg
         milestones = (adv.epochs * 3 // 4,) if f.lr_milestones else ()
         adv = replace(adv, optimizer=f.optimizer, lr=f.lr, batch_size=f.batch_size, lr_milestones=milestones)
+    return adv, reference
+
+
+@register("advreg")
+def _advreg(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+    adv, reference = advreg_setup(ctx, params)
     model = build(ctx.arch, ctx.data)
-    result = train_adv_reg(model, ctx.members, reference, ctx.validation, ctx.data.classes,
-                           replace(adv, seed=ctx.seed), progress=ctx.progress)  # fmt: skip
-    return model, {"config": asdict(adv), "best_epoch": result.best_epoch, "reference_size": size}
+    result = train_adv_reg(model, ctx.members, reference, ctx.validation, ctx.data.classes, adv,
+                           progress=ctx.progress)  # fmt: skip
+    return model, {"config": asdict(adv), "best_epoch": result.best_epoch, "reference_size": len(reference[1])}
 
 
 @register("l2")
