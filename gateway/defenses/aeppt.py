@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from gateway.defenses import register_defense
 from gateway.defenses._keyed import row_uniforms
+from gateway.defenses._masks import bit_weights, changed_rows, signature
 from gateway.defenses.classifier import AepptSubstitute, load_weights
 
 
@@ -64,14 +65,6 @@ class AepptParams(BaseModel):
         return self
 
 
-def _bit_weights(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """[n, ⌈n/24⌉]: mask @ this packs a {0, 1} mask [N, n] into exact integers, 24 bits per column."""
-    w = torch.zeros(n, (n + 23) // 24, device=device, dtype=dtype)
-    i = torch.arange(n, device=device)
-    w[i, i // 24] = (2.0 ** (i % 24)).to(dtype)
-    return w
-
-
 @register_defense
 class Aeppt:
     name: ClassVar[str] = "aeppt"
@@ -102,7 +95,7 @@ class Aeppt:
         self.W1_aug = torch.cat([self.WpT, self.bp[None]]).contiguous()  # [C + 1, 256]
         self.Wc_aug = torch.cat([self.WcpT, table]).contiguous()  # [256 + C, 64]
         self.WoWcp = (self.Wo[:, None] * self.Wcp).contiguous()  # [64, 256]
-        self.bits_a, self.bits_c = (_bit_weights(n, device, self.dtype) for n in (width, self.Wcp.shape[0]))
+        self.bits = [bit_weights(n, device, self.dtype) for n in (width, self.Wcp.shape[0])]
         # Zero-copy NumPy views for the single-row path (``_iterate_row``): CPU only.
         self._np = None if device.type != "cpu" else tuple(
             t.numpy() for t in (self.WpT, self.bp, self.WcpT, self.Wcp, self.Wp, self.Wo)
@@ -231,7 +224,8 @@ class Aeppt:
         box = p.clip_eps is None  # the box is [0, 1]: a scalar in-place clamp
         WpT, bp, WcpT, Wcp, Wp, Wo = self.WpT, self.bp, self.WcpT, self.Wcp, self.Wp, self.Wo
         sign: torch.Tensor | None = None
-        prev_ma = prev_mc = prev_sig = sig = torch.empty(0)
+        prev_ma = prev_mc = torch.empty(0)
+        prev_sig: torch.Tensor | None = None
         on_cpu = self.device.type == "cpu"
         for k in range(p.iterations):
             # Small batches: matmul + in-place bias is cheaper per call; large ones: biases inside the GEMMs.
@@ -256,15 +250,13 @@ class Aeppt:
                     prev_ma, prev_mc = ma, mc
             else:  # large batches: recompute only the rows whose masks changed (a fifth to a third per step)
                 ma, mc = a.sign(), pc.clamp_min(0).sign_()  # [B, 256], [B, 64] float masks in {0, 1}
-                # Exact mask signatures: 24 mask bits per float (integers below 2²⁴ are exact) [B, 11 + 3].
-                # On CUDA the full recompute is cheaper than the host syncs row selection needs.
-                sig = torch.cat([ma @ self.bits_a, mc @ self.bits_c], dim=1) if on_cpu else sig
-                rows = None if sign is None or not on_cpu else (sig != prev_sig).any(1)  # [B] masks changed
-                if rows is None or int(rows.sum()) > B * 3 // 4:
+                # Only on CPU: on CUDA the full recompute is cheaper than the host syncs row selection needs.
+                sig = signature([ma, mc], self.bits) if on_cpu else None
+                rows = None if sign is None or sig is None else changed_rows(sig, prev_sig)
+                if rows is None:
                     sign = self._sign_rows(ma, mc)  # [B, C]
-                elif bool(rows.any()):
-                    idx = rows.nonzero()[:, 0]  # [n]
-                    sign.index_copy_(0, idx, self._sign_rows(ma.index_select(0, idx), mc.index_select(0, idx)))
+                elif rows.numel():
+                    sign.index_copy_(0, rows, self._sign_rows(ma.index_select(0, rows), mc.index_select(0, rows)))
                 prev_sig = sig
             assert sign is not None
             if reuse:

@@ -95,3 +95,19 @@ def test_epsilon_zero_is_the_identity(defenders: dict[str, Any]) -> None:
         probs, z.float(), keys_for(z.float())
     )
     assert torch.equal(out, probs)
+
+
+def test_jacobian_reuse_changes_nothing(defenders: dict[str, Any]) -> None:
+    """Large working sets on CPU keep ∂h/∂s per row and recompute it where g's ReLU pattern changed;
+    Phase I must be bit-identical to recomputing it at every step."""
+    rows = torch.cat([defenders["z_in"][:150], defenders["z_out"][:150]])  # 300 rows
+    labels = torch.softmax(rows, 1).argmax(1)
+    mg = MemGuard(defenders["g"], MemGuardParams(schedule="sequential"), torch.device("cpu"))
+    mg.JACOBIAN_REUSE_ROWS = 10**9  # off
+    plain = mg.phase_one(rows, labels)
+    mg.JACOBIAN_REUSE_ROWS = 256
+    for max_changed in (0.6, 1.0):  # the default, and never giving up (the partial path at every step)
+        mg.JACOBIAN_REUSE_MAX_CHANGED = max_changed
+        reused = mg.phase_one(rows, labels)
+        assert torch.equal(reused.noisy_logits, plain.noisy_logits)
+        assert torch.equal(reused.steps, plain.steps) and torch.equal(reused.success, plain.success)
