@@ -9,7 +9,7 @@ checkpoint, i.e. the most generous possible checkpoint selection.
 Test accuracy is measured on the evaluation non-members (idx[2000:3000]), which no method trains on:
 advreg uses the target-test records (idx[1000:2000]) as its reference set D′.
 
-    python bench/advreg_frontier.py [--lams 0.5 1 3] [--out bench/results/advreg_frontier.json]
+    python bench/advreg_frontier.py [--lams 0.5 1 3] [--dataset purchase100 --data-path FILE] [--out ...]
 
 Prints a table (per method: the best test accuracy among checkpoints with at most half the plain
 gap) and writes every (method, epoch, train, test) point plus ``advreg_frontier.png``.
@@ -42,11 +42,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lams", type=float, nargs="+", default=[0.5, 1.0, 3.0], help="advreg λ values")
     ap.add_argument("--l2", type=float, nargs="+", default=[1e-3, 1e-2, 3e-2], help="L2 λ values (λ‖w‖²)")
+    ap.add_argument("--dataset", default="location30", help="any dataset of `defense_models` (e.g. purchase100)")
+    ap.add_argument("--data-path", default=None, help="the dataset's file, for datasets not bundled")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "advreg_frontier.json")
     ap.add_argument("--no-plot", action="store_true")
     args = ap.parse_args()
     started = time.perf_counter()
-    config = TrainConfig(progress=False)
+    config = TrainConfig(dataset=args.dataset, data_path=args.data_path, progress=False)
     data, split = dataset_and_split(config)
     arch, target_fit = recipe(config, data)
 
@@ -114,11 +116,11 @@ def main() -> int:
     write_record(args.out, "bench/advreg_frontier.py", plain=plain, goal=goal, summary=summary, points=points,
                  seconds=round(time.perf_counter() - started, 1))  # fmt: skip
     if not args.no_plot:
-        plot(points, plain, goal, args.out.with_suffix(".png"))
+        plot(points, plain, goal, args.out.with_suffix(".png"), data.name)
     return 0
 
 
-def plot(points: list[dict[str, Any]], plain: dict[str, Any], goal: dict[str, float], out: Path) -> None:
+def plot(points: list[dict[str, Any]], plain: dict[str, Any], goal: dict[str, float], out: Path, name: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -135,7 +137,7 @@ def plot(points: list[dict[str, Any]], plain: dict[str, Any], goal: dict[str, fl
     ax.plot([plain["train"]], [plain["test"]], "k*", ms=12, label="plain target (served)")
     ax.set_xlabel("train accuracy (members)")
     ax.set_ylabel("test accuracy (evaluation non-members)")
-    ax.set_title("Location30: every checkpoint of every recipe")
+    ax.set_title(f"{name}: every checkpoint of every recipe")
     ax.set_xlim(0, 1.02)
     ax.set_ylim(0, 0.8)
     ax.legend(fontsize=7, loc="upper left")

@@ -109,7 +109,8 @@ class _G:
         W_out, _ = self.layers[-1]
         g = dh[:, None] * W_out  # [N, 64]
         for (W, _), a in zip(reversed(self.layers[:-1]), reversed(acts), strict=True):
-            g = torch.ops.aten.threshold_backward(g, a, 0) @ W  # ReLU' as one fused pass; [N, in]
+            # ReLU' as one fused pass, in place (g is always a fresh product here); [N, in]
+            g = torch.ops.aten.threshold_backward.grad_input(g, a, 0, grad_input=g) @ W
         return g
 
 
@@ -264,7 +265,7 @@ class MemGuard:
             else:
                 J = sig = None
                 grad_h = self.g.input_grad(dh, acts)
-            gs = torch.addcmul(grad_h, c3w[:, None], torch.sign(s - s_ref))
+            gs = grad_h.addcmul_(c3w[:, None], (s - s_ref).sign_())  # in place: fresh tensors, fewer allocations
             gx = torch._softmax_backward_data(gs, s, 1, s.dtype)  # softmax backward, fused: s·(gs − Σ gs·s) [n, C]
             # c2·ReLU(max_{j<C-1} x_j − x_{C-1}): gradient +c2 at the argmax (first maximal index, as
             # max(dim) picks), −c2 at the label; only rows whose label is not ahead have one.
@@ -275,7 +276,7 @@ class MemGuard:
                 gx[hinged, -1] -= C2
             norm = gx.norm(dim=1, keepdim=True)  # [n, 1]
             scale = torch.where(norm > 0, p.step_size / norm, torch.zeros_like(norm)) * live[:, None]  # [n, 1]
-            x = torch.addcmul(x, gx, scale, value=-1.0)
+            x = x.addcmul_(gx, scale, value=-1.0)  # x is this loop's own (a clone, or a compacted copy)
         return out_x, out_steps, out_ok, work
 
     # --- Phase II ------------------------------------------------------------------------------
