@@ -249,7 +249,7 @@ class Aeppt:
                     sign = (((mc * Wo) @ Wcp).mul_(ma) @ Wp).sign_()  # [B, C]
                     prev_ma, prev_mc = ma, mc
             else:  # large batches: recompute only the rows whose masks changed (a fifth to a third per step)
-                ma, mc = a.sign(), pc.clamp_min(0).sign_()  # [B, 256], [B, 64] float masks in {0, 1}
+                ma, mc = a.sign_(), pc.clamp_min_(0).sign_()  # [B, 256], [B, 64] masks in {0, 1}, in place
                 # Only on CPU: on CUDA the full recompute is cheaper than the host syncs row selection needs.
                 sig = signature([ma, mc], self.bits) if on_cpu else None
                 rows = None if sign is None or sig is None else changed_rows(sig, prev_sig)

@@ -252,7 +252,7 @@ class MemGuard:
             # dL/ds: c1·sign(h)·∂h/∂s + c3·sign(s − s̃)
             dh = C1 * torch.sign(h)  # [n] ±1 (0 only where h = 0)
             if reuse and x.shape[0] >= self.JACOBIAN_REUSE_ROWS:
-                masks = [a.sign() for a in acts]  # ReLU outputs ≥ 0: float masks in {0, 1}
+                masks = [a.sign_() for a in acts]  # ReLU outputs ≥ 0 -> masks in {0, 1}, in place (acts are done)
                 new_sig = signature(masks, self.g.bits)
                 rows = None if J is None else changed_rows(new_sig, sig, self.JACOBIAN_REUSE_MAX_CHANGED)
                 if J is None or rows is None:
