@@ -206,7 +206,9 @@ class Aeppt:
         eps = 4 * torch.finfo(self.dtype).eps
         G = torch.cumsum(2 * delta.amax(dim=0).double() + eps, 0).tolist()  # K floats
         B, C = y.shape
-        reuse = B <= 64  # in larger batches some row's masks change at nearly every step
+        # Small batches reuse the sign for the whole batch while no row's masks change; in larger ones some
+        # row's change at nearly every step, so they reuse it row by row (below, CPU only).
+        reuse = B <= 64
         if reuse:
             v = y.clone()
         else:  # ping-pong buffers [v, 1] and one [a, t̂] buffer, for the bias-folded GEMMs
