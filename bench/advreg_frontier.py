@@ -68,7 +68,6 @@ def main() -> int:
         return on_epoch
 
     def run_fit(method: str, model: nn.Module, fit_config: Any, every: int) -> None:
-        torch.manual_seed(config.seed)
         fit(model, *members, fit_config, on_epoch=recorder(method, every))
         print(f"  {method}: done ({time.perf_counter() - started:.0f} s)", flush=True)
 

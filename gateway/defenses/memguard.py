@@ -120,8 +120,6 @@ class MemGuard:
     randomized: ClassVar[bool] = True
     #: Per row the released vector may be anywhere on the simplex; ε bounds the *expected* L1.
     l1_bound = 2.0
-    #: Phase I compacts its working set once 1/COMPACT_DIVISOR of it has finished.
-    COMPACT_DIVISOR: ClassVar[int] = 8
     #: On CPU, working sets of at least this many rows keep each row's ∂h/∂s (it depends on g's ReLU
     #: pattern only, as c1·sign(h) = ±1 scales it exactly) and recompute it only where the pattern
     #: changed; below this the pattern bookkeeping costs more than it saves.
@@ -241,7 +239,7 @@ class MemGuard:
                         break
                     # Compact once an eighth of the working set has finished: finished rows cost
                     # compute until then, but copying every working tensor each time a row ends costs more.
-                    if n_live <= live.numel() - live.numel() // self.COMPACT_DIVISOR:
+                    if n_live <= live.numel() * 7 // 8:
                         keep = live
                         ids, x, s, h, s_ref, h_ref, c3w, top_other, live = (
                             t[keep] for t in (ids, x, s, h, s_ref, h_ref, c3w, top_other, live)
