@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench._record import write_record  # noqa: E402
 from defense_models.calibrate import calibrate_aeppt_step  # noqa: E402
-from defense_models.training.defenders import train_memguard_classifier, train_substitute  # noqa: E402
+from defense_models.training.defenders import DefenderRecipe, train_memguard_classifier, train_substitute  # noqa: E402
 from defense_models.training.loop import FitConfig  # noqa: E402
 from gateway.defenses._keyed import RowKeyer, row_uniforms  # noqa: E402
 from gateway.defenses.aeppt import Aeppt, AepptParams  # noqa: E402
@@ -105,9 +105,9 @@ def main() -> int:
     for C in args.classes:
         z_in, z_out = synthetic(2048, C, 6.0, 1), synthetic(2048, C, 2.0, 2)
         p_in, p_out = torch.softmax(z_in.double(), 1), torch.softmax(z_out.double(), 1)
-        fit = FitConfig(epochs=30, batch_size=64, lr=1e-3)
-        g, _ = train_memguard_classifier(p_in[:800], p_out[:800], fit)
-        sub, _ = train_substitute(p_in[:800], p_in[:800].argmax(1), p_out[:800], p_out[:800].argmax(1), fit)
+        fit = DefenderRecipe(FitConfig(epochs=30, batch_size=64, lr=1e-3), balanced=False, standardize=False)
+        g = train_memguard_classifier(p_in[:800], p_out[:800], fit)
+        sub = train_substitute(p_in[:800], p_in[:800].argmax(1), p_out[:800], p_out[:800].argmax(1), fit)
         alpha = calibrate_aeppt_step(sub, p_in[:800], p_out[:800]).step_size
         pool_z = torch.cat([z_in, z_out])[torch.randperm(4096, generator=torch.Generator().manual_seed(3))]
         pool_p = torch.softmax(pool_z.double(), 1)

@@ -26,8 +26,15 @@ def _defenses(args: argparse.Namespace) -> tuple[str, ...]:
 
 def _recipe_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The dataset and recipe flags shared by train and shadows, as TrainConfig fields."""
-    return {"dataset": args.dataset, "data_path": args.data, "split": args.split, "preset": args.preset,
-            "arch": args.arch, "epochs": args.epochs, "seed": args.seed, "progress": not args.quiet}  # fmt: skip
+    return {"dataset": args.dataset, "data_path": args.data, "split": args.split, "split_file": args.split_file,
+            "preset": args.preset, "arch": args.arch, "epochs": args.epochs, "seed": args.seed,
+            "progress": not args.quiet}  # fmt: skip
+
+
+def _defender_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The defender's-step flags shared by train and export."""
+    return {"defender_recipe": args.defender_recipe, "holdout": args.holdout,
+            "allow_weak_defense": args.allow_weak_defense}  # fmt: skip
 
 
 def _print_summary(out: str, summary: dict[str, Any], elapsed: float) -> None:
@@ -50,6 +57,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             lam=args.advreg_lambda, k=args.advreg_k, epochs=args.advreg_epochs, warmup_epochs=args.advreg_epochs // 2
         ),
         substitute_label=args.substitute_label,
+        **_defender_kwargs(args),
     )
     start = time.perf_counter()
     summary = train_bundle(config, Path(args.out)).summary
@@ -75,9 +83,10 @@ def _cmd_shadows(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from defense_models.byo import export_user_model
-    from defense_models.pipeline import TrainConfig
+    from defense_models.pipeline import TrainConfig, defender_config
 
-    config = TrainConfig(preset=args.preset, defenses=_defenses(args), seed=args.seed, progress=not args.quiet)
+    config = defender_config(TrainConfig(preset=args.preset, defenses=_defenses(args), seed=args.seed,
+                                         progress=not args.quiet, **_defender_kwargs(args)))  # fmt: skip
     start = time.perf_counter()
     summary = export_user_model(Path(args.model), Path(args.members), Path(args.nonmembers), Path(args.out),
                                 name=args.name, output_kind=args.output_kind, config=config)  # fmt: skip
@@ -97,6 +106,8 @@ def _audit_config(args: argparse.Namespace, **overrides: Any) -> Any:
         label_only_copies=args.label_only_copies, lira_shadows=Path(args.lira_shadows) if args.lira_shadows else None,
         round_decimals=args.round_decimals, repeats=args.repeats, shadow_epochs=args.shadow_epochs, seed=args.seed,
         attacker_data=args.attacker_data, attacker_data_params=_params(args.attacker_data_param),
+        dataset=args.dataset, data_path=Path(args.data) if args.data else None,
+        split_file=Path(args.split_file) if args.split_file else None, shadow_arch=args.shadow_arch,
         progress=not args.quiet, **overrides,
     )  # fmt: skip
 
@@ -160,14 +171,29 @@ def _add_recipe(p: argparse.ArgumentParser) -> None:
                    help="location30 (bundled), purchase100, texas100, cifar10, cifar100, idx, tabular")  # fmt: skip
     p.add_argument("--data", help="path to the dataset's files (all but location30)")
     p.add_argument("--split", choices=("memguard", "random"), help="default: memguard for location30, else random")
+    p.add_argument("--split-file", help=".npz of role -> row indices instead of a named split (e.g. a user model's "
+                   "audit records, so shadows trains LiRA's references over them)")  # fmt: skip
     p.add_argument("--arch", help="override the recipe's architecture (location-mlp, purchase-mlp, small-mlp, cnn)")
     p.add_argument("--epochs", type=int, help="override the recipe's epochs")
     _add_common(p)
 
 
 def _add_defense(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--defense", action="append", choices=("memguard", "aeppt", "none", "all"), default=None,
+    from defense_models.defender_step import DEFENSES
+    from defense_models.training.defenders import DEFENDER_RECIPES
+
+    p.add_argument("--defense", action="append", choices=(*DEFENSES, "none", "all"), default=None,
                    help="defender's classifiers to train (repeatable; default: all)")  # fmt: skip
+    p.add_argument("--defender-recipe", choices=sorted(DEFENDER_RECIPES),
+                   help="how the defender's classifiers train (default: quick with --preset demo, else robust; "
+                   "official: the papers' recipes)")  # fmt: skip
+    p.add_argument("--holdout", type=float, default=0.25,
+                   help="share of member and of non-member rows kept for the quality gate and self-audit")  # fmt: skip
+    p.add_argument(
+        "--allow-weak-defense",
+        action="store_true",
+        help="write the bundle even if a defense fails the quality gate (the manifest records it)",
+    )
 
 
 def _add_audit(p: argparse.ArgumentParser) -> None:
@@ -194,6 +220,11 @@ def _add_audit(p: argparse.ArgumentParser) -> None:
                    "marginal-based or model-based synthesis (queries the target)")  # fmt: skip
     p.add_argument("--attacker-data-param", action="append", default=[], metavar="KEY=VALUE",
                    help="noisy: flip=0.2; marginal/model: max_queries=N")  # fmt: skip
+    p.add_argument("--dataset", help="with --split-file: the dataset its indices point into (a user's bundle)")
+    p.add_argument("--data", help="with --dataset: its files (all but location30)")
+    p.add_argument("--split-file", help=".npz with index arrays target_train (evaluation members), eval_nonmember, "
+                   "shadow_in, shadow_out: the records to audit a bundle that records no split")  # fmt: skip
+    p.add_argument("--shadow-arch", help="the attacker's shadow architecture where the bundle records none")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -266,7 +297,13 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_cmd_info)
 
     args = parser.parse_args(argv)
-    return int(args.func(args))
+    from defense_models.quality import WeakDefenseError
+
+    try:
+        return int(args.func(args))
+    except WeakDefenseError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

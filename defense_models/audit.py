@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from defense_models.attacks import AttackData, available_attacks, create_attack
-from defense_models.data import load_dataset
+from defense_models.data import Split, load_dataset
 from defense_models.nets import build, predict_logits
 from defense_models.predictors import GatewayPredictor, Predictor, RawOnnxPredictor
 from defense_models.scoring import (
@@ -95,6 +95,15 @@ class AuditConfig:
     attacker_data: str = "real"
     attacker_data_params: dict[str, Any] = field(default_factory=dict)
     attack_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: For a bundle without a recorded split (``export``: the user's own model): the dataset the split
+    #: file indexes, and the file (``.npz`` with index arrays target_train = evaluation members,
+    #: eval_nonmember, shadow_in, shadow_out). Also overrides a bundle's own split.
+    dataset: str | None = None
+    data_path: Path | None = None
+    split_file: Path | None = None
+    #: The attacker's shadow architecture where the bundle records none (default: our recipe for the
+    #: dataset's family).
+    shadow_arch: str | None = None
     seed: int = 0
     progress: bool = True
 
@@ -124,14 +133,26 @@ class _Sets:
 
 
 # --- the attacker's models and its copy of the defense -----------------------------------------------
+def _shadow_recipe(manifest: Any, sets: _Sets, config: AuditConfig) -> tuple[str, FitConfig]:
+    """The target's recipe when the bundle records it; else our recipe for the dataset's family."""
+    t = manifest.training
+    if "fit" in t and "architecture" in t:
+        arch = t["architecture"]
+        fit_config = FitConfig(**{**t["fit"], "lr_milestones": tuple(t["fit"]["lr_milestones"]), "seed": config.seed})
+    else:
+        from defense_models.pipeline import TrainConfig, recipe
+
+        arch, fit_config = recipe(TrainConfig(dataset=sets.data.name, seed=config.seed), sets.data)
+    return config.shadow_arch or arch, fit_config
+
+
 def _shadow_model(manifest: Any, sets: _Sets, config: AuditConfig) -> torch.nn.Module:
     """The attacker's shadow model, trained with the target's recipe on shadow_in."""
-    t = manifest.training
-    fit_config = FitConfig(**{**t["fit"], "lr_milestones": tuple(t["fit"]["lr_milestones"]), "seed": config.seed})
+    arch, fit_config = _shadow_recipe(manifest, sets, config)
     if config.shadow_epochs:
         fit_config = replace(fit_config, epochs=config.shadow_epochs)
     torch.manual_seed(config.seed)
-    shadow = build(t["architecture"], sets.data)
+    shadow = build(arch, sets.data)
     X, y = sets.rows("shadow_in")
     fit(shadow, torch.from_numpy(X), torch.from_numpy(y), fit_config, progress=config.progress, desc="shadow model")
     return shadow.eval()
@@ -368,25 +389,49 @@ def _summary(results: dict[str, dict[str, Any]], floor: float) -> dict[str, Any]
     }
 
 
+SPLIT_ROLES = ("target_train", "eval_nonmember", "shadow_in", "shadow_out")
+
+
+def _load_sets(config: AuditConfig, bundle: Any) -> _Sets:
+    """The audit's records: the bundle's own dataset and split, or ``config.split_file`` over ``config.dataset``."""
+    t = bundle.manifest.training
+    if config.split_file is None:
+        if "split" not in t or "split.npz" not in bundle.manifest.files:
+            raise ValueError("this bundle records no split (a user's model from `export`): pass --dataset, --data "
+                             "and --split-file with the records to audit (target_train, eval_nonmember, shadow_in, "
+                             "shadow_out)")  # fmt: skip
+        data_path = t["config"].get("data_path")
+        data = load_dataset(t["config"]["dataset"], Path(data_path) if data_path else None)
+        if data.sha256 != t["dataset"]["sha256"]:
+            raise ValueError("the dataset on disk differs from the one the bundle was trained on (sha256 mismatch)")
+        with np.load(bundle.path("split.npz")) as f:
+            return _Sets(data, {k: f[k] for k in f.files})
+    if config.dataset is None:
+        raise ValueError("--split-file needs --dataset (and --data for datasets that are not bundled)")
+    data = load_dataset(config.dataset, config.data_path)
+    with np.load(config.split_file) as f:
+        parts = {k: f[k].astype(np.int64) for k in f.files}
+    if missing := [r for r in SPLIT_ROLES if r not in parts]:
+        raise ValueError(f"{config.split_file} lacks the roles {missing} (it has {sorted(parts)})")
+    Split(Path(config.split_file).name, None, {r: parts[r] for r in SPLIT_ROLES}).check_disjoint()
+    if max(int(v.max(initial=-1)) for v in parts.values()) >= len(data.y):
+        raise ValueError(f"{config.split_file} indexes rows beyond the {len(data.y)} rows of {data.name}")
+    return _Sets(data, parts)
+
+
 def run_audit(config: AuditConfig) -> AuditResult:
     started = time.perf_counter()
     bundle = load_bundle(config.bundle)
     m = bundle.manifest
     t = m.training
-    if "split" not in t or "split.npz" not in m.files:
-        raise ValueError("this bundle has no recorded split; audit bundles written by `defense_models train`")
     unknown = [a for a in config.attacks if a not in available_attacks()]
     unknown += [a for a in config.label_only if a not in LABEL_ONLY]
     unknown += [v for v in config.views if v not in VIEWS]
     if unknown:
         raise ValueError(f"unknown attack or view {unknown}; attacks: {available_attacks()}, label-only: "
                          f"{list(LABEL_ONLY)}, views: {list(VIEWS)}")  # fmt: skip
-    data_path = t["config"].get("data_path")
-    data = load_dataset(t["config"]["dataset"], Path(data_path) if data_path else None)
-    if data.sha256 != t["dataset"]["sha256"]:
-        raise ValueError("the dataset on disk differs from the one the bundle was trained on (sha256 mismatch)")
-    with np.load(bundle.path("split.npz")) as f:
-        sets = _Sets(data, {k: f[k] for k in f.files})
+    sets = _load_sets(config, bundle)
+    data = sets.data
     (X_in, y_in), (X_out, y_out) = sets.rows("target_train"), sets.rows("eval_nonmember")
     defended = config.defense != "none" or config.url is not None
     defend = _AttackerDefense(bundle, config.defense, config.defense_params) if config.defense != "none" else None

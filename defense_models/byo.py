@@ -14,8 +14,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from defense_models.defender_step import DefenderConfig, TargetOutputs, build_defenders, defender_summary
 from defense_models.export import write_atomically
-from defense_models.pipeline import TrainConfig, defenders_from_outputs
 from gateway.artifacts import Manifest, OutputSpec, TensorSpec
 
 
@@ -48,6 +48,16 @@ def run_onnx(model: Path, X: np.ndarray) -> tuple[np.ndarray, str, str]:
     return out.astype(np.float32), inputs[0].name, outputs[0].name
 
 
+def _probabilities(z: np.ndarray, output_kind: str) -> torch.Tensor:
+    """The model's outputs [N, C] -> clean probabilities [N, C] float64."""
+    if output_kind == "probabilities":
+        if (z < 0).any() or np.abs(z.sum(1) - 1).max() > 1e-3:
+            raise ValueError("--output-kind probabilities, but the rows are not distributions; use logits")
+        p = torch.from_numpy(z).double()
+        return p / p.sum(1, keepdim=True)
+    return torch.softmax(torch.from_numpy(z).double(), 1)
+
+
 def export_user_model(
     model: Path,
     members: Path,
@@ -56,8 +66,9 @@ def export_user_model(
     *,
     name: str,
     output_kind: Literal["logits", "probabilities"],
-    config: TrainConfig,
+    config: DefenderConfig,
 ) -> dict[str, Any]:
+    """Run the user's model on their rows, train and gate the defenses, write the bundle; -> summary."""
     X_in, y_in = _rows(members)
     X_out, y_out = _rows(nonmembers)
     if X_in.shape[1] != X_out.shape[1]:
@@ -66,20 +77,14 @@ def export_user_model(
     z_out, _, _ = run_onnx(model, X_out)
     if z_in.ndim != 2 or not np.isfinite(z_in).all() or not np.isfinite(z_out).all():
         raise ValueError(f"{model.name} must return finite [B, C] outputs")
-    if output_kind == "probabilities":
-        if (z_in < 0).any() or np.abs(z_in.sum(1) - 1).max() > 1e-3:
-            raise ValueError("--output-kind probabilities, but the rows are not distributions; use logits")
-        p_in, p_out = torch.from_numpy(z_in).double(), torch.from_numpy(z_out).double()
-    else:
-        p_in, p_out = (
-            torch.softmax(torch.from_numpy(z_in).double(), 1),
-            torch.softmax(torch.from_numpy(z_out).double(), 1),
-        )
-    labels_in = torch.from_numpy(y_in) if y_in is not None else p_in.argmax(1)
-    labels_out = torch.from_numpy(y_out) if y_out is not None else p_out.argmax(1)
-    files, defenses, report = defenders_from_outputs(config, p_in, labels_in, p_out, labels_out)
+    p_in, p_out = _probabilities(z_in, output_kind), _probabilities(z_out, output_kind)
+    labelled = y_in is not None and y_out is not None
+    l_in = torch.from_numpy(y_in) if y_in is not None and labelled else p_in.argmax(1)
+    l_out = torch.from_numpy(y_out) if y_out is not None and labelled else p_out.argmax(1)
+    outputs = TargetOutputs(p_in, l_in, p_out, l_out, true_labels=labelled)
+    defenders = build_defenders(config, outputs)
     accuracy = {}
-    if y_in is not None and y_out is not None:
+    if labelled:
         accuracy = {"train": float((z_in.argmax(1) == y_in).mean()), "test": float((z_out.argmax(1) == y_out).mean())}
 
     def manifest(hashes: dict[str, str], version: str) -> Manifest:
@@ -87,21 +92,21 @@ def export_user_model(
             name=name, version=version, created=datetime.now(UTC).isoformat(timespec="seconds"),
             input=TensorSpec(name=input_name, width=X_in.shape[1]),
             output=OutputSpec(name=output_name, kind=output_kind, classes=z_in.shape[1]),
-            files=hashes, defenses=defenses,
+            files=hashes, defenses=defenders.entries, self_audit=defenders.self_audit,
             training={
                 "source": "user ONNX model",
-                "config": {"preset": config.preset, "defenses": list(config.defenses)},
+                "config": {"defenses": list(config.defenses), "recipe": config.recipe, "seed": config.seed},
                 "rows": {"members": len(X_in), "nonmembers": len(X_out)},
                 "accuracy": accuracy,
-                "defenders": report,
+                "defenders": defenders.report,
             },
         )  # fmt: skip
 
-    version = write_atomically(Path(out), {"model.onnx": Path(model).read_bytes(), **files}, manifest).version
-    return {
-        "model": f"{name} {version}",
-        "classes": z_in.shape[1],
-        "output kind": output_kind,
-        **accuracy,
-        **{k: v for k, v in report.items() if k.endswith(("accuracy", "calibration"))},
-    }
+    files = {"model.onnx": Path(model).read_bytes(), **defenders.files}
+    written = write_atomically(Path(out), files, manifest)
+    summary = {"model": f"{name} {written.version}", "classes": str(z_in.shape[1]), "output kind": output_kind}
+    if labelled:
+        gap = accuracy["train"] - accuracy["test"]
+        summary["accuracy"] = f"members {accuracy['train']:.4f}, non-members {accuracy['test']:.4f}"
+        summary["label-only floor"] = f"{0.5 + gap / 2:.4f}  (0.5 + (members - non-members)/2)"
+    return summary | defender_summary(written)

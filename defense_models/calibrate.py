@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from gateway.defenses._keyed import RowKeyer
 from gateway.defenses.aeppt import Aeppt, AepptParams
 from gateway.defenses.classifier import AepptSubstitute
+from gateway.pipeline import release_vectors
 
 
 @dataclass(frozen=True)
@@ -23,11 +23,9 @@ def substitute_balanced_accuracy(
     defense: Aeppt, members: torch.Tensor, nonmembers: torch.Tensor
 ) -> tuple[float, float]:
     """-> (balanced accuracy of F on the defended vectors, mean L1 of the defense)."""
-    keyer = RowKeyer(b"calibration", b"aeppt")
     accs, l1 = [], []
     for probs, target in ((members, 1.0), (nonmembers, 0.0)):
-        keys = torch.from_numpy(keyer.digests(probs.float().numpy()))
-        out = defense.defend(probs.double(), torch.log(probs.clamp_min(1e-30)).float(), keys)
+        out = torch.from_numpy(release_vectors(defense, probs.double().numpy(), secret=b"calibration"))
         t = torch.nn.functional.one_hot(probs.argmax(1), probs.shape[1]).to(defense.dtype)
         pred = (defense.substitute_logit(out.to(defense.dtype), t) >= 0).double()
         accs.append(float((pred == target).double().mean()))

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from gateway.artifacts import DefenseEntry, Manifest, OutputSpec, TensorSpec, sha256_file, write_manifest
+from gateway.artifacts import DefenseEntry, Manifest, OutputSpec, SelfAuditRow, TensorSpec, sha256_file, write_manifest
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -88,6 +88,7 @@ def write_bundle(
     extra_files: dict[str, bytes] | None = None,
     defenses: dict[str, DefenseEntry] | None = None,
     training: dict[str, Any] | None = None,
+    self_audit: list[SelfAuditRow] | None = None,
 ) -> Manifest:
     """Export, gate, hash and write a bundle directory atomically (rename into place)."""
     onnx_bytes = export_onnx(model, width)
@@ -104,6 +105,7 @@ def write_bundle(
             files=hashes,
             defenses=defenses or {"none": DefenseEntry()},
             training={**(training or {}), "onnx_parity_max_abs_diff": parity, "versions": _versions()},
+            self_audit=self_audit or [],
         )
 
     return write_atomically(Path(out), files, manifest)

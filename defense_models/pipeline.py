@@ -16,17 +16,20 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from defense_models.calibrate import calibrate_aeppt_step
 from defense_models.data import Dataset, Split, load_dataset, make_split
+from defense_models.defender_step import (
+    DEFENSES,
+    DefenderConfig,
+    Defenders,
+    TargetOutputs,
+    build_defenders,
+    defender_summary,
+)
 from defense_models.export import write_bundle
 from defense_models.nets import build, predict_logits
 from defense_models.training.adv_reg import AdvRegConfig
-from defense_models.training.defenders import MEMGUARD_FIT, SUBSTITUTE_FIT, train_memguard_classifier, train_substitute
 from defense_models.training.loop import FitConfig, accuracy, fit
 from defense_models.training.replacements import Context, train_replacement
-from gateway.artifacts import DefenseEntry
-from gateway.defenses.aeppt import AepptParams
-from gateway.defenses.classifier import save_weights
 
 #: Target recipes per dataset family: (architecture, fit). ``official`` for Location30 is MemGuard's
 #: recipe (train_user_classification_model.py: SGD lr 0.01, batch 64, 200 epochs, ×0.1 after 150).
@@ -42,12 +45,6 @@ RECIPES: dict[tuple[str, str], tuple[str, FitConfig]] = {
     ("image", "official"): ("cnn", FitConfig(epochs=30, batch_size=128, lr=1e-3)),
     ("tabular", "official"): ("small-mlp", FitConfig(epochs=50, batch_size=64, lr=1e-3)),
 }
-#: The defender's classifiers per preset: the published recipes, or quick ones for the demo.
-DEFENDER_FITS: dict[str, tuple[FitConfig, FitConfig]] = {
-    "demo": (FitConfig(epochs=100, batch_size=64, lr=1e-3, optimizer="adam"), SUBSTITUTE_FIT),
-    "official": (MEMGUARD_FIT, SUBSTITUTE_FIT),
-}
-DEFENSES = ("memguard", "aeppt")
 
 
 @dataclass(frozen=True)
@@ -56,6 +53,9 @@ class TrainConfig:
     data_path: str | None = None
     #: memguard (Location30's published split) or random (seeded); default: memguard where it exists.
     split: str | None = None
+    #: A split saved as .npz (role -> row indices) instead of a named one: e.g. the records a user's
+    #: model was audited on, so ``shadows`` trains LiRA's references over the same pool.
+    split_file: str | None = None
     preset: Literal["demo", "official"] = "official"
     arch: str | None = None  # override the recipe's architecture
     epochs: int | None = None  # override the recipe's epochs
@@ -71,6 +71,11 @@ class TrainConfig:
     #: Which label AEPPT's substitute learns with: the record's true label, or the target's argmax,
     #: which is what it is fed at serving time (t̂) [choice: argmax, so training matches serving].
     substitute_label: Literal["true", "argmax"] = "argmax"
+    #: How the defender's classifiers are trained (``DEFENDER_RECIPES``); None: quick for the demo
+    #: preset, robust otherwise.
+    defender_recipe: str | None = None
+    holdout: float = 0.25  # defender's rows kept for the quality gate and the self-audit
+    allow_weak_defense: bool = False  # write a bundle whose defenses fail the quality gate
     seed: int = 0
     progress: bool = True
 
@@ -83,6 +88,11 @@ def _family(data: Dataset) -> str:
 
 def dataset_and_split(config: TrainConfig) -> tuple[Dataset, Split]:
     data = load_dataset(config.dataset, Path(config.data_path) if config.data_path else None)
+    if config.split_file:
+        with np.load(config.split_file) as f:
+            split = Split(Path(config.split_file).name, None, {k: f[k].astype(np.int64) for k in f.files})
+        split.check_disjoint()
+        return data, split
     return data, make_split(data, config.split, config.seed)
 
 
@@ -124,8 +134,9 @@ def train_bundle(config: TrainConfig, out: Path) -> TrainResult:
         model, replacement = train_replacement(config.replacement, context, dict(config.replacement_params))
         accuracies = {"train": accuracy(model, *members), "test": accuracy(model, *nonmembers), "plain": plain}
     t_model = time.perf_counter() - started
-    files, defenses, report = train_defenders(config, model, members, nonmembers)
+    defenders = train_defenders(config, model, members, nonmembers)
     t_defenders = time.perf_counter() - started - t_model
+    files = dict(defenders.files)
     with tempfile.TemporaryDirectory() as tmp:
         split.save(Path(tmp) / "split.npz")
         files["split.npz"] = (Path(tmp) / "split.npz").read_bytes()
@@ -139,7 +150,8 @@ def train_bundle(config: TrainConfig, out: Path) -> TrainResult:
         classes=data.classes,
         parity_inputs=parity,
         extra_files=files,
-        defenses=defenses,
+        defenses=defenders.entries,
+        self_audit=defenders.self_audit,
         training={
             "config": _jsonable(asdict(config)),
             "architecture": arch,
@@ -149,7 +161,7 @@ def train_bundle(config: TrainConfig, out: Path) -> TrainResult:
                         "binary": data.binary, "image_shape": data.image_shape},
             "split": _split_record(split),
             "accuracy": accuracies,
-            "defenders": report,
+            "defenders": defenders.report,
             "seconds": {"target": round(t_target, 1), "model": round(t_model, 1),
                         "defenders": round(t_defenders, 1)},
         },
@@ -162,7 +174,7 @@ def train_bundle(config: TrainConfig, out: Path) -> TrainResult:
         "test accuracy": f"{accuracies['test']:.4f}",
         "label-only floor": f"{0.5 + gap / 2:.4f}  (0.5 + (train - test)/2)",
         "defenses": ", ".join(manifest.defenses),
-        **{k: v for k, v in report.items() if k.endswith(("accuracy", "calibration"))},
+        **defender_summary(manifest),
     }
     if "plain" in accuracies:
         p = accuracies["plain"]
@@ -182,58 +194,20 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
+def defender_config(config: TrainConfig) -> DefenderConfig:
+    recipe = config.defender_recipe or ("quick" if config.preset == "demo" else "robust")
+    return DefenderConfig(defenses=config.defenses, recipe=recipe, holdout=config.holdout,
+                          allow_weak_defense=config.allow_weak_defense, substitute_label=config.substitute_label,
+                          seed=config.seed, progress=config.progress)  # fmt: skip
+
+
 def train_defenders(
     config: TrainConfig,
     target: torch.nn.Module,
     members: tuple[torch.Tensor, torch.Tensor],
     nonmembers: tuple[torch.Tensor, torch.Tensor],
-) -> tuple[dict[str, bytes], dict[str, DefenseEntry], dict[str, Any]]:
-    """Train the requested defender's classifiers on the target's outputs; return files, entries, report."""
-    p_in = torch.softmax(predict_logits(target, members[0]), dim=1)  # [N, C]
-    p_out = torch.softmax(predict_logits(target, nonmembers[0]), dim=1)
-    return defenders_from_outputs(config, p_in, members[1], p_out, nonmembers[1])
-
-
-def defenders_from_outputs(
-    config: TrainConfig,
-    p_in: torch.Tensor,
-    y_in: torch.Tensor,
-    p_out: torch.Tensor,
-    y_out: torch.Tensor,
-) -> tuple[dict[str, bytes], dict[str, DefenseEntry], dict[str, Any]]:
-    """The defender's classifiers need only the target's outputs on members and non-members."""
-    g_fit, sub_fit = DEFENDER_FITS[config.preset]
-    files: dict[str, bytes] = {}
-    entries: dict[str, DefenseEntry] = {"none": DefenseEntry()}
-    report: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        if "memguard" in config.defenses:
-            g, acc = train_memguard_classifier(p_in, p_out, replace(g_fit, seed=config.seed), progress=config.progress)
-            save_weights(g, Path(tmp) / "g")
-            files["memguard_g.safetensors"] = (Path(tmp) / "g").read_bytes()
-            entries["memguard"] = DefenseEntry(weights="memguard_g.safetensors", params={"epsilon": 1.0})
-            report["memguard_g_train_accuracy"] = round(acc, 4)
-            report["memguard_fit"] = asdict(g_fit)
-        if "aeppt" in config.defenses:
-            l_in, l_out = (y_in, y_out) if config.substitute_label == "true" else (p_in.argmax(1), p_out.argmax(1))
-            sub, acc = train_substitute(
-                p_in, l_in, p_out, l_out, replace(sub_fit, seed=config.seed), progress=config.progress
-            )
-            cal = calibrate_aeppt_step(sub, p_in, p_out)
-            save_weights(sub, Path(tmp) / "s")
-            files["aeppt_substitute.safetensors"] = (Path(tmp) / "s").read_bytes()
-            params = AepptParams(step_size=cal.step_size)
-            entries["aeppt"] = DefenseEntry(
-                weights="aeppt_substitute.safetensors",
-                params={"step_size": params.step_size, "iterations": params.iterations},
-            )
-            report["aeppt_substitute_train_accuracy"] = round(acc, 4)
-            report["aeppt_calibration"] = {
-                "step_size": cal.step_size,
-                "substitute_balanced_accuracy": round(cal.balanced_accuracy, 4),
-                "mean_l1": round(cal.mean_l1, 4),
-                "evaluations": cal.evaluations,
-            }
-            report["aeppt_fit"] = asdict(sub_fit)
-            report["aeppt_substitute_label"] = config.substitute_label
-    return files, entries, report
+) -> Defenders:
+    """Train, gate and self-audit the requested defender's classifiers on the target's outputs."""
+    p_in = torch.softmax(predict_logits(target, members[0]).double(), dim=1)  # [N, C]
+    p_out = torch.softmax(predict_logits(target, nonmembers[0]).double(), dim=1)
+    return build_defenders(defender_config(config), TargetOutputs(p_in, members[1], p_out, nonmembers[1]))

@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway import __version__
-from gateway.artifacts import Bundle, load_bundle
+from gateway.artifacts import Bundle, Manifest, load_bundle
 from gateway.auth import ApiKeyAuth, QueryBudget
 from gateway.batching import BatchQueue
 from gateway.defenses import Defense, create_defense
@@ -156,6 +156,30 @@ class _RequestTimer:
             self.metrics.request_duration.labels(template, str(status)).observe(time.perf_counter() - start)
 
 
+def log_defense_quality(manifest: Manifest, name: str, params: dict[str, Any]) -> None:
+    """State what the offline job measured for the served defense, loudly when it is weak or unmeasured."""
+    entry = manifest.defenses.get(name)
+    if name == "none" or entry is None:
+        return
+    q = entry.quality
+    if q is None:
+        log.warning("defense %r: the bundle records no quality measurement (written before the quality gate); "
+                    "rebuild it to learn whether the defense perturbs anything", name)  # fmt: skip
+        return
+    flagged = "n/a" if q.perturbed_share_flagged is None else f"{q.perturbed_share_flagged:.0%}"
+    changed = {k: v for k, v in params.items() if k in q.params and q.params[k] != v}
+    log.info("defense %r measured offline on %d+%d held-out rows at %s: classifier balanced accuracy %.3f, perturbs "
+             "%.0f%% of rows and %s of the rows it calls members, mean L1 %.4f", name, q.held_out_members,
+             q.held_out_nonmembers, q.params, q.classifier_balanced_accuracy, 100 * q.perturbed_share, flagged,
+             q.mean_l1)  # fmt: skip
+    if changed:
+        log.warning("defense %r is served with %s, not the measured values; the measurement may not hold", name,
+                    changed)  # fmt: skip
+    if q.problems:
+        log.warning("defense %r FAILED its quality gate and was written with --allow-weak-defense: %s", name,
+                    "; ".join(q.problems))  # fmt: skip
+
+
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
@@ -188,6 +212,7 @@ def create_app(settings: GatewaySettings, *, runner_factory: RunnerFactory = def
             state.defense.name,
             state.defense.params(),
         )
+        log_defense_quality(manifest, state.defense.name, state.defense.params())
         if settings.require_gpu and not state.gpu_ok:
             log.error("GATEWAY_REQUIRE_GPU=true but the provider is %s: readiness stays 503", state.runner.provider)
         try:

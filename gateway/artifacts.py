@@ -37,12 +37,57 @@ class OutputSpec(BaseModel):
     classes: int = Field(ge=2)
 
 
+class DefenseQuality(BaseModel):
+    """What the offline job measured for one defense on held-out defender's rows (its quality gate).
+
+    "Flagged" rows are those the defender's classifier calls members on their clean outputs: the
+    rows the defense exists to move. A defense that perturbs few of them is close to a no-op.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    held_out_members: int = Field(ge=0)
+    held_out_nonmembers: int = Field(ge=0)
+    #: The defender's classifier (g, or AEPPT's substitute) on clean held-out outputs.
+    classifier_balanced_accuracy: float
+    #: AEPPT: the substitute again, on the defended outputs (the calibrated step aims at 0.5).
+    classifier_balanced_accuracy_defended: float | None = None
+    #: MemGuard: share of rows needing noise whose first Phase I round succeeded.
+    phase_one_success: float | None = None
+    flagged_share: float
+    perturbed_share: float  # of all held-out rows
+    perturbed_share_flagged: float | None  # None when the classifier flags no row
+    mean_l1: float
+    label_loss: float
+    params: dict[str, Any] = Field(default_factory=dict)  # the parameters it was measured at
+    problems: list[str] = Field(default_factory=list)  # why the gate would refuse it; empty: passed
+    #: Written despite ``problems`` (``--allow-weak-defense``).
+    override: bool = False
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems
+
+
 class DefenseEntry(BaseModel):
     """Weights (relative path in the bundle) and calibrated parameters of one defense."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     weights: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
+    quality: DefenseQuality | None = None
+
+
+class SelfAuditRow(BaseModel):
+    """One line of the export's self-audit: the best confidence-based attack against one defense."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    defense: str
+    best_attack: str
+    balanced_accuracy: float  # at the threshold the attack learned on the other half of the rows
+    auc: float
+    label_only_floor: float | None  # 0.5 + (train − test)/2 on these rows; None without labels
+    mean_l1: float
+    label_loss: float
 
 
 class Manifest(BaseModel):
@@ -58,6 +103,8 @@ class Manifest(BaseModel):
     defenses: dict[str, DefenseEntry] = Field(default_factory=dict)
     #: Free-form provenance from the offline job: resolved config, seeds, splits, accuracies, versions.
     training: dict[str, Any] = Field(default_factory=dict)
+    #: The offline job's attacks on held-out defender's rows, per shipped defense (and ``none``).
+    self_audit: list[SelfAuditRow] = Field(default_factory=list)
 
 
 class Bundle(BaseModel):

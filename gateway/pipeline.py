@@ -35,6 +35,56 @@ class BatchOutput:
         return int(self.labels.shape[0])
 
 
+@dataclass(frozen=True)
+class Defended:
+    released: torch.Tensor  # [B, C] float64; changed rows renormalised, unchanged rows the clean vector
+    bad: torch.Tensor  # [B] bool: rows that broke an invariant (or the defense raised): never release them
+    label_changed: torch.Tensor  # [B] bool: rows where the defense tried to move the label
+
+
+def defend_batch(
+    defense: Defense, probs: torch.Tensor, logits: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor
+) -> Defended:
+    """What the gateway releases for these undefended outputs, with the per-row invariants checked.
+
+    probs [B, C] float64, logits [B, C] float32, keys [B, 32] uint8, labels [B] (argmax of probs).
+    The one code path from outputs to released vectors: the serving pipeline calls it per batch, and
+    the offline job (calibration, quality gates, the audit's attacker copy) through ``release_vectors``.
+    A defense that raises fails every row of the batch closed; nothing raw is marked releasable.
+    """
+    B = probs.shape[0]
+    try:
+        released = defense.defend(probs, logits, keys)
+        if tuple(released.shape) != tuple(probs.shape):
+            raise RuntimeError(f"defense returned shape {tuple(released.shape)}, expected {tuple(probs.shape)}")
+        released = released.to(probs.device, torch.float64)
+        bad = row_violations(released, probs, labels, defense.l1_bound)  # [B]
+        label_changed = released.argmax(dim=1) != labels  # [B]
+    except Exception as exc:  # fail closed: no row of this batch is released from the defense
+        log.error("defense %r failed on a batch of %d rows: %s", defense.name, B, type(exc).__name__)
+        released = probs.clone()
+        bad = torch.ones(B, dtype=torch.bool, device=probs.device)
+        label_changed = torch.zeros(B, dtype=torch.bool, device=probs.device)
+    # Renormalise changed rows in float64 (order-preserving) so they sum to 1 within ~1e-15;
+    # rows the defense left alone stay bit-identical to the clean vector.
+    changed = (released != probs).any(dim=1, keepdim=True)  # [B, 1]
+    released = torch.where(changed, released / released.sum(dim=1, keepdim=True).clamp_min(1e-300), probs)
+    return Defended(released, bad, label_changed)
+
+
+def release_vectors(defense: Defense, probs: np.ndarray, *, secret: bytes, context: bytes = b"offline") -> np.ndarray:
+    """Offline: probs [N, C] (clean softmax) -> what the gateway would release [N, C] float64.
+
+    Keys come from the rows themselves under ``secret`` (an attacker's copy uses its own secret);
+    rows that break an invariant get the label-only vector, as with ``GATEWAY_ON_DEFENSE_ERROR=label_only``.
+    """
+    p = torch.from_numpy(np.ascontiguousarray(probs, dtype=np.float64))  # [N, C]
+    keys = torch.from_numpy(RowKeyer(secret, context).digests(p.numpy()))  # [N, 32]
+    labels = p.argmax(dim=1)
+    out = defend_batch(defense, p, logits_from_probs(p).float(), keys, labels)
+    return torch.where(out.bad[:, None], one_hot(labels, p.shape[1]), out.released).numpy()
+
+
 class Pipeline:
     def __init__(
         self,
@@ -87,26 +137,13 @@ class Pipeline:
         )
         name = self.defense.name
         t1 = time.perf_counter()
-        try:
-            released = self.defense.defend(probs, logits, keys)
-            if tuple(released.shape) != (B, C):
-                raise RuntimeError(f"defense returned shape {tuple(released.shape)}, expected ({B}, {C})")
-            released = released.to(self.device, torch.float64)
-            bad = row_violations(released, probs, labels, self.defense.l1_bound) | ~model_ok  # [B]
-            label_changed = (released.argmax(dim=1) != labels) & model_ok  # [B]
-        except Exception as exc:  # fail closed: no row of this batch is released from the defense
-            log.error("defense %r failed on a batch of %d rows: %s", name, B, type(exc).__name__)
-            released = probs.clone()
-            bad = torch.ones(B, dtype=torch.bool, device=self.device)
-            label_changed = torch.zeros(B, dtype=torch.bool, device=self.device)
+        defended = defend_batch(self.defense, probs, logits, keys, labels)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.metrics.defense_seconds.labels(name).observe(time.perf_counter() - t1)
-
-        # Renormalise changed rows in float64 (order-preserving) so they sum to 1 within ~1e-15;
-        # rows the defense left alone stay bit-identical to the clean vector.
-        changed = (released != probs).any(dim=1, keepdim=True)  # [B, 1]
-        released = torch.where(changed, released / released.sum(dim=1, keepdim=True).clamp_min(1e-300), probs)
+        bad = defended.bad | ~model_ok  # [B]
+        label_changed = defended.label_changed & model_ok  # [B]
+        released = defended.released
         fallback = one_hot(labels, C)  # [B, C]
         released = torch.where(bad[:, None], fallback, released)
         rejected = (bad & (self.on_defense_error == "reject")) | ~model_ok  # [B]

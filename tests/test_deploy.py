@@ -122,6 +122,7 @@ def test_dashboard_and_alerts_use_real_metrics() -> None:
         assert any(needed in e for e in exprs), needed
     assert any('outcome="fallback"' in e for e in exprs)
     rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())["groups"][0]["rules"]
-    assert {r["alert"] for r in rules} == {"GatewayLabelChanged", "GatewayDefenseFallbacks", "GatewayHighP99Latency",
+    assert {r["alert"] for r in rules} == {"GatewayLabelChanged", "GatewayDefenseFallbacks",
+                                           "GatewayDefenseIneffective", "GatewayHighP99Latency",
                                            "GatewayNotReady"}  # fmt: skip
     assert set().union(*(metric_names(r["expr"]) for r in rules)) <= METRICS

@@ -99,7 +99,9 @@ def test_epsilon_zero_is_the_identity(defenders: dict[str, Any]) -> None:
 
 def test_jacobian_reuse_changes_nothing(defenders: dict[str, Any]) -> None:
     """Large working sets on CPU keep ∂h/∂s per row and recompute it where g's ReLU pattern changed;
-    Phase I must be bit-identical to recomputing it at every step."""
+    Phase I must take the same steps and succeed on the same rows as recomputing it at every step,
+    with the noisy vectors within the contract's 1e-6. (Not bit-identity: GEMMs over differently
+    shaped row subsets may round differently, e.g. with AVX-512 kernels.)"""
     rows = torch.cat([defenders["z_in"][:150], defenders["z_out"][:150]])  # 300 rows
     labels = torch.softmax(rows, 1).argmax(1)
     mg = MemGuard(defenders["g"], MemGuardParams(schedule="sequential"), torch.device("cpu"))
@@ -109,5 +111,6 @@ def test_jacobian_reuse_changes_nothing(defenders: dict[str, Any]) -> None:
     for max_changed in (0.6, 1.0):  # the default, and never giving up (the partial path at every step)
         mg.JACOBIAN_REUSE_MAX_CHANGED = max_changed
         reused = mg.phase_one(rows, labels)
-        assert torch.equal(reused.noisy_logits, plain.noisy_logits)
         assert torch.equal(reused.steps, plain.steps) and torch.equal(reused.success, plain.success)
+        torch.testing.assert_close(torch.softmax(reused.noisy_logits.double(), 1),
+                                   torch.softmax(plain.noisy_logits.double(), 1), rtol=0, atol=1e-6)  # fmt: skip

@@ -1,0 +1,166 @@
+"""The defenders' step shared by ``train`` and ``export``: target outputs in, gated defense entries out.
+
+1. Hold out a seeded share of the member and of the non-member rows (``holdout``).
+2. Train MemGuard's g and AEPPT's substitute on the rest with the chosen recipe
+   (``training.defenders.DEFENDER_RECIPES``), and calibrate AEPPT's step on the same rows.
+3. Measure every defense on the held-out rows at its shipped parameters (``quality.measure``),
+   refuse the weak ones unless ``allow_weak_defense``, and run the self-audit.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from defense_models import quality
+from defense_models.calibrate import calibrate_aeppt_step
+from defense_models.training.defenders import (
+    DEFENDER_RECIPES,
+    DefenderRecipe,
+    holdout,
+    train_memguard_classifier,
+    train_substitute,
+)
+from gateway.artifacts import DefenseEntry, Manifest, SelfAuditRow
+from gateway.defenses import Defense
+from gateway.defenses.aeppt import Aeppt, AepptParams
+from gateway.defenses.classifier import save_weights
+from gateway.defenses.memguard import MemGuard, MemGuardParams
+
+DEFENSES = ("memguard", "aeppt")
+#: The ε every bundle ships MemGuard with (the largest budget of the published Location curve).
+MEMGUARD_EPSILON = 1.0
+
+
+@dataclass(frozen=True)
+class DefenderConfig:
+    defenses: tuple[str, ...] = DEFENSES
+    recipe: str = "robust"  # a key of DEFENDER_RECIPES
+    #: Share of the member and of the non-member rows kept out of the classifiers' training, for the
+    #: quality gate and the self-audit.
+    holdout: float = 0.25
+    allow_weak_defense: bool = False
+    #: Which label AEPPT's substitute learns with: the record's true label, or the target's argmax,
+    #: which is what it is fed at serving time [choice: argmax, so training matches serving].
+    substitute_label: str = "argmax"
+    seed: int = 0
+    progress: bool = False
+
+
+@dataclass(frozen=True)
+class TargetOutputs:
+    """The target's clean probabilities [N, C] float64 and labels [N] on members and non-members."""
+
+    p_in: torch.Tensor
+    y_in: torch.Tensor
+    p_out: torch.Tensor
+    y_out: torch.Tensor
+    true_labels: bool = True
+
+
+@dataclass(frozen=True)
+class Defenders:
+    files: dict[str, bytes]
+    entries: dict[str, DefenseEntry]
+    report: dict[str, Any]  # provenance for the manifest's ``training.defenders``
+    self_audit: list[SelfAuditRow]
+
+
+def _train_memguard(config: DefenderConfig, o: TargetOutputs, tmp: Path) -> tuple[Defense, bytes]:
+    recipe = DEFENDER_RECIPES[config.recipe].g
+    g = train_memguard_classifier(o.p_in, o.p_out, _seeded(recipe, config.seed), progress=config.progress)
+    save_weights(g, tmp / "g")
+    return MemGuard(g, MemGuardParams(epsilon=MEMGUARD_EPSILON), torch.device("cpu")), (tmp / "g").read_bytes()
+
+
+def _train_aeppt(config: DefenderConfig, o: TargetOutputs, tmp: Path) -> tuple[Defense, bytes, dict[str, Any]]:
+    recipe = DEFENDER_RECIPES[config.recipe].substitute
+    l_in, l_out = (o.y_in, o.y_out) if config.substitute_label == "true" else (o.p_in.argmax(1), o.p_out.argmax(1))
+    sub = train_substitute(o.p_in, l_in, o.p_out, l_out, _seeded(recipe, config.seed), progress=config.progress)
+    cal = calibrate_aeppt_step(sub, o.p_in, o.p_out)
+    save_weights(sub, tmp / "s")
+    calibration = {"step_size": cal.step_size, "substitute_balanced_accuracy": round(cal.balanced_accuracy, 4),
+                   "mean_l1": round(cal.mean_l1, 4), "evaluations": cal.evaluations}  # fmt: skip
+    defense = Aeppt(sub, AepptParams(step_size=cal.step_size), torch.device("cpu"))
+    return defense, (tmp / "s").read_bytes(), calibration
+
+
+def _seeded(recipe: DefenderRecipe, seed: int) -> DefenderRecipe:
+    return replace(recipe, fit=replace(recipe.fit, seed=seed))
+
+
+def _split(o: TargetOutputs, config: DefenderConfig) -> tuple[TargetOutputs, quality.Rows]:
+    tr_in, ho_in, tr_out, ho_out = holdout(len(o.p_in), len(o.p_out), config.holdout, config.seed)
+    if min(len(ho_in), len(ho_out)) < 10:
+        raise ValueError(f"the quality gate needs at least 10 held-out member and non-member rows; got {len(ho_in)} "
+                         f"and {len(ho_out)} (hold out more with --holdout, or bring more rows)")  # fmt: skip
+    train = TargetOutputs(o.p_in[tr_in], o.y_in[tr_in], o.p_out[tr_out], o.y_out[tr_out], o.true_labels)
+    held = quality.Rows(o.p_in[ho_in].double().numpy(), o.y_in[ho_in].numpy(), o.p_out[ho_out].double().numpy(),
+                        o.y_out[ho_out].numpy(), o.true_labels)  # fmt: skip
+    return train, held
+
+
+def build_defenders(config: DefenderConfig, outputs: TargetOutputs) -> Defenders:
+    """Train, gate and self-audit the requested defenses on the target's outputs."""
+    unknown = set(config.defenses) - set(DEFENSES)
+    if unknown or config.recipe not in DEFENDER_RECIPES:
+        raise ValueError(f"unknown defense {sorted(unknown)} or recipe {config.recipe!r}; "
+                         f"defenses: {DEFENSES}, recipes: {sorted(DEFENDER_RECIPES)}")  # fmt: skip
+    train, held = _split(outputs, config)
+    files: dict[str, bytes] = {}
+    served: dict[str, Defense] = {}
+    rows = {"train_members": len(train.p_in), "train_nonmembers": len(train.p_out),
+            "held_out_members": len(held.p_in), "held_out_nonmembers": len(held.p_out)}  # fmt: skip
+    report: dict[str, Any] = {"recipe": config.recipe, "recipes": {}, "holdout": config.holdout, "rows": rows}
+    recipes = DEFENDER_RECIPES[config.recipe]
+    with tempfile.TemporaryDirectory() as tmp:
+        if "memguard" in config.defenses:
+            served["memguard"], files["memguard_g.safetensors"] = _train_memguard(config, train, Path(tmp))
+            report["recipes"]["memguard"] = asdict(recipes.g)
+        if "aeppt" in config.defenses:
+            served["aeppt"], files["aeppt_substitute.safetensors"], report["aeppt_calibration"] = _train_aeppt(
+                config, train, Path(tmp)
+            )
+            report["recipes"]["aeppt"] = asdict(recipes.substitute) | {"label": config.substitute_label}
+    gated = quality.enforce({name: quality.measure(d, held) for name, d in served.items()}, config.allow_weak_defense)
+    weights = {"memguard": "memguard_g.safetensors", "aeppt": "aeppt_substitute.safetensors"}
+    entries = {"none": DefenseEntry()} | {
+        name: DefenseEntry(weights=weights[name], params=_shipped_params(d), quality=gated[name])
+        for name, d in served.items()
+    }
+    return Defenders(files, entries, report, quality.self_audit(held, served, config.seed))
+
+
+def _shipped_params(defense: Defense) -> dict[str, Any]:
+    """The parameters a bundle records for a defense (the rest take the defense's defaults)."""
+    p = defense.params()
+    if isinstance(defense, MemGuard):
+        return {"epsilon": p["epsilon"]}
+    return {"step_size": p["step_size"], "iterations": p["iterations"]}
+
+
+def defender_summary(manifest: Manifest) -> dict[str, str]:
+    """The gate's and the self-audit's lines for the one-screen summary at the end of train/export."""
+    out = {}
+    for name, entry in manifest.defenses.items():
+        q = entry.quality
+        if q is None:
+            continue
+        verdict = "passed" if q.passed else "FAILED, written with --allow-weak-defense"
+        flagged = "—" if q.perturbed_share_flagged is None else f"{q.perturbed_share_flagged:.0%}"
+        extra = (f", Phase I success {q.phase_one_success:.0%}" if q.phase_one_success is not None
+                 else f", after the step {q.classifier_balanced_accuracy_defended:.3f}")  # fmt: skip
+        out[f"{name} gate"] = (
+            f"{verdict}: classifier balanced accuracy {q.classifier_balanced_accuracy:.3f}{extra}; perturbs {flagged} "
+            f"of flagged rows, mean L1 {q.mean_l1:.4f}, label loss {q.label_loss:.3f} "
+            f"({q.held_out_members}+{q.held_out_nonmembers} held-out rows)"
+        )
+    if manifest.self_audit:
+        out["self-audit"] = "on the held-out rows (two-fold, threshold learned on the other half)\n" + (
+            quality.format_self_audit(manifest.self_audit)
+        )
+    return out
