@@ -33,6 +33,9 @@ from gateway.pipeline import release_vectors
 MIN_BALANCED_ACCURACY = 0.55
 #: ... and the served defense must perturb at least this share of the rows it calls members.
 MIN_PERTURBED_FLAGGED = 0.5
+#: A row counts as perturbed when the defense moved it by at least this much in L1: a defense that
+#: moves rows by 1e-9 satisfies its classifier and changes nothing an attacker sees.
+MIN_L1_PERTURBED = 1e-3
 #: The self-audit's attacks: those that read confidence values and learn from a few hundred rows.
 SELF_AUDIT_ATTACKS = ("confidence", "entropy", "modified_entropy", "nn_sorted")
 _SECRET = b"defense_models quality gate"
@@ -84,7 +87,7 @@ def measure(defense: Defense, rows: Rows) -> DefenseQuality:
     """The quality gate's measurements for one served defense (MemGuard or AEPPT) on held-out rows."""
     clean = np.concatenate([rows.p_in, rows.p_out])
     released = release_vectors(defense, clean, secret=_SECRET)
-    perturbed = (released != clean).any(axis=1)
+    perturbed = np.abs(released - clean).sum(axis=1) >= MIN_L1_PERTURBED
     flagged = _flags(defense, clean)
     n_in = len(rows.p_in)
     quality: dict[str, Any] = {

@@ -54,7 +54,7 @@ class DefenseQuality(BaseModel):
     #: MemGuard: share of rows needing noise whose first Phase I round succeeded.
     phase_one_success: float | None = None
     flagged_share: float
-    perturbed_share: float  # of all held-out rows
+    perturbed_share: float  # of all held-out rows moved by at least 1e-3 in L1
     perturbed_share_flagged: float | None  # None when the classifier flags no row
     mean_l1: float
     label_loss: float

@@ -6,6 +6,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -139,22 +140,38 @@ def synthetic_outputs(n: int, classes: int, margin: float, seed: int) -> tuple[t
     return z, y
 
 
-@pytest.fixture(scope="session")
-def defenders() -> dict[str, Any]:
-    """MemGuard's g and AEPPT's substitute, trained quickly on synthetic target outputs (C = 10)."""
+def _train_defenders(g_recipe: Any, sub_recipe: Any) -> dict[str, Any]:
     from defense_models.calibrate import calibrate_aeppt_step
-    from defense_models.training.defenders import DefenderRecipe, train_memguard_classifier, train_substitute
-    from defense_models.training.loop import FitConfig
+    from defense_models.training.defenders import train_memguard_classifier, train_substitute
 
     z_in, _ = synthetic_outputs(400, DEF_CLASSES, 6.0, seed=1)
     z_out, _ = synthetic_outputs(400, DEF_CLASSES, 2.0, seed=2)
     p_in, p_out = torch.softmax(z_in, 1), torch.softmax(z_out, 1)
-    # The plain (unbalanced, unstandardized) recipe: these tests pin the defenses' mechanics, not the recipe.
-    quick = DefenderRecipe(FitConfig(epochs=40, batch_size=64, lr=1e-3), balanced=False, standardize=False)
-    g = train_memguard_classifier(p_in, p_out, quick)
-    sub = train_substitute(p_in, p_in.argmax(1), p_out, p_out.argmax(1), quick)
+    g = train_memguard_classifier(p_in, p_out, g_recipe)
+    sub = train_substitute(p_in, p_in.argmax(1), p_out, p_out.argmax(1), sub_recipe)
     cal = calibrate_aeppt_step(sub, p_in, p_out)
     return {"g": g, "substitute": sub, "calibration": cal, "z_in": z_in, "z_out": z_out}
+
+
+@pytest.fixture(scope="session")
+def defenders() -> dict[str, Any]:
+    """MemGuard's g and AEPPT's substitute on raw probabilities, trained quickly on synthetic target outputs
+    (C = 10) with the plain recipe: these pin the defenses' mechanics, not the recipe."""
+    from defense_models.training.defenders import DefenderRecipe
+    from defense_models.training.loop import FitConfig
+
+    quick = DefenderRecipe(FitConfig(epochs=40, batch_size=64, lr=1e-3), balanced=False, standardize=False)
+    return _train_defenders(quick, quick)
+
+
+@pytest.fixture(scope="session")
+def log_defenders() -> dict[str, Any]:
+    """The same, with the ``saturated`` recipe: g on log features (``log_floor``), standardized, augmented."""
+    from defense_models.training.defenders import DEFENDER_RECIPES
+
+    robust = DEFENDER_RECIPES["saturated"]
+    return _train_defenders(replace(robust.g, fit=replace(robust.g.fit, epochs=15)),
+                            replace(robust.substitute, fit=replace(robust.substitute.fit, epochs=40)))  # fmt: skip
 
 
 @pytest.fixture(scope="session")

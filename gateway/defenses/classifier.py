@@ -19,11 +19,16 @@ class MemGuardClassifier(nn.Module):
 
     Input: a probability vector sorted ascending (top-1 last) [N, C]; output: logit h [N].
     C → 256 → 128 → 64 → 1 with ReLU and Glorot-uniform weights, as in the Keras original.
+
+    ``log_floor`` > 0 (a buffer, saved with the weights) makes the first layer read log(s + floor)
+    instead of s: the features of the ``robust`` defender's recipe, which resolve the tail
+    probabilities of saturated targets. 0 (the original, and every bundle written before it existed)
+    reads s itself.
     """
 
     HIDDEN = (256, 128, 64)
 
-    def __init__(self, classes: int) -> None:
+    def __init__(self, classes: int, log_floor: float = 0.0) -> None:
         super().__init__()
         self.classes = classes
         dims = (classes, *self.HIDDEN, 1)
@@ -31,9 +36,19 @@ class MemGuardClassifier(nn.Module):
         for layer in self.layers:
             nn.init.xavier_uniform_(layer.weight)
             nn.init.zeros_(layer.bias)
+        self.register_buffer("log_floor", torch.tensor(float(log_floor)))
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object, **kwargs: object) -> None:  # type: ignore[override]
+        state_dict.setdefault(prefix + "log_floor", torch.tensor(0.0))  # weights saved before the buffer existed
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[arg-type]
+
+    def features(self, probs: torch.Tensor) -> torch.Tensor:
+        """What the first layer reads: s, or log(s + floor). [N, C] -> [N, C]"""
+        floor = float(self.log_floor)  # type: ignore[arg-type]
+        return torch.log(probs + floor) if floor > 0 else probs
 
     def forward(self, sorted_probs: torch.Tensor) -> torch.Tensor:
-        x = sorted_probs  # [N, C]
+        x = self.features(sorted_probs)  # [N, C]
         for layer in self.layers[:-1]:
             x = torch.relu(layer(x))
         return self.layers[-1](x)[:, 0]  # [N]

@@ -77,16 +77,21 @@ class PhaseOne:
 class _G:
     """g's weights as plain tensors, with a batched forward/backward (ReLU MLP)."""
 
-    def __init__(self, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def __init__(self, layers: list[tuple[torch.Tensor, torch.Tensor]], log_floor: float = 0.0) -> None:
         self.layers = layers
+        self.log_floor = log_floor  # > 0: the first layer reads log(s + log_floor)
         self.bits = [bit_weights(W.shape[0], W.device, W.dtype) for W, _ in layers[:-1]]
 
     def logit(self, s: torch.Tensor) -> torch.Tensor:
         return self.forward(s)[0]
 
+    def chain(self, grad_x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """dL/ds [N, C] from dL/d(first layer input) [N, C]: itself, or divided by s + floor (in place)."""
+        return grad_x.div_(s + self.log_floor) if self.log_floor > 0 else grad_x
+
     def forward(self, s: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """s [N, C] -> (h [N], hidden activations [a1 [N,256], a2 [N,128], a3 [N,64]])."""
-        acts, x = [], s
+        acts, x = [], torch.log(s + self.log_floor) if self.log_floor > 0 else s
         for W, b in self.layers[:-1]:
             x = torch.addmm(b, x, W.t()).clamp_min_(0)  # ReLU in place: one pass fewer over [N, width]
             acts.append(x)
@@ -94,7 +99,8 @@ class _G:
         return torch.addmm(b, x, W.t())[:, 0], acts
 
     def jacobian(self, masks: list[torch.Tensor]) -> torch.Tensor:
-        """∂h/∂s [N, C] from the float ReLU masks [m1 [N,256], m2 [N,128], m3 [N,64]] in {0, 1}.
+        """∂h/∂x [N, C] (x: the first layer's input, s or log(s + floor); ``chain`` makes it ∂h/∂s) from the
+        float ReLU masks [m1 [N,256], m2 [N,128], m3 [N,64]] in {0, 1}.
 
         Equals ``input_grad`` with dh = 1 bit for bit (the same GEMM operands), and input_grad(±1) =
         ±jacobian exactly.
@@ -105,7 +111,7 @@ class _G:
         return g @ self.layers[0][0]  # [N, C]
 
     def input_grad(self, dh: torch.Tensor, acts: list[torch.Tensor]) -> torch.Tensor:
-        """dL/ds [N, C] given dL/dh [N] and the forward activations."""
+        """dL/dx [N, C] (the first layer's input; ``chain`` makes it dL/ds) given dL/dh [N] and the activations."""
         W_out, _ = self.layers[-1]
         g = dh[:, None] * W_out  # [N, 64]
         for (W, _), a in zip(reversed(self.layers[:-1]), reversed(acts), strict=True):
@@ -132,7 +138,7 @@ class MemGuard:
         self.config = params
         self.device = device
         self.dtype = torch.float32 if params.dtype == "float32" else torch.float64
-        self.g = _G(g.weights(device, self.dtype))
+        self.g = _G(g.weights(device, self.dtype), float(g.log_floor))
         self.classes = g.classes
 
     @classmethod
@@ -259,10 +265,10 @@ class MemGuard:
                     J = self.g.jacobian(masks)
                 elif rows.numel():
                     J.index_copy_(0, rows, self.g.jacobian([m.index_select(0, rows) for m in masks]))
-                sig, grad_h = new_sig, J * dh[:, None]
+                sig, grad_h = new_sig, self.g.chain(J * dh[:, None], s)
             else:
                 J = sig = None
-                grad_h = self.g.input_grad(dh, acts)
+                grad_h = self.g.chain(self.g.input_grad(dh, acts), s)
             gs = grad_h.addcmul_(c3w[:, None], (s - s_ref).sign_())  # in place: fresh tensors, fewer allocations
             gx = torch._softmax_backward_data(gs, s, 1, s.dtype)  # softmax backward, fused: s·(gs − Σ gs·s) [n, C]
             # c2·ReLU(max_{j<C-1} x_j − x_{C-1}): gradient +c2 at the argmax (first maximal index, as

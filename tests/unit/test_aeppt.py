@@ -19,6 +19,12 @@ def decisions(defense: Aeppt, probs: torch.Tensor, out: torch.Tensor) -> torch.T
     return defense.substitute_logit(out.float(), t) >= 0
 
 
+@pytest.fixture(scope="module", params=["raw", "log"])
+def defenders(request: pytest.FixtureRequest, defenders: dict[str, Any], log_defenders: dict[str, Any]) -> dict[str, Any]:
+    """Every test here runs with classifiers on raw probabilities and with the robust recipe's log features."""
+    return defenders if request.param == "raw" else log_defenders
+
+
 @pytest.fixture(scope="module")
 def data(defenders: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.softmax(defenders["z_in"], 1), torch.softmax(defenders["z_out"], 1)

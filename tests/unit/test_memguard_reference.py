@@ -12,6 +12,12 @@ from tests.conftest import keys_for
 from tests.reference import memguard_reference_row as reference_row
 
 
+@pytest.fixture(scope="module", params=["raw", "log"])
+def defenders(request: pytest.FixtureRequest, defenders: dict[str, Any], log_defenders: dict[str, Any]) -> dict[str, Any]:
+    """Every test here runs with classifiers on raw probabilities and with the robust recipe's log features."""
+    return defenders if request.param == "raw" else log_defenders
+
+
 @pytest.fixture(scope="module")
 def rows(defenders: dict[str, Any]) -> torch.Tensor:
     return torch.cat([defenders["z_in"][:8], defenders["z_out"][:8]])  # [16, C]

@@ -1,0 +1,143 @@
+"""A user's own overconfident model, exported with an unbalanced defender's set, must be protected.
+
+The scenario that once shipped a MemGuard that perturbed nothing: a target we did not train (Adam,
+memorizing its training rows: top probability > 0.999 on most members), 30 classes, 3 member rows
+for every non-member row the defender holds. Export → serve → MemGuard must perturb the rows its
+classifier flags, and a confidence attack against the served endpoint must fall to the label-only
+floor. A defender's set with nothing to learn must be refused, unless overridden (and recorded).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from defense_models.__main__ import main
+from defense_models.attacks import AttackData, create_attack
+from defense_models.export import export_onnx
+from defense_models.scoring import gap_floor, score_attack
+from gateway.app import log_defense_quality
+from gateway.artifacts import load_bundle
+from gateway.defenses.classifier import MemGuardClassifier, load_weights
+from tests.conftest import make_settings, serving
+
+SECRET = "0123456789abcdef0123456789abcdef"
+WIDTH, CLASSES = 40, 30
+#: Rows: defender's members, defender's non-members (3:1), evaluation members, evaluation non-members.
+N_DEF_IN, N_DEF_OUT, N_EVAL_IN, N_EVAL_OUT = 600, 200, 300, 600
+
+
+@pytest.fixture(scope="module")
+def user_model(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """An overconfident target trained by a recipe that is not ours, and the user's row files."""
+    rng = np.random.default_rng(11)
+    n = N_DEF_IN + N_DEF_OUT + N_EVAL_IN + N_EVAL_OUT
+    centers = rng.normal(size=(CLASSES, WIDTH))
+    y = rng.integers(0, CLASSES, n)
+    X = (0.6 * centers[y] + rng.normal(size=(n, WIDTH))).astype(np.float32)
+    members = np.r_[0:N_DEF_IN, N_DEF_IN + N_DEF_OUT : N_DEF_IN + N_DEF_OUT + N_EVAL_IN]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(WIDTH, 256), torch.nn.ReLU(), torch.nn.Linear(256, CLASSES))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    Xm, ym = torch.from_numpy(X[members]), torch.from_numpy(y[members])
+    for _ in range(1000):  # full batch, until it memorizes
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(Xm), ym).backward()
+        opt.step()
+    model.eval()
+    tmp = tmp_path_factory.mktemp("user")
+    (tmp / "target.onnx").write_bytes(export_onnx(model, WIDTH))
+    d_in, d_out = slice(0, N_DEF_IN), slice(N_DEF_IN, N_DEF_IN + N_DEF_OUT)
+    e_in = slice(N_DEF_IN + N_DEF_OUT, N_DEF_IN + N_DEF_OUT + N_EVAL_IN)
+    e_out = slice(N_DEF_IN + N_DEF_OUT + N_EVAL_IN, n)
+    np.savez(tmp / "members.npz", X=X[d_in], y=y[d_in])
+    np.savez(tmp / "nonmembers.npz", X=X[d_out], y=y[d_out])
+    with torch.no_grad():
+        probs = torch.softmax(model(torch.from_numpy(X)).double(), 1).numpy()
+    return {"dir": tmp, "X": X, "y": y, "probs": probs, "eval_in": e_in, "eval_out": e_out, "def_in": d_in}
+
+
+def _export(user: dict, out: Path, *extra: str) -> int:
+    d = user["dir"]
+    return main(["export", "--model", str(d / "target.onnx"), "--members", str(d / "members.npz"),
+                 "--nonmembers", str(d / "nonmembers.npz"), "--name", "mine", "--quiet", "--out", str(out), *extra])  # fmt: skip
+
+
+def _confidence_attack(members: AttackData, nonmembers: AttackData, seed: int = 0) -> float:
+    """The known-records attacker: a per-class confidence threshold learned on half, scored on the other half."""
+    rng = np.random.default_rng(seed)
+    k_in, k_out = rng.random(len(members)) < 0.5, rng.random(len(nonmembers)) < 0.5
+
+    def part(d: AttackData, k: np.ndarray) -> AttackData:
+        return AttackData(d.probs[k], d.labels[k])
+
+    attack = create_attack("confidence")
+    train = part(members, k_in), part(nonmembers, k_out)
+    attack.fit(*train)
+    test = part(members, ~k_in), part(nonmembers, ~k_out)
+    calib = attack.score(train[0]), attack.score(train[1])
+    return score_attack(attack.score(test[0]), attack.score(test[1]), shadow=calib).balanced_accuracy
+
+
+@pytest.mark.slow
+async def test_export_protects_an_overconfident_user_model(user_model: dict, tmp_path: Path) -> None:
+    u = user_model
+    p_in, p_out = u["probs"][u["eval_in"]], u["probs"][u["eval_out"]]
+    assert (u["probs"][u["def_in"]].max(1) > 0.999).mean() > 0.7  # the scenario: an overconfident target
+    assert _export(u, tmp_path / "bundle") == 0
+    bundle = load_bundle(tmp_path / "bundle")
+    q = bundle.manifest.defenses["memguard"].quality
+    assert q is not None and q.passed and not q.override and q.classifier_balanced_accuracy > 0.7
+    assert [r.defense for r in bundle.manifest.self_audit] == ["none", "memguard", "aeppt"]
+
+    X_in, X_out = u["X"][u["eval_in"]], u["X"][u["eval_out"]]
+    async with serving(make_settings(tmp_path / "bundle", defense="memguard", noise_secret=SECRET)) as (client, _):
+        out = []
+        for X in (X_in, X_out):
+            r = await client.post("/predict", json={"instances": X.tolist()})
+            assert r.status_code == 200
+            out.append(np.array(r.json()["probabilities"]))
+    r_in, r_out = out
+    assert (r_in.argmax(1) == p_in.argmax(1)).all() and (r_out.argmax(1) == p_out.argmax(1)).all()
+
+    g = load_weights(MemGuardClassifier(CLASSES), bundle.path("memguard_g.safetensors"))
+    with torch.no_grad():
+        flagged = (g(torch.sort(torch.from_numpy(p_in).float(), 1).values) > 0).numpy()
+    perturbed = (r_in != p_in).any(1)
+    assert flagged.mean() > 0.5 and perturbed[flagged].mean() >= 0.9
+
+    y_in, y_out = u["y"][u["eval_in"]], u["y"][u["eval_out"]]
+    floor = gap_floor(float((p_in.argmax(1) == y_in).mean()), float((p_out.argmax(1) == y_out).mean()))
+    raw = _confidence_attack(AttackData(p_in, y_in), AttackData(p_out, y_out))
+    served = _confidence_attack(AttackData(r_in, y_in), AttackData(r_out, y_out))
+    assert raw > floor + 0.05  # the undefended model leaks beyond the floor
+    assert served <= floor + 0.03, (raw, served, floor)
+
+
+def test_the_gate_refuses_a_degenerate_defender(user_model: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    """Members and non-members with identical outputs: no classifier can learn anything."""
+    u = dict(user_model)
+    d = tmp_path / "same"
+    d.mkdir()
+    (d / "target.onnx").write_bytes((u["dir"] / "target.onnx").read_bytes())
+    with np.load(u["dir"] / "members.npz") as f:
+        np.savez(d / "members.npz", X=f["X"][:300], y=f["y"][:300])
+        np.savez(d / "nonmembers.npz", X=f["X"][300:600], y=f["y"][300:600])  # members too: the same distribution
+    u["dir"] = d
+    args = ["--preset", "demo", "--defense", "memguard"]
+    assert _export(u, tmp_path / "refused", *args) == 3
+    err = capsys.readouterr().err
+    assert "quality gate refuses" in err and "--allow-weak-defense" in err and "no better than chance" in err
+    assert not (tmp_path / "refused").exists()
+
+    assert _export(u, tmp_path / "forced", *args, "--allow-weak-defense") == 0
+    q = load_bundle(tmp_path / "forced").manifest.defenses["memguard"].quality
+    assert q is not None and q.override and q.problems and not q.passed
+    with caplog.at_level(logging.INFO, logger="gateway"):
+        log_defense_quality(load_bundle(tmp_path / "forced").manifest, "memguard", {"epsilon": 1.0})
+    assert any(r.levelno == logging.WARNING and "FAILED its quality gate" in r.getMessage() for r in caplog.records)
