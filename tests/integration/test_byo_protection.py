@@ -63,8 +63,9 @@ def user_model(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def _export(user: dict, out: Path, *extra: str) -> int:
     d = user["dir"]
-    return main(["export", "--model", str(d / "target.onnx"), "--members", str(d / "members.npz"),
-                 "--nonmembers", str(d / "nonmembers.npz"), "--name", "mine", "--quiet", "--out", str(out), *extra])  # fmt: skip
+    files = ["--model", str(d / "target.onnx"), "--members", str(d / "members.npz"),
+             "--nonmembers", str(d / "nonmembers.npz")]  # fmt: skip
+    return main(["export", *files, "--name", "mine", "--quiet", "--out", str(out), *extra])
 
 
 def _confidence_attack(members: AttackData, nonmembers: AttackData, seed: int = 0) -> float:

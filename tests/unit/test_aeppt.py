@@ -20,8 +20,10 @@ def decisions(defense: Aeppt, probs: torch.Tensor, out: torch.Tensor) -> torch.T
 
 
 @pytest.fixture(scope="module", params=["raw", "log"])
-def defenders(request: pytest.FixtureRequest, defenders: dict[str, Any], log_defenders: dict[str, Any]) -> dict[str, Any]:
-    """Every test here runs with classifiers on raw probabilities and with the robust recipe's log features."""
+def defenders(
+    request: pytest.FixtureRequest, defenders: dict[str, Any], log_defenders: dict[str, Any]
+) -> dict[str, Any]:
+    """Every test here runs with classifiers on raw probabilities and with g on log features."""
     return defenders if request.param == "raw" else log_defenders
 
 

@@ -13,8 +13,10 @@ from tests.reference import memguard_reference_row as reference_row
 
 
 @pytest.fixture(scope="module", params=["raw", "log"])
-def defenders(request: pytest.FixtureRequest, defenders: dict[str, Any], log_defenders: dict[str, Any]) -> dict[str, Any]:
-    """Every test here runs with classifiers on raw probabilities and with the robust recipe's log features."""
+def defenders(
+    request: pytest.FixtureRequest, defenders: dict[str, Any], log_defenders: dict[str, Any]
+) -> dict[str, Any]:
+    """Every test here runs with classifiers on raw probabilities and with g on log features."""
     return defenders if request.param == "raw" else log_defenders
 
 
