@@ -108,13 +108,17 @@ def best(report: dict, view: str) -> dict | None:
     return {"attack": k, "balanced_accuracy": a["balanced_accuracy"], "tpr_at_01pct_fpr": a["tpr_at_01pct_fpr"]}
 
 
-def summarize(dataset: str, defense: str, report: dict, self_audit: dict[str, dict]) -> dict:
+def summarize(
+    dataset: str, defense: str, report: dict, self_audit: dict[str, dict], quality: dict | None = None
+) -> dict:
     u = report["utility"]
     views = {v: best(report, v) for v in (*report["views"], "reference")}
     label_only = {k: report["attacks"][k]["balanced_accuracy"] for k in report["attacks"] if k.startswith("label-")}
     shadow_adaptive = [views[v]["balanced_accuracy"] for v in ("shadow", "adaptive") if views.get(v)]
     mine = self_audit.get(defense, {})
+    gate = (quality or {}).get(defense) or {}
     return {
+        "gate": "—" if not gate else ("refused" if gate.get("problems") else "passed"),
         "dataset": dataset, "defense": defense, "floor": u["label_only_floor"], "label_loss": u["label_loss"],
         "mean_l1": u["l1"]["mean"], "test_accuracy": u["test_accuracy"],
         "views": views, "label_only": label_only,
@@ -125,7 +129,7 @@ def summarize(dataset: str, defense: str, report: dict, self_audit: dict[str, di
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| dataset | defense | floor | shadow | adaptive | flipped | known | repeated | LiRA (TPR@0.1%) "
+    head = ("| dataset | defense | gate | floor | shadow | adaptive | flipped | known | repeated | LiRA (TPR@0.1%) "
             "| label-only | goal ≤ floor+0.02 | self-audit | label loss | mean L1 |")  # fmt: skip
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
 
@@ -140,8 +144,9 @@ def table(rows: list[dict]) -> str:
         goal = "yes" if r["goal_met"] else "**no**"
         sa = "—" if r["self_audit"] is None else f"{r['self_audit']:.3f}"
         views = " | ".join(cell(r, v) for v in ("shadow", "adaptive", "flipped", "known", "repeated"))
-        lines.append(f"| {r['dataset']} | {r['defense']} | {r['floor']:.3f} | {views} | {lira_s} | {lo:.3f} | {goal} "
-                     f"| {sa} | {r['label_loss']:.3f} | {r['mean_l1']:.4f} |")  # fmt: skip
+        name = f"| {r['dataset']} | {r['defense']} | {r.get('gate', '—')} | {r['floor']:.3f}"
+        tail = f"{lira_s} | {lo:.3f} | {goal} | {sa} | {r['label_loss']:.3f} | {r['mean_l1']:.4f}"
+        lines.append(f"{name} | {views} | {tail} |")
     return "\n".join(lines)
 
 
@@ -150,9 +155,16 @@ def run_dataset(dataset: str, work: Path, refs_count: int) -> list[dict]:
     log = root / "log.txt"
     facts = build_scenario(dataset, root, members=1500, nonmembers=500, seed=7)
     bundle = root / "bundle"
-    run([sys.executable, "-m", "defense_models", "export", "--model", str(root / "target.onnx"), "--members",
-         str(root / "members.npz"), "--nonmembers", str(root / "nonmembers.npz"), "--name", f"user-{dataset}",
-         "--quiet", "--out", str(bundle)], log)  # fmt: skip
+    export = [sys.executable, "-m", "defense_models", "export", "--model", str(root / "target.onnx"), "--members",
+              str(root / "members.npz"), "--nonmembers", str(root / "nonmembers.npz"), "--name", f"user-{dataset}",
+              "--quiet", "--out", str(bundle)]  # fmt: skip
+    try:
+        run(export, log)
+    except subprocess.CalledProcessError as exc:
+        if exc.returncode != 3:  # 3: the quality gate refused a defense; audit it anyway, and say so
+            raise
+        print(f"{dataset}: the quality gate refused a defense (see {log}); exporting with --allow-weak-defense")
+        run([*export, "--allow-weak-defense"], log)
     manifest = json.loads((bundle / "manifest.json").read_text())
     self_audit = {r["defense"]: r for r in manifest["self_audit"]}
     data = ["--dataset", facts["loader"], *(["--data", facts["data_path"]] if facts["data_path"] else [])]
@@ -163,7 +175,8 @@ def run_dataset(dataset: str, work: Path, refs_count: int) -> list[dict]:
     for defense, env in DEFENSES.items():
         with Gateway(bundle, defense, {**env, "OMP_NUM_THREADS": "1"}, root / f"gateway-{defense}.log") as gw:
             report = audit(dataset, facts, bundle, defense, gw.url, root / "refs", root / f"audit-{defense}", log)
-        rows.append(summarize(dataset, defense, report, self_audit))
+        quality = {k: v.get("quality") for k, v in manifest["defenses"].items()}
+        rows.append(summarize(dataset, defense, report, self_audit, quality))
         print(table(rows[-1:]), flush=True)
     return [{**r, "scenario": facts, "quality": {k: v.get("quality") for k, v in manifest["defenses"].items()}}
             for r in rows]  # fmt: skip
@@ -177,10 +190,16 @@ def main() -> None:
     args = p.parse_args()
     started = time.perf_counter()
     rows = [r for d in args.datasets for r in run_dataset(d, args.work, args.refs)]
+    seconds = {d: round(time.perf_counter() - started) for d in args.datasets}
+    path = ROOT / "bench" / "results" / "byo_audit.json"
+    if path.exists():  # keep the other datasets' rows from earlier runs
+        old = json.loads(path.read_text())
+        rows = [r for r in old["rows"] if r["dataset"] not in args.datasets] + rows
+        seconds = {**old.get("seconds", {}), **seconds}
     md = table(rows)
     print("\n" + md)
-    out = {"command": " ".join(sys.argv), "seconds": round(time.perf_counter() - started), "rows": rows}
-    (ROOT / "bench" / "results" / "byo_audit.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
+    out = {"command": " ".join(sys.argv), "seconds": seconds, "rows": rows}
+    path.write_text(json.dumps(out, indent=2, default=str) + "\n")
     (ROOT / "docs" / "results").mkdir(parents=True, exist_ok=True)
     (ROOT / "docs" / "results" / "byo_audit.md").write_text(md + "\n")
 

@@ -2,8 +2,8 @@
 
 Writes, under ``--out``:
 
-* ``target.onnx``: an MLP trained by the user's recipe (Adam, 30 epochs, no regularization:
-  heavily overfit), exported with a dynamic batch axis, output ``logits``;
+* ``target.onnx``: an MLP trained by the user's recipe (Adam, 30 epochs on Location30, 100 on
+  Fashion-MNIST, no regularization: overfit), exported with a dynamic batch axis, output ``logits``;
 * ``members.npz`` / ``nonmembers.npz``: what the user hands ``export`` (by default 1,500 of the
   target's training rows and 500 rows it never saw: an unbalanced defender's set);
 * ``audit_split.npz``: the roles ``audit --split-file`` needs: evaluation members (training rows
@@ -33,8 +33,10 @@ import torch
 from torch import nn
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
-#: The user's target per dataset: hidden widths, training rows.
-TARGETS = {"location30": ((512, 256), 2000), "fashion-mnist": ((512, 256), 4000)}
+#: The user's target per dataset: hidden widths, training rows, epochs. (Fashion-MNIST after 30 epochs on
+#: 2,000 or 4,000 rows generalizes well enough, 0.97/0.82 and 0.95/0.83, that the export's gate finds no
+#: membership signal to defend: trained to zero loss, it leaks.)
+TARGETS = {"location30": ((512, 256), 2000, 30), "fashion-mnist": ((512, 256), 2000, 100)}
 
 
 def load(name: str):  # -> defense_models.data.Dataset
@@ -48,8 +50,9 @@ def load(name: str):  # -> defense_models.data.Dataset
     return load_dataset("idx", FASHION_DIR)
 
 
-def train_user_target(X: np.ndarray, y: np.ndarray, hidden: tuple[int, ...], classes: int, seed: int) -> nn.Module:
-    """The user's recipe: ReLU MLP, Adam 1e-3, batch 64, 30 epochs, nothing else."""
+def train_user_target(X: np.ndarray, y: np.ndarray, hidden: tuple[int, ...], classes: int, seed: int,
+                      epochs: int = 30) -> nn.Module:  # fmt: skip
+    """The user's recipe: ReLU MLP, Adam 1e-3, batch 64, ``epochs`` epochs, nothing else."""
     torch.manual_seed(seed)
     dims = (X.shape[1], *hidden)
     layers: list[nn.Module] = []
@@ -59,7 +62,7 @@ def train_user_target(X: np.ndarray, y: np.ndarray, hidden: tuple[int, ...], cla
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
     gen = torch.Generator().manual_seed(seed)
-    for _ in range(30):
+    for _ in range(epochs):
         perm = torch.randperm(len(yt), generator=gen)
         for i in range(0, len(yt), 64):
             b = perm[i : i + 64]
@@ -79,7 +82,7 @@ def onnx_bytes(model: nn.Module, width: int) -> bytes:
 
 def build_scenario(dataset: str, out: Path, *, members: int, nonmembers: int, seed: int) -> dict:
     data = load(dataset)
-    hidden, n_train = TARGETS[dataset]
+    hidden, n_train, epochs = TARGETS[dataset]
     perm = np.random.default_rng(seed).permutation(len(data.y))
     train, rest = perm[:n_train], perm[n_train:]
     defender_in, eval_in = train[:members], train[members:]
@@ -88,7 +91,7 @@ def build_scenario(dataset: str, out: Path, *, members: int, nonmembers: int, se
     eval_out, pool = rest[:n_eval], rest[n_eval:]
     half = min(len(pool) // 2, n_train)  # the attacker's shadow trains on about as many rows as the target
     shadow_in, shadow_out = pool[:half], pool[half : 2 * half]
-    model = train_user_target(data.X[train], data.y[train], hidden, data.classes, seed)
+    model = train_user_target(data.X[train], data.y[train], hidden, data.classes, seed, epochs)
     out.mkdir(parents=True, exist_ok=True)
     (out / "target.onnx").write_bytes(onnx_bytes(model, data.width))
     np.savez(out / "members.npz", X=data.X[defender_in], y=data.y[defender_in])

@@ -177,11 +177,10 @@ class _AttackerDefense:
         self._defense = create_defense(name, bundle, params, torch.device("cpu"))
 
     def __call__(self, probs: np.ndarray, secret: bytes = b"attacker's own secret") -> np.ndarray:
-        from gateway.defenses._keyed import RowKeyer
+        """What the gateway's release path makes of these outputs, with the attacker's own secret."""
+        from gateway.pipeline import release_vectors
 
-        keys = torch.from_numpy(RowKeyer(secret, b"shadow").digests(probs.astype(np.float32)))
-        p = torch.from_numpy(probs)
-        return self._defense.defend(p, torch.log(p.clamp_min(1e-30)).float(), keys).double().numpy()
+        return release_vectors(self._defense, probs, secret=secret, context=b"shadow")
 
 
 def round_vectors(probs: np.ndarray, decimals: int) -> np.ndarray:
