@@ -132,7 +132,9 @@ def build_defenders(config: DefenderConfig, outputs: TargetOutputs) -> Defenders
         name: DefenseEntry(weights=weights[name], params=_shipped_params(d), quality=gated[name])
         for name, d in served.items()
     }
-    return Defenders(files, entries, report, quality.self_audit(held, served, config.seed))
+    everything = quality.Rows(outputs.p_in.double().numpy(), outputs.y_in.numpy(), outputs.p_out.double().numpy(),
+                              outputs.y_out.numpy(), outputs.true_labels)  # fmt: skip
+    return Defenders(files, entries, report, quality.self_audit(held, served, config.seed, floor_rows=everything))
 
 
 def _shipped_params(defense: Defense) -> dict[str, Any]:
