@@ -124,13 +124,14 @@ def summarize(
         "views": views, "label_only": label_only,
         "best_shadow_adaptive": max(shadow_adaptive),
         "goal_met": u["label_loss"] == 0 and max(shadow_adaptive) <= u["label_only_floor"] + 0.02,
-        "self_audit": mine.get("balanced_accuracy"), "self_audit_floor": mine.get("label_only_floor"),
+        "self_audit": mine.get("balanced_accuracy"), "self_audit_upper": mine.get("upper_bound"),
+        "self_audit_floor": mine.get("label_only_floor"),
     }  # fmt: skip
 
 
 def table(rows: list[dict]) -> str:
     head = ("| dataset | defense | gate | floor | shadow | adaptive | flipped | known | repeated | LiRA (TPR@0.1%) "
-            "| label-only | goal ≤ floor+0.02 | self-audit | label loss | mean L1 |")  # fmt: skip
+            "| label-only | goal ≤ floor+0.02 | self-audit (learned – upper) | label loss | mean L1 |")  # fmt: skip
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
 
     def cell(r: dict, v: str) -> str:
@@ -141,8 +142,8 @@ def table(rows: list[dict]) -> str:
         lira = r["views"].get("reference")
         lira_s = "—" if lira is None else f"{lira['balanced_accuracy']:.3f} ({lira['tpr_at_01pct_fpr']:.1%})"
         lo = max(r["label_only"].values(), default=float("nan"))
-        goal = "yes" if r["goal_met"] else "**no**"
-        sa = "—" if r["self_audit"] is None else f"{r['self_audit']:.3f}"
+        goal = "—" if r["defense"] == "none" else "yes" if r["goal_met"] else "**no**"
+        sa = "—" if r["self_audit"] is None else f"{r['self_audit']:.3f} – {r.get('self_audit_upper') or 1:.3f}"
         views = " | ".join(cell(r, v) for v in ("shadow", "adaptive", "flipped", "known", "repeated"))
         name = f"| {r['dataset']} | {r['defense']} | {r.get('gate', '—')} | {r['floor']:.3f}"
         tail = f"{lira_s} | {lo:.3f} | {goal} | {sa} | {r['label_loss']:.3f} | {r['mean_l1']:.4f}"

@@ -162,7 +162,8 @@ def defender_summary(manifest: Manifest) -> dict[str, str]:
             f"({q.held_out_members}+{q.held_out_nonmembers} held-out rows)"
         )
     if manifest.self_audit:
-        out["self-audit"] = "on the held-out rows (two-fold, threshold learned on the other half)\n" + (
-            quality.format_self_audit(manifest.self_audit)
+        out["self-audit"] = (
+            "on the held-out rows (two-fold, threshold learned on the other half; in brackets the "
+            "best in-sample threshold, an upper bound)\n" + (quality.format_self_audit(manifest.self_audit))
         )
     return out

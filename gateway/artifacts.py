@@ -84,6 +84,9 @@ class SelfAuditRow(BaseModel):
     defense: str
     best_attack: str
     balanced_accuracy: float  # at the threshold the attack learned on the other half of the rows
+    #: Any attack fit on all the held-out rows and judged at its best threshold on those same rows: what
+    #: an attacker could not beat on these rows (the HTTP audit landed between the two in 3 of 4 runs).
+    upper_bound: float = 1.0
     auc: float
     label_only_floor: float | None  # 0.5 + (train − test)/2 on these rows; None without labels
     mean_l1: float
