@@ -94,6 +94,8 @@ def _seeded(recipe: DefenderRecipe, seed: int) -> DefenderRecipe:
 
 
 def _split(o: TargetOutputs, config: DefenderConfig) -> tuple[TargetOutputs, quality.Rows]:
+    if not 0 < config.holdout <= 0.5:
+        raise ValueError(f"--holdout {config.holdout}: hold out a share in (0, 0.5] of the rows for the quality gate")
     tr_in, ho_in, tr_out, ho_out = holdout(len(o.p_in), len(o.p_out), config.holdout, config.seed)
     if min(len(ho_in), len(ho_out)) < 10:
         raise ValueError(f"the quality gate needs at least 10 held-out member and non-member rows; got {len(ho_in)} "

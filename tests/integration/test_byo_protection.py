@@ -53,6 +53,8 @@ def user_model(tmp_path_factory: pytest.TempPathFactory) -> dict:
     model.eval()
     tmp = tmp_path_factory.mktemp("user")
     (tmp / "target.onnx").write_bytes(export_onnx(model, WIDTH))
+    # The same model exporting probabilities (a softmax head), as many users' models do.
+    (tmp / "target_probs.onnx").write_bytes(export_onnx(torch.nn.Sequential(model, torch.nn.Softmax(dim=1)), WIDTH))
     d_in, d_out = slice(0, N_DEF_IN), slice(N_DEF_IN, N_DEF_IN + N_DEF_OUT)
     e_in = slice(N_DEF_IN + N_DEF_OUT, N_DEF_IN + N_DEF_OUT + N_EVAL_IN)
     e_out = slice(N_DEF_IN + N_DEF_OUT + N_EVAL_IN, N_DEF_IN + N_DEF_OUT + N_EVAL_IN + N_EVAL_OUT)
@@ -76,9 +78,9 @@ def bundle(user_model: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _export(user: dict, out: Path, *extra: str) -> int:
+def _export(user: dict, out: Path, *extra: str, model: str = "target.onnx") -> int:
     d = user["dir"]
-    files = ["--model", str(d / "target.onnx"), "--members", str(d / "members.npz"),
+    files = ["--model", str(d / model), "--members", str(d / "members.npz"),
              "--nonmembers", str(d / "nonmembers.npz")]  # fmt: skip
     return main(["export", *files, "--name", "mine", "--quiet", "--out", str(out), *extra])
 
@@ -178,3 +180,21 @@ def test_audit_a_users_bundle_over_a_split_file(user_model: dict, bundle: Path, 
                               "shadow_out": N_SHADOW}  # fmt: skip
     assert {"shadow/confidence", "adaptive/nn_sorted", "reference/lira_online"} <= set(report["attacks"])
     assert report["utility"]["label_loss"] == 0.0 and report["utility"]["l1"]["mean"] > 0
+
+
+@pytest.mark.slow
+async def test_a_model_that_outputs_probabilities_is_protected_too(user_model: dict, tmp_path: Path) -> None:
+    """``--output-kind probabilities``: saturated softmax outputs in float32, logits only as log(p)."""
+    u = user_model
+    args = ["--output-kind", "probabilities", "--defense", "memguard"]
+    assert _export(u, tmp_path / "b", *args, model="target_probs.onnx") == 0
+    b = load_bundle(tmp_path / "b")
+    assert b.manifest.output.kind == "probabilities"
+    q = b.manifest.defenses["memguard"].quality
+    assert q is not None and q.passed and q.phase_one_success == 1.0 and q.perturbed_share_flagged >= 0.9
+    X_in = u["X"][u["eval_in"]]
+    async with serving(make_settings(tmp_path / "b", defense="memguard", noise_secret=SECRET)) as (client, _):
+        r = await client.post("/predict", json={"instances": X_in.tolist()})
+    released, clean = np.array(r.json()["probabilities"]), u["probs"][u["eval_in"]]
+    assert (released.argmax(1) == clean.argmax(1)).all()
+    assert (np.abs(released - clean).sum(1) >= 1e-3).mean() >= 0.9
