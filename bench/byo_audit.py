@@ -189,9 +189,11 @@ def main() -> None:
     p.add_argument("--refs", type=int, default=16, help="LiRA reference models per dataset")
     p.add_argument("--work", type=Path, default=Path("/tmp/byo-audit"))
     args = p.parse_args()
-    started = time.perf_counter()
-    rows = [r for d in args.datasets for r in run_dataset(d, args.work, args.refs)]
-    seconds = {d: round(time.perf_counter() - started) for d in args.datasets}
+    rows, seconds = [], {}
+    for dataset in args.datasets:
+        started = time.perf_counter()
+        rows += run_dataset(dataset, args.work, args.refs)
+        seconds[dataset] = round(time.perf_counter() - started)
     path = ROOT / "bench" / "results" / "byo_audit.json"
     if path.exists():  # keep the other datasets' rows from earlier runs
         old = json.loads(path.read_text())
