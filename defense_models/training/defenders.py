@@ -8,17 +8,17 @@ A *recipe* (``DEFENDER_RECIPES``) says how. The published recipes (``official``)
 probabilities with plain BCE; on a user's model they can learn nothing at all: with 1,500 member
 and 500 non-member rows, and members whose top probability is 0.999+, g converged to the constant
 "member" (training accuracy 0.75 = the majority rate) and MemGuard then perturbed no row. The
-``robust`` recipe (the default) fixes the three causes, and leaves the served architectures as
-they are:
+``robust`` recipe (the default) fixes the causes, and leaves the served architectures as they are:
 
 * **balanced** BCE (positives weighted by n_out / n_in), whatever the member/non-member ratio;
 * **standardized inputs**: every probability feature is centred and scaled on the training rows
-  (tail probabilities of 1e-6 vs 1e-3 become separable), and the affine map is folded into the
-  first layer afterwards, so the bundle holds an ordinary g (and substitute) on raw probabilities;
-* **Adam with weight decay** (g: 1e-2; the substitute: 1e-3): without it g fits a narrow band of
-  confidence and is not monotone beyond it, so MemGuard's Phase I (gradient steps on g) runs into a
-  local minimum on saturated members and fails every round; with it, Phase I succeeds within ~20
-  steps. The substitute at 1e-2 collapses to a constant.
+  (small tail probabilities become separable), and the affine map is folded into the first layer
+  afterwards, so the bundle holds an ordinary g (and substitute) on raw probabilities;
+* **Adam with weight decay** (g: 1e-2; the substitute: 1e-3, as it collapses to a constant at 1e-2)
+  and, for g, **monotone augmentation** (``DefenderRecipe.sharpen``): without them g fits a narrow
+  band of confidence and is not monotone beyond it, so MemGuard's Phase I (gradient steps on g)
+  stalls on saturated members beyond that band and fails. Weight decay alone: Phase I success 57–87%
+  on held-out rows; with the augmentation: 100%, in about 20 steps.
 
 ``docs/ALGORITHMS.md`` records the measurements behind each choice.
 """
