@@ -408,11 +408,9 @@ def _load_sets(config: AuditConfig, bundle: Any) -> _Sets:
     if config.dataset is None:
         raise ValueError("--split-file needs --dataset (and --data for datasets that are not bundled)")
     data = load_dataset(config.dataset, config.data_path)
-    with np.load(config.split_file) as f:
-        parts = {k: f[k].astype(np.int64) for k in f.files}
+    parts = Split.load(config.split_file).parts
     if missing := [r for r in SPLIT_ROLES if r not in parts]:
         raise ValueError(f"{config.split_file} lacks the roles {missing} (it has {sorted(parts)})")
-    Split(Path(config.split_file).name, None, {r: parts[r] for r in SPLIT_ROLES}).check_disjoint()
     if max(int(v.max(initial=-1)) for v in parts.values()) >= len(data.y):
         raise ValueError(f"{config.split_file} indexes rows beyond the {len(data.y)} rows of {data.name}")
     return _Sets(data, parts)

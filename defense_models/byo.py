@@ -79,8 +79,8 @@ def export_user_model(
         raise ValueError(f"{model.name} must return finite [B, C] outputs")
     p_in, p_out = _probabilities(z_in, output_kind), _probabilities(z_out, output_kind)
     labelled = y_in is not None and y_out is not None
-    l_in = torch.from_numpy(y_in) if y_in is not None and labelled else p_in.argmax(1)
-    l_out = torch.from_numpy(y_out) if y_out is not None and labelled else p_out.argmax(1)
+    l_in = torch.from_numpy(y_in) if labelled else p_in.argmax(1)
+    l_out = torch.from_numpy(y_out) if labelled else p_out.argmax(1)
     outputs = TargetOutputs(p_in, l_in, p_out, l_out, true_labels=labelled)
     defenders = build_defenders(config, outputs)
     accuracy = {}

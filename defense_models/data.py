@@ -60,6 +60,14 @@ class Split:
         with Path(path).open("wb") as f:
             np.savez(f, **self.parts)
 
+    @classmethod
+    def load(cls, path: Path) -> Split:
+        """A split saved with ``save`` (or any .npz of role -> row indices), checked to be disjoint."""
+        with np.load(path) as f:
+            split = cls(Path(path).name, None, {k: f[k].astype(np.int64) for k in f.files})
+        split.check_disjoint()
+        return split
+
     def check_disjoint(self) -> None:
         seen: set[int] = set()
         for role, idx in self.parts.items():

@@ -89,10 +89,7 @@ def _family(data: Dataset) -> str:
 def dataset_and_split(config: TrainConfig) -> tuple[Dataset, Split]:
     data = load_dataset(config.dataset, Path(config.data_path) if config.data_path else None)
     if config.split_file:
-        with np.load(config.split_file) as f:
-            split = Split(Path(config.split_file).name, None, {k: f[k].astype(np.int64) for k in f.files})
-        split.check_disjoint()
-        return data, split
+        return data, Split.load(Path(config.split_file))
     return data, make_split(data, config.split, config.seed)
 
 

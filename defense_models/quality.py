@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from defense_models.attacks import AttackData, create_attack
-from defense_models.scoring import accuracy, gap_floor, label_loss, score_attack
+from defense_models.scoring import accuracy, balanced_accuracy_at, gap_floor, label_loss, score_attack
 from gateway.artifacts import DefenseQuality, SelfAuditRow
 from gateway.defenses import Defense
 from gateway.defenses.aeppt import Aeppt
@@ -73,7 +73,7 @@ def _flags(defense: Defense, clean: np.ndarray, released: np.ndarray | None = No
 
 def _flag_accuracy(flags: np.ndarray, n_in: int) -> float:
     """Balanced accuracy of member flags [N] whose first ``n_in`` rows are members."""
-    return 0.5 * (float(flags[:n_in].mean()) + float((~flags[n_in:]).mean()))
+    return balanced_accuracy_at(flags[:n_in], flags[n_in:], 0.5)
 
 
 def _phase_one_success(defense: MemGuard, probs: np.ndarray) -> float:

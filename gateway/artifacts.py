@@ -88,7 +88,7 @@ class SelfAuditRow(BaseModel):
     #: an attacker could not beat on these rows (the HTTP audit landed between the two in 3 of 4 runs).
     upper_bound: float = 1.0
     auc: float
-    label_only_floor: float | None  # 0.5 + (train − test)/2 on these rows; None without labels
+    label_only_floor: float | None  # 0.5 + (train − test)/2 on all the user's rows; None without labels
     mean_l1: float
     label_loss: float
 

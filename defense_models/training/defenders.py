@@ -183,13 +183,6 @@ def train_substitute(
     return sub.eval()
 
 
-def balanced_accuracy(member_logits: torch.Tensor, nonmember_logits: torch.Tensor) -> float:
-    """Mean of the true-positive rate (logit > 0 on members) and the true-negative rate."""
-    tpr = float((member_logits > 0).double().mean()) if len(member_logits) else 0.0
-    tnr = float((nonmember_logits <= 0).double().mean()) if len(nonmember_logits) else 0.0
-    return 0.5 * (tpr + tnr)
-
-
 def holdout(n_members: int, n_nonmembers: int, fraction: float, seed: int) -> tuple[np.ndarray, ...]:
     """Seeded (train_in, held_in, train_out, held_out) index arrays: ``fraction`` of each class held out."""
     rng = np.random.default_rng(seed)

@@ -21,8 +21,8 @@ class MemGuardClassifier(nn.Module):
     C → 256 → 128 → 64 → 1 with ReLU and Glorot-uniform weights, as in the Keras original.
 
     ``log_floor`` > 0 (a buffer, saved with the weights) makes the first layer read log(s + floor)
-    instead of s: the features of the ``robust`` defender's recipe, which resolve the tail
-    probabilities of saturated targets. 0 (the original, and every bundle written before it existed)
+    instead of s: the features of the opt-in ``saturated`` defender's recipe, which resolve the tail
+    probabilities of extremely saturated targets. 0 (the original, and every bundle written before it existed)
     reads s itself.
     """
 

@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from defense_models.quality import MIN_BALANCED_ACCURACY, MIN_PERTURBED_FLAGGED, WeakDefenseError, enforce, problems
+from defense_models.scoring import balanced_accuracy_at
 from defense_models.training.defenders import (
     DEFENDER_RECIPES,
-    balanced_accuracy,
     fold_standardization,
     holdout,
     train_memguard_classifier,
@@ -60,7 +60,7 @@ def test_g_separates_unbalanced_saturated_outputs(classes: int, recipe: str, ext
     g = train_memguard_classifier(p_in, p_out, replace(g_recipe, fit=replace(g_recipe.fit, epochs=30)))
     h_in, h_out = saturated(300, classes, True, 3, extreme), saturated(300, classes, False, 4, extreme)
     with torch.no_grad():
-        acc = balanced_accuracy(g(torch.sort(h_in.float(), 1).values), g(torch.sort(h_out.float(), 1).values))
+        acc = balanced_accuracy_at(g(torch.sort(h_in.float(), 1).values), g(torch.sort(h_out.float(), 1).values), 0.0)
     assert acc > (0.9 if extreme else 0.75)
 
 
@@ -74,7 +74,7 @@ def test_robust_substitute_separates_unbalanced_outputs() -> None:
         return sub(p.float(), torch.nn.functional.one_hot(p.argmax(1), C).float())
 
     with torch.no_grad():
-        assert balanced_accuracy(logit(h_in), logit(h_out)) > 0.75
+        assert balanced_accuracy_at(logit(h_in), logit(h_out), 0.0) > 0.75
 
 
 @given(st.integers(10, 400), st.integers(10, 400), st.floats(0.05, 0.5), st.integers(0, 100))
