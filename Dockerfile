@@ -8,9 +8,9 @@
 # The port is 8080 so the gateway can share a pod with a model server on 8000 (sidecar).
 ARG PYTHON=3.12
 ARG VARIANT=gpu
-# The pinned pair (ECOSYSTEM.md §1.1): onnxruntime-gpu 1.28+ and PyPI's torch 2.14 both use CUDA 13 and
+# The pinned pair: onnxruntime-gpu 1.28+ and PyPI's torch 2.14 both use CUDA 13 and
 # cuDNN 9, so one copy of the CUDA libraries (pip wheels) serves both. torch is imported before the ORT
-# session is created, which puts those libraries on the loader path (§1.2).
+# session is created, which puts those libraries on the loader path.
 ARG TORCH_VERSION=2.14.1
 ARG ORT_VERSION=1.31.1
 
@@ -23,7 +23,7 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 # torch first, from the wheel that matches the variant; the project's torch range is then satisfied.
 # GPU: PyPI's default Linux torch is a CUDA build; onnxruntime-gpu[cuda,cudnn] brings CUDA 13 and cuDNN 9
-# from pip (ECOSYSTEM.md §1.1), shared with torch.
+# from pip, shared with torch.
 RUN if [ "$VARIANT" = "cpu" ]; then \
       pip install "torch==${TORCH_VERSION}" --index-url https://download.pytorch.org/whl/cpu; \
     else \

@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench-load bench-clean clean
+.PHONY: demo test lint results bench-load bench-clean clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ test: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check gateway defense_models tests bench
+	$(BIN)/mypy
+
+# Rebuild every plan under bench/plans/ into reports/ (not in git) and copy the tables and plots the
+# docs show into docs/results/. Hours on two cores.
+results: $(VENV)/.installed
+	$(BIN)/python bench/results.py
 
 bench-load: $(VENV)/.installed
 	$(BIN)/python bench/load.py

@@ -1,6 +1,6 @@
 """Where adversarial regularization can land on Location30: the accuracy/gap frontier of every recipe.
 
-Issue 4's goal for the replacement is test accuracy within 3 points of the plain target while the
+The goal for a replacement model is test accuracy within 3 points of the plain target while the
 train–test gap at least halves. This benchmark asks whether *any* point on the learning curves of
 the plain target (early stopping), L2, logistic regression, and adversarial regularization (the
 pipeline's advreg at several λ) reaches that region. Every epoch of every run is a candidate
@@ -31,10 +31,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench._record import write_record  # noqa: E402
-from defense_models.nets import build  # noqa: E402
-from defense_models.pipeline import TrainConfig, dataset_and_split, recipe  # noqa: E402
 from defense_models.training.adv_reg import train_adv_reg  # noqa: E402
 from defense_models.training.loop import accuracy, fit  # noqa: E402
+from defense_models.training.nets import build  # noqa: E402
+from defense_models.training.recipes import TrainConfig, dataset_and_split, recipe  # noqa: E402
 from defense_models.training.replacements import Context, advreg_setup  # noqa: E402
 
 

@@ -97,7 +97,7 @@ def audit(dataset: str, facts: dict, bundle: Path, defense: str, url: str, refs:
 
 def best(report: dict, view: str) -> dict | None:
     """The best confidence-based attack of one view (LiRA counts as its own view, 'reference')."""
-    from defense_models.audit import CONFIDENCE_BASED
+    from defense_models.audit.run import CONFIDENCE_BASED
 
     keys = [k for k in report["attacks"] if k.split("/")[0] == view
             and (k.split("/")[-1] in CONFIDENCE_BASED or "lira" in k)]  # fmt: skip

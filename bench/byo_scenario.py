@@ -39,8 +39,8 @@ FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 TARGETS = {"location30": ((512, 256), 2000, 30), "fashion-mnist": ((512, 256), 2000, 100)}
 
 
-def load(name: str):  # -> defense_models.data.Dataset
-    from defense_models.data import load_dataset
+def load(name: str):  # -> defense_models.training.data.Dataset
+    from defense_models.training.data import load_dataset
 
     if name == "location30":
         return load_dataset("location30")

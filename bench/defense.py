@@ -29,11 +29,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench._record import write_record  # noqa: E402
-from defense_models.calibrate import calibrate_aeppt_step  # noqa: E402
+from defense_models.bundle.calibrate import calibrate_aeppt_step  # noqa: E402
 from defense_models.training.defenders import DefenderRecipe, train_memguard_classifier, train_substitute  # noqa: E402
 from defense_models.training.loop import FitConfig  # noqa: E402
-from gateway.defenses._keyed import RowKeyer, row_uniforms  # noqa: E402
 from gateway.defenses.aeppt import Aeppt, AepptParams  # noqa: E402
+from gateway.defenses.keyed import RowKeyer, row_uniforms  # noqa: E402
 from gateway.defenses.memguard import MemGuard, MemGuardParams  # noqa: E402
 from tests.reference import aeppt_reference_row, memguard_reference_row  # noqa: E402
 

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench._record import write_record  # noqa: E402
-from defense_models.pipeline import TrainConfig, train_bundle  # noqa: E402
+from defense_models.bundle.train import TrainConfig, train_bundle  # noqa: E402
 from defense_models.training.adv_reg import AdvRegConfig  # noqa: E402
 from gateway.artifacts import load_bundle  # noqa: E402
 
@@ -61,20 +61,21 @@ def main() -> int:
             wall = time.perf_counter() - start
             manifest = load_bundle(Path(tmp) / "b").manifest
             t, q = manifest.training, {k: v.quality for k, v in manifest.defenses.items() if v.quality}
-            acc, dfn = t["accuracy"], t["defenders"]
+            assert t is not None and t.accuracy.train is not None and t.accuracy.test is not None
+            acc, dfn = t.accuracy, t.defenders
             row = {
                 "model": name,
-                "train": acc["train"],
-                "test": acc["test"],
-                "gap": acc["train"] - acc["test"],
+                "train": acc.train,
+                "test": acc.test,
+                "gap": acc.train - acc.test,
                 # held-out balanced accuracy (the quality gate's), and whether the gate passed
                 "memguard_g_acc": q["memguard"].classifier_balanced_accuracy,
                 "substitute_acc": q["aeppt"].classifier_balanced_accuracy,
                 "gate": {k: "passed" if v.passed else "refused" for k, v in q.items()},
-                "aeppt_step": dfn["aeppt_calibration"]["step_size"],
+                "aeppt_step": dfn["defenses"]["aeppt"]["calibration"]["step_size"],
                 "wall_s": wall,
-                "seconds": t["seconds"],
-                "replacement": t["replacement"],
+                "seconds": t.seconds,
+                "replacement": t.replacement,
             }
             rows.append(row)
             print(

@@ -14,14 +14,23 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import MISSING
 from pathlib import Path
 from typing import Any
 
 
-def _defenses(args: argparse.Namespace) -> tuple[str, ...]:
-    """--defense (repeatable; default all) -> the defender's classifiers to train."""
+def _defenses(args: argparse.Namespace) -> tuple[str, ...] | None:
+    """--defense (repeatable; default all) -> the defender's classifiers to train (None: all)."""
     chosen = args.defense or ["all"]
-    return ("memguard", "aeppt") if "all" in chosen else tuple(d for d in chosen if d != "none")
+    return None if "all" in chosen else tuple(d for d in chosen if d != "none")
+
+
+def _default(name: str) -> Any:
+    """An ``AuditConfig`` field's default: the flags show the config's defaults, never a copy of them."""
+    from defense_models.audit.config import AuditConfig
+
+    f = AuditConfig.__dataclass_fields__[name]
+    return f.default if f.default_factory is MISSING else f.default_factory()
 
 
 def _recipe_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -45,8 +54,9 @@ def _print_summary(out: str, summary: dict[str, Any], elapsed: float) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from defense_models.pipeline import TrainConfig, train_bundle
+    from defense_models.bundle.train import train_bundle
     from defense_models.training.adv_reg import AdvRegConfig
+    from defense_models.training.recipes import TrainConfig
 
     config = TrainConfig(
         **_recipe_kwargs(args),
@@ -66,8 +76,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_shadows(args: argparse.Namespace) -> int:
-    from defense_models.pipeline import TrainConfig
-    from defense_models.shadows import ShadowSpec, parse_shard, train_shadows
+    from defense_models.training.recipes import TrainConfig
+    from defense_models.training.shadows import ShadowSpec, parse_shard, train_shadows
 
     shard = parse_shard(args.shard)
     start = time.perf_counter()
@@ -82,8 +92,9 @@ def _cmd_shadows(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from defense_models.byo import export_user_model
-    from defense_models.pipeline import TrainConfig, defender_config
+    from defense_models.bundle.byo import export_user_model
+    from defense_models.bundle.train import defender_config
+    from defense_models.training.recipes import TrainConfig
 
     config = defender_config(TrainConfig(preset=args.preset, defenses=_defenses(args), seed=args.seed,
                                          progress=not args.quiet, **_defender_kwargs(args)))  # fmt: skip
@@ -95,10 +106,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _audit_config(args: argparse.Namespace, **overrides: Any) -> Any:
-    from defense_models.audit import LABEL_ONLY, VIEWS, AuditConfig
+    from defense_models.audit.attacks.label_only import LABEL_ONLY_ATTACKS
+    from defense_models.audit.config import VIEWS, AuditConfig
 
     views = VIEWS if args.adaptive else tuple(args.views)
-    label_only = () if args.label_only is None else tuple(args.label_only) or LABEL_ONLY  # bare flag: both
+    everything = tuple(LABEL_ONLY_ATTACKS.names())
+    label_only = () if args.label_only is None else tuple(args.label_only) or everything  # bare flag: all
     return AuditConfig(
         bundle=Path(args.bundle), url=args.url, api_key=args.api_key, noise_secret=args.noise_secret,
         attacks=tuple(args.attacks), views=views, label_only=label_only,
@@ -113,7 +126,7 @@ def _audit_config(args: argparse.Namespace, **overrides: Any) -> Any:
 
 
 def _params(pairs: list[str]) -> dict[str, Any]:
-    from defense_models.sweep import parse_value
+    from defense_models.audit.sweep import parse_value
 
     out = {}
     for pair in pairs:
@@ -125,8 +138,8 @@ def _params(pairs: list[str]) -> dict[str, Any]:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    from defense_models.audit import run_audit
-    from defense_models.report import write_report
+    from defense_models.audit.report import write_report
+    from defense_models.audit.run import run_audit
 
     result = run_audit(_audit_config(args, defense=args.defense_name, defense_params=_params(args.param)))
     write_report(result, Path(args.out), plots=not args.no_plots)
@@ -135,7 +148,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from defense_models.sweep import audit_config, grid, load_plan, run_sweep
+    from defense_models.audit.sweep import audit_config, grid, load_plan, run_sweep
 
     overrides: dict[str, Any] = {}
     if args.plan:
@@ -167,8 +180,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _add_recipe(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="location30",
-                   help="location30 (bundled), purchase100, texas100, cifar10, cifar100, idx, tabular")  # fmt: skip
+    from defense_models.training.data import available_datasets
+
+    p.add_argument("--dataset", default="location30", choices=available_datasets(),
+                   help="the dataset (location30 ships with the package; the others read --data)")  # fmt: skip
     p.add_argument("--data", help="path to the dataset's files (all but location30)")
     p.add_argument("--split", choices=("memguard", "random"), help="default: memguard for location30, else random")
     p.add_argument("--split-file", help=".npz of role -> row indices instead of a named split (e.g. a user model's "
@@ -179,10 +194,10 @@ def _add_recipe(p: argparse.ArgumentParser) -> None:
 
 
 def _add_defense(p: argparse.ArgumentParser) -> None:
-    from defense_models.defender_step import DEFENSES
+    from defense_models.bundle.defender_step import DEFENDERS
     from defense_models.training.defenders import DEFENDER_RECIPES
 
-    p.add_argument("--defense", action="append", choices=(*DEFENSES, "none", "all"), default=None,
+    p.add_argument("--defense", action="append", choices=(*DEFENDERS.names(), "none", "all"), default=None,
                    help="defender's classifiers to train (repeatable; default: all)")  # fmt: skip
     p.add_argument("--defender-recipe", choices=sorted(DEFENDER_RECIPES),
                    help="how the defender's classifiers train (default: quick with --preset demo, else robust; "
@@ -197,51 +212,68 @@ def _add_defense(p: argparse.ArgumentParser) -> None:
 
 
 def _add_audit(p: argparse.ArgumentParser) -> None:
-    from defense_models.audit import DEFAULT_ATTACKS, LABEL_ONLY, VIEWS
+    from defense_models.audit.attacker_data import SOURCES
+    from defense_models.audit.attacks import available_attacks
+    from defense_models.audit.attacks.label_only import LABEL_ONLY_ATTACKS
+    from defense_models.audit.config import VIEWS
+    from defense_models.training.data import available_datasets
 
+    d = _default
     p.add_argument("--url", help="audit a running gateway at this URL instead")
     p.add_argument("--api-key", help="bearer key for --url")
     p.add_argument("--noise-secret", help="in-process: the secret for randomized defenses (default: demo mode)")
-    p.add_argument("--attacks", nargs="+", default=list(DEFAULT_ATTACKS), help="vector attacks")
-    p.add_argument("--views", nargs="+", default=["shadow"], choices=VIEWS,
+    p.add_argument("--attacks", nargs="+", default=list(d("attacks")), choices=available_attacks(),
+                   help="vector attacks")  # fmt: skip
+    p.add_argument("--views", nargs="+", default=list(d("views")), choices=VIEWS,
                    help="attacker knowledge for vector attacks (all but shadow and known need a defense)")  # fmt: skip
     p.add_argument("--adaptive", action="store_true", help="all views: " + ", ".join(VIEWS))
-    p.add_argument("--label-only", nargs="*", default=None, choices=LABEL_ONLY,
-                   help="label-only attacks that query the target (no names: both)")  # fmt: skip
-    p.add_argument("--label-only-rows", type=int, default=250, help="members (and non-members) they query")
-    p.add_argument("--label-only-queries", type=int, default=200, help="boundary distance: queries per row at most")
-    p.add_argument("--label-only-copies", type=int, default=20, help="noise robustness: copies per row (paper: 100)")
+    p.add_argument("--label-only", nargs="*", default=None, choices=LABEL_ONLY_ATTACKS.names(),
+                   help="label-only attacks that query the target (no names: all)")  # fmt: skip
+    p.add_argument("--label-only-rows", type=int, default=d("label_only_rows"),
+                   help="members (and non-members) they query")  # fmt: skip
+    p.add_argument("--label-only-queries", type=int, default=d("label_only_queries"),
+                   help="boundary distance: queries per row at most")  # fmt: skip
+    p.add_argument("--label-only-copies", type=int, default=d("label_only_copies"),
+                   help="noise robustness: copies per row (paper: 100)")  # fmt: skip
     p.add_argument("--lira-shadows", help="reference models from `shadows` (runs LiRA online and offline)")
-    p.add_argument("--round-decimals", type=int, default=2, help="view rounded: decimals")
-    p.add_argument("--repeats", type=int, default=5, help="view repeated: queries averaged per record")
+    p.add_argument("--round-decimals", type=int, default=d("round_decimals"), help="view rounded: decimals")
+    p.add_argument("--repeats", type=int, default=d("repeats"), help="view repeated: queries averaged per record")
     p.add_argument("--shadow-epochs", type=int, help="override the target recipe's epochs for the shadow model")
-    p.add_argument("--attacker-data", default="real", choices=("real", "noisy", "marginal", "model"),
+    p.add_argument("--attacker-data", default=d("attacker_data"), choices=SOURCES.names(),
                    help="the shadow model's training data (Shokri et al.): real records, noisy copies, "
                    "marginal-based or model-based synthesis (queries the target)")  # fmt: skip
     p.add_argument("--attacker-data-param", action="append", default=[], metavar="KEY=VALUE",
                    help="noisy: flip=0.2; marginal/model: max_queries=N")  # fmt: skip
-    p.add_argument("--dataset", help="with --split-file: the dataset its indices point into (a user's bundle)")
+    p.add_argument("--dataset", choices=available_datasets(),
+                   help="with --split-file: the dataset its indices point into (a user's bundle)")  # fmt: skip
     p.add_argument("--data", help="with --dataset: its files (all but location30)")
     p.add_argument("--split-file", help=".npz with index arrays target_train (evaluation members), eval_nonmember, "
                    "shadow_in, shadow_out: the records to audit a bundle that records no split")  # fmt: skip
     p.add_argument("--shadow-arch", help="the attacker's shadow architecture where the bundle records none")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=d("seed"))
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI; every choice list comes from a registry, every audit default from ``AuditConfig``."""
     parser = argparse.ArgumentParser(
         prog="defense_models", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_train_parser, _shadows_parser, _export_parser, _audit_parser, _sweep_parser, _info_parser):
+        add(sub)
+    return parser
+
+
+def _train_parser(sub: Any) -> None:
+    from defense_models.training.replacements import REPLACEMENTS
 
     p = sub.add_parser("train", help="train a target model and write a servable bundle")
     _add_recipe(p)
     _add_defense(p)
     p.add_argument("--out", required=True, help="bundle directory to write (replaced atomically)")
-    p.add_argument("--replacement", choices=("none", "advreg", "l2", "dropout", "stacking", "dpsgd"), default="none",
-                   help="serve a training-time defense's model instead: advreg (Nasr et al.), l2, dropout, "
-                   "stacking (Salem et al.), dpsgd (Opacus)")  # fmt: skip
+    p.add_argument("--replacement", choices=("none", *REPLACEMENTS.names()), default="none",
+                   help="serve a training-time defense's model instead (defense_models/training/replacements.py)")
     p.add_argument("--replacement-param", action="append", default=[], metavar="KEY=VALUE",
                    help="e.g. l2: lam=1e-3; dropout: p=0.5; dpsgd: epsilon=8 delta=1e-5 epochs=30 lr=1e-3")  # fmt: skip
     p.add_argument("--advreg-lambda", type=float, default=3.0, help="λ of adversarial regularization")
@@ -251,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="label AEPPT's substitute learns with (default: argmax, as when serving)")  # fmt: skip
     p.set_defaults(func=_cmd_train)
 
+
+def _shadows_parser(sub: Any) -> None:
     p = sub.add_parser("shadows", help="train shadow/reference models by index (scale out with --shard i/N)")
     _add_recipe(p)
     p.add_argument("--count", type=int, default=16, help="total number of shadows across all shards")
@@ -259,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="directory shared by all shards")
     p.set_defaults(func=_cmd_shadows)
 
+
+def _export_parser(sub: Any) -> None:
     p = sub.add_parser("export", help="bundle your own ONNX target: trains the defender's classifiers on its outputs")
     p.add_argument("--model", required=True, help="ONNX file with one input [B, D] and a dynamic batch axis")
     p.add_argument("--members", required=True, help=".npz (X[, y]) or .npy of rows the model was trained on")
@@ -270,9 +306,13 @@ def main(argv: list[str] | None = None) -> int:
     _add_defense(p)
     p.set_defaults(func=_cmd_export)
 
+
+def _audit_parser(sub: Any) -> None:
+    from gateway.defenses import available_defenses
+
     p = sub.add_parser("audit", help="attack a bundle (in-process gateway) or a live endpoint (--url)")
     p.add_argument("--bundle", required=True, help="the bundle (its split and dataset define the sets)")
-    p.add_argument("--defense", dest="defense_name", default="none",
+    p.add_argument("--defense", dest="defense_name", default="none", choices=available_defenses(),
                    help="defense of the in-process gateway (and of the adaptive attacker's copy)")  # fmt: skip
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="defense parameter, repeatable (e.g. epsilon=0.5, decimals=2, step_size=1e-4)")  # fmt: skip
@@ -281,10 +321,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="directory for report.md, report.json, scores.npz and plots")
     p.set_defaults(func=_cmd_audit)
 
+
+def _sweep_parser(sub: Any) -> None:
+    from gateway.defenses import available_defenses
+
     p = sub.add_parser("sweep", help="audit many settings: accuracy-vs-budget curves and comparison tables")
     p.add_argument("--plan", help="TOML plan: bundle, [audit] options and [[setting]] entries")
     p.add_argument("--bundle", help="bundle (a plan's own bundle otherwise)")
-    p.add_argument("--defense", dest="defense_name", help="with --param/--values: the defense to sweep")
+    p.add_argument("--defense", dest="defense_name", choices=available_defenses(),
+                   help="with --param/--values: the defense to sweep")  # fmt: skip
     p.add_argument("--param", dest="sweep_param", help="the parameter to sweep (e.g. epsilon, step_size)")
     p.add_argument("--values", nargs="+", help="its values")
     p.add_argument("--resume", action="store_true", help="read back settings already audited in --out")
@@ -292,12 +337,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="directory for sweep.md, sweep.json, sweep.png and each report")
     p.set_defaults(func=_cmd_sweep)
 
+
+def _info_parser(sub: Any) -> None:
     p = sub.add_parser("info", help="verify a bundle and print its manifest")
     p.add_argument("bundle")
     p.set_defaults(func=_cmd_info)
 
-    args = parser.parse_args(argv)
-    from defense_models.quality import WeakDefenseError
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from defense_models.bundle.quality import WeakDefenseError
 
     try:
         return int(args.func(args))

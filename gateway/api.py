@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
 from starlette.responses import Response
@@ -10,12 +13,18 @@ from starlette.routing import Route
 from gateway.errors import ServiceUnavailable
 from gateway.schemas import dumps, parse_predict, read_json
 
+if TYPE_CHECKING:
+    from gateway.app import GatewayState
+    from gateway.artifacts import Manifest
+    from gateway.batching import BatchQueue
+    from gateway.defenses import Defense
+
 
 def _json(obj: object, status: int = 200) -> Response:
     return Response(dumps(obj), status_code=status, media_type="application/json")
 
 
-async def check_readiness(state) -> str | None:  # type: ignore[no-untyped-def]
+async def check_readiness(state: GatewayState) -> str | None:
     """Why the gateway is not ready (None when it is), for every readiness route.
 
     In proxy mode, while the upstream is marked down, each check probes it again. The
@@ -31,7 +40,7 @@ async def check_readiness(state) -> str | None:  # type: ignore[no-untyped-def]
     return reason
 
 
-def charge_budget(state, request: Request, rows: int) -> None:  # type: ignore[no-untyped-def]
+def charge_budget(state: GatewayState, request: Request, rows: int) -> None:
     """429 when the client is over its query budget (validated rows only: bad requests cost nothing)."""
     if state.budget is not None:
         from gateway.auth import client_id
@@ -39,29 +48,39 @@ def charge_budget(state, request: Request, rows: int) -> None:  # type: ignore[n
         state.budget.charge(client_id(request), rows)
 
 
-def serving_state(request: Request):  # type: ignore[no-untyped-def]
+@dataclass(frozen=True)
+class Serving:
+    """What an inference route needs, all loaded."""
+
+    state: GatewayState
+    manifest: Manifest
+    batcher: BatchQueue
+    defense: Defense
+
+
+def serving_state(request: Request) -> Serving:
     """Auth first (401 before anything else), then readiness (503)."""
-    state = request.app.state.gateway
+    state: GatewayState = request.app.state.gateway
     state.auth.check(request)
-    if state.batcher is None or state.draining:
+    if state.batcher is None or state.bundle is None or state.defense is None or state.draining:
         raise ServiceUnavailable("the gateway is not ready (loading or draining); retry shortly")
-    return state
+    return Serving(state, state.bundle.manifest, state.batcher, state.defense)
 
 
 async def predict(request: Request) -> Response:
-    state = serving_state(request)
-    manifest = state.bundle.manifest
-    body = await read_json(request, state.settings.max_body_bytes)
-    x = parse_predict(body, width=manifest.input.width, max_rows=state.settings.max_batch_rows)
-    charge_budget(state, request, x.shape[0])
-    out = await state.batcher.submit(x)
+    s = serving_state(request)
+    manifest, settings = s.manifest, s.state.settings
+    body = await read_json(request, settings.max_body_bytes)
+    x = parse_predict(body, width=manifest.input.width, max_rows=settings.max_batch_rows)
+    charge_budget(s.state, request, x.shape[0])
+    out = await s.batcher.submit(x)
     return _json(
         {
             "probabilities": out.probabilities,
             "labels": out.labels,
             "model": manifest.name,
             "model_version": manifest.version,
-            "defense": state.defense.name,
+            "defense": s.defense.name,
         }
     )
 

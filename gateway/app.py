@@ -13,13 +13,12 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from fastapi import FastAPI
-from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -30,7 +29,7 @@ from gateway.artifacts import Bundle, Manifest, load_bundle
 from gateway.auth import ApiKeyAuth, QueryBudget
 from gateway.batching import BatchQueue
 from gateway.defenses import Defense, create_defense
-from gateway.defenses._keyed import RowKeyer, key_context
+from gateway.defenses.keyed import RowKeyer, key_context
 from gateway.errors import BundleError, GatewayError
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline import Pipeline
@@ -55,7 +54,6 @@ class GatewayState:
     ready: bool = False
     draining: bool = False
     upstream_ok: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def gpu_ok(self) -> bool:
@@ -184,75 +182,91 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-def create_app(settings: GatewaySettings, *, runner_factory: RunnerFactory = default_runner) -> FastAPI:
-    metrics = GatewayMetrics(max_batch_size=settings.max_batch_size)
-    budget = (
-        QueryBudget(settings.query_budget_rows_per_s, settings.query_budget_burst)
-        if settings.query_budget_rows_per_s
-        else None
-    )
-    state = GatewayState(settings=settings, metrics=metrics, auth=ApiKeyAuth(settings.all_api_keys()), budget=budget)
+class GatewayRuntime:
+    """What runs between startup and shutdown: pipeline, batch queue, the optional metrics server."""
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        pipeline = await asyncio.to_thread(_build, state, runner_factory)
-        assert state.bundle is not None and state.runner is not None and state.defense is not None
-        manifest = state.bundle.manifest
-        metrics.model_info.labels(manifest.name, manifest.version, state.runner.provider).set(1)
-        metrics.init_defense(state.defense.name)
-        metrics.queue_depth.set(0)
-        log.info(
-            "serving %s %s (%d features -> %d classes, %s) on %s with defense %r %s",
-            manifest.name,
-            manifest.version,
-            manifest.input.width,
-            manifest.output.classes,
-            manifest.output.kind,
-            state.runner.provider,
-            state.defense.name,
-            state.defense.params(),
-        )
-        log_defense_quality(manifest, state.defense.name, state.defense.params())
-        if settings.require_gpu and not state.gpu_ok:
-            log.error("GATEWAY_REQUIRE_GPU=true but the provider is %s: readiness stays 503", state.runner.provider)
+    def __init__(self, state: GatewayState, runner_factory: RunnerFactory) -> None:
+        self.state = state
+        self.runner_factory = runner_factory
+        self._metrics_server: Any = None
+
+    async def start(self) -> None:
+        """Bundle → runner → defense → pipeline → warm-up → batch queue → ready."""
+        state, settings = self.state, self.state.settings
+        pipeline = await asyncio.to_thread(_build, state, self.runner_factory)
+        self._announce()
         try:
-            await asyncio.to_thread(_warm_up, pipeline, manifest.input.width, settings.max_batch_size)
+            await asyncio.to_thread(_warm_up, pipeline, _width(state), settings.max_batch_size)
         except GatewayError as exc:  # proxy mode: the upstream may start after us; readiness re-probes it
             state.upstream_ok = False
             log.warning("warm-up through the upstream failed (%s); not ready until it answers", type(exc).__name__)
-        batcher = BatchQueue(
-            pipeline,
-            max_batch_size=settings.max_batch_size,
-            max_delay_s=settings.max_queue_delay_ms / 1000,
-            max_queue_rows=settings.max_queue_rows,
-            metrics=metrics,
-        )
-        batcher.start()
-        state.batcher = batcher
-        metrics_server = None
+        state.batcher = BatchQueue(pipeline, max_batch_size=settings.max_batch_size,
+                                   max_delay_s=settings.max_queue_delay_ms / 1000,
+                                   max_queue_rows=settings.max_queue_rows, metrics=state.metrics)  # fmt: skip
+        state.batcher.start()
         if settings.metrics_port is not None:
             from prometheus_client import start_http_server
 
-            metrics_server, _ = start_http_server(settings.metrics_port, addr=settings.host, registry=metrics.registry)
+            self._metrics_server, _ = start_http_server(settings.metrics_port, addr=settings.host,
+                                                        registry=state.metrics.registry)  # fmt: skip
         # Everything allocated so far (torch, ORT, the app) lives until shutdown. Move it out of the
         # collector's reach: otherwise every full collection walks torch's object graph and stalls
         # the event loop for ~80 ms (measured: p99 85 ms -> 9 ms under load, docs/BENCHMARKS.md).
         gc.collect()
         gc.freeze()
         state.ready = True
-        metrics.ready.set(1 if state.not_ready_reason() is None else 0)
+        state.metrics.ready.set(1 if state.not_ready_reason() is None else 0)
+
+    def _announce(self) -> None:
+        """Metrics' info series and the startup log lines: what is served, where, with which defense."""
+        state = self.state
+        assert state.bundle is not None and state.runner is not None and state.defense is not None
+        m, runner, defense = state.bundle.manifest, state.runner, state.defense
+        state.metrics.model_info.labels(m.name, m.version, runner.provider).set(1)
+        state.metrics.init_defense(defense.name)
+        state.metrics.queue_depth.set(0)
+        log.info("serving %s %s (%d features -> %d classes, %s) on %s with defense %r %s", m.name, m.version,
+                 m.input.width, m.output.classes, m.output.kind, runner.provider, defense.name,
+                 defense.params())  # fmt: skip
+        log_defense_quality(m, defense.name, defense.params())
+        if state.settings.require_gpu and not state.gpu_ok:
+            log.error("GATEWAY_REQUIRE_GPU=true but the provider is %s: readiness stays 503", runner.provider)
+
+    async def stop(self) -> None:
+        """Not ready (readiness 503) → queue drained → metrics server and runner closed."""
+        state = self.state
+        state.ready = False
+        state.draining = True
+        state.metrics.ready.set(0)
+        if state.batcher is not None:
+            await state.batcher.close()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+        if state.runner is not None:
+            state.runner.close()
+        gc.unfreeze()
+        log.info("drained and stopped")
+
+
+def _width(state: GatewayState) -> int:
+    assert state.bundle is not None
+    return state.bundle.manifest.input.width
+
+
+def create_app(settings: GatewaySettings, *, runner_factory: RunnerFactory = default_runner) -> FastAPI:
+    metrics = GatewayMetrics(max_batch_size=settings.max_batch_size)
+    rate = settings.query_budget_rows_per_s
+    budget = QueryBudget(rate, settings.query_budget_burst) if rate else None
+    state = GatewayState(settings=settings, metrics=metrics, auth=ApiKeyAuth(settings.all_api_keys()), budget=budget)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime = GatewayRuntime(state, runner_factory)
+        await runtime.start()
         try:
             yield
         finally:
-            state.ready = False
-            state.draining = True
-            metrics.ready.set(0)
-            await batcher.close()
-            if metrics_server is not None:
-                metrics_server.shutdown()
-            state.runner.close()
-            gc.unfreeze()
-            log.info("drained and stopped")
+            await runtime.stop()
 
     app = FastAPI(
         title="mi-gateway",
@@ -281,10 +295,6 @@ def create_app(settings: GatewaySettings, *, runner_factory: RunnerFactory = def
         elif exc.status_code == 405:
             message = f"method {request.method} is not allowed on {request.url.path}"
         return error_response(exc.status_code, message, getattr(exc, "headers", None))
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
-        return error_response(400, f"invalid request: {exc.errors()[0].get('msg', 'bad input')}")
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:

@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from gateway.errors import BundleError
 
 MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 1
+#: 2: ``training`` became a typed, versioned ``TrainingRecord`` (1 held a free-form dict).
+FORMAT_VERSION = 2
 _REBUILD_HINT = "re-run `python -m defense_models train ... --out DIR` (or `export`) to rebuild the bundle"
 
 
@@ -93,6 +94,61 @@ class SelfAuditRow(BaseModel):
     label_loss: float
 
 
+class DatasetRecord(BaseModel):
+    """The dataset a bundle's model was trained on, so an audit can reload it and check it is the same."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: str
+    loader: str  # the dataset registry's name for its format (``tabular`` for a user's mine.npz)
+    data_path: str | None = None  # where its files were (None: bundled with the package)
+    sha256: str
+    rows: int = Field(ge=1)
+    width: int = Field(ge=1)
+    binary: bool = False
+    image_shape: tuple[int, int, int] | None = None
+
+
+class SplitRecord(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: str
+    seed: int | None
+    sizes: dict[str, int]
+    file: str = "split.npz"  # role -> row indices, in the bundle
+
+
+class AccuracyRecord(BaseModel):
+    """Accuracy on the target's members (train) and on non-members (test); None without labels."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    train: float | None = None
+    test: float | None = None
+    plain: AccuracyRecord | None = None  # with a replacement: the plain target's, for comparison
+
+
+class TrainingRecord(BaseModel):
+    """Provenance from the offline job: what was trained, on what, how, and how well.
+
+    Written by ``defense_models`` (``train`` for a dataset, ``export`` for a user's ONNX model) and read by
+    its audit; the gateway only carries it. A field renamed without a new ``schema_version`` fails here.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    schema_version: Literal[1] = 1
+    source: Literal["dataset", "user-onnx", "torch-model"]  # train, export, or write_bundle directly
+    config: dict[str, Any] = Field(default_factory=dict)  # the resolved command configuration
+    architecture: str | None = None  # the target's (source "dataset")
+    fit: dict[str, Any] | None = None  # the target's fit recipe, as ``FitConfig`` fields
+    replacement: dict[str, Any] = Field(default_factory=lambda: {"kind": "none"})  # kind + its record
+    dataset: DatasetRecord | None = None
+    split: SplitRecord | None = None
+    rows: dict[str, int] = Field(default_factory=dict)  # source "user-onnx": members, nonmembers
+    accuracy: AccuracyRecord = Field(default_factory=AccuracyRecord)
+    defenders: dict[str, Any] = Field(default_factory=dict)  # the defender's step: recipes, rows, calibration
+    seconds: dict[str, float] = Field(default_factory=dict)
+    onnx_parity_max_abs_diff: float | None = None
+    versions: dict[str, str] = Field(default_factory=dict)
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     format_version: int = FORMAT_VERSION
@@ -104,8 +160,8 @@ class Manifest(BaseModel):
     output: OutputSpec
     files: dict[str, str] = Field(description="relative path -> sha256 hex of every file in the bundle")
     defenses: dict[str, DefenseEntry] = Field(default_factory=dict)
-    #: Free-form provenance from the offline job: resolved config, seeds, splits, accuracies, versions.
-    training: dict[str, Any] = Field(default_factory=dict)
+    #: Provenance from the offline job: resolved config, seeds, splits, accuracies, versions.
+    training: TrainingRecord | None = None
     #: The offline job's attacks on held-out defender's rows, per shipped defense (and ``none``).
     self_audit: list[SelfAuditRow] = Field(default_factory=list)
 
@@ -141,14 +197,17 @@ def load_bundle(root: Path) -> Bundle:
         )
     try:
         raw = json.loads(manifest_path.read_text())
-        manifest = Manifest.model_validate(raw)
-    except (json.JSONDecodeError, ValidationError) as exc:
-        raise BundleError(f"{manifest_path} is not a valid manifest ({exc}); {_REBUILD_HINT}") from exc
-    if manifest.format_version != FORMAT_VERSION:
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{manifest_path} is not a valid manifest (not JSON: {exc}); {_REBUILD_HINT}") from exc
+    found = raw.get("format_version") if isinstance(raw, dict) else None
+    if found != FORMAT_VERSION:
         raise BundleError(
-            f"{manifest_path} has format_version {manifest.format_version}, this gateway reads {FORMAT_VERSION}; "
-            f"{_REBUILD_HINT}"
+            f"{manifest_path} has format_version {found}, this gateway reads {FORMAT_VERSION}; {_REBUILD_HINT}"
         )
+    try:
+        manifest = Manifest.model_validate(raw)
+    except ValidationError as exc:
+        raise BundleError(f"{manifest_path} is not a valid manifest ({exc}); {_REBUILD_HINT}") from exc
     listed = set(manifest.files)
     needed = {manifest.model_file} | {d.weights for d in manifest.defenses.values() if d.weights}
     if unlisted := sorted(needed - listed):

@@ -17,10 +17,6 @@ class ApiKeyAuth:
     def __init__(self, keys: tuple[bytes, ...]) -> None:
         self._keys = keys
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self._keys)
-
     def check(self, request: Request) -> None:
         if not self._keys:
             return
@@ -49,7 +45,7 @@ class QueryBudget:
     """A token bucket per client, counted in rows (every row is a query to the model).
 
     Bounds how fast one client can probe the model, e.g. with near-duplicates of a row, which get
-    fresh keyed noise (ALGORITHMS.md §4). Buckets refill at ``rows_per_s`` up to ``burst``; a request
+    fresh keyed noise (docs/ALGORITHMS.md §4). Buckets refill at ``rows_per_s`` up to ``burst``; a request
     that does not fit gets 429 with the seconds until it would. At most ``max_clients`` buckets are
     kept (least recently used dropped; a dropped client starts again with a full bucket).
     """

@@ -87,10 +87,6 @@ class BatchQueue:
             self._task = None
         self._executor.shutdown(wait=True)
 
-    @property
-    def depth(self) -> int:
-        return self._pending_rows
-
     # --- producer side ---------------------------------------------------------------------
     async def submit(self, rows: np.ndarray) -> RequestOutput:
         if self._closing:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -11,8 +14,11 @@ from gateway.api import _json, charge_budget, check_readiness, serving_state
 from gateway.errors import ModelNotFound
 from gateway.schemas import parse_oip_infer, read_json
 
+if TYPE_CHECKING:
+    from gateway.app import GatewayState
 
-def _check_model(state, model: str, version: str | None = None) -> None:  # type: ignore[no-untyped-def]
+
+def _check_model(state: GatewayState, model: str, version: str | None = None) -> None:
     manifest = state.bundle.manifest if state.bundle is not None else None
     if manifest is None or model != manifest.name:
         served = manifest.name if manifest else "none yet"
@@ -61,15 +67,14 @@ async def _model_ready(request: Request, model: str, version: str | None) -> Res
 
 
 async def _infer(request: Request, model: str, version: str | None) -> Response:
-    state = serving_state(request)
-    _check_model(state, model, version)
-    m = state.bundle.manifest
-    body = await read_json(request, state.settings.max_body_bytes)
-    x, request_id = parse_oip_infer(
-        body, input_name=m.input.name, width=m.input.width, max_rows=state.settings.max_batch_rows
-    )
-    charge_budget(state, request, x.shape[0])
-    out = await state.batcher.submit(x)
+    s = serving_state(request)
+    _check_model(s.state, model, version)
+    m, settings = s.manifest, s.state.settings
+    body = await read_json(request, settings.max_body_bytes)
+    x, request_id = parse_oip_infer(body, input_name=m.input.name, width=m.input.width,
+                                    max_rows=settings.max_batch_rows)  # fmt: skip
+    charge_budget(s.state, request, x.shape[0])
+    out = await s.batcher.submit(x)
     B, C = out.probabilities.shape
     response = {
         "model_name": m.name,
@@ -78,14 +83,17 @@ async def _infer(request: Request, model: str, version: str | None) -> Response:
             {"name": "probabilities", "shape": [B, C], "datatype": "FP32", "data": out.probabilities.ravel()},
             {"name": "labels", "shape": [B], "datatype": "INT64", "data": out.labels},
         ],
-        "parameters": {"defense": state.defense.name},
+        "parameters": {"defense": s.defense.name},
     }
     if request_id is not None:
         response["id"] = request_id
     return _json(response)
 
 
-def _with_params(handler):  # type: ignore[no-untyped-def]
+Handler = Callable[[Request, str, str | None], Awaitable[Response]]
+
+
+def _with_params(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
         params = request.path_params
         return await handler(request, params["model"], params.get("version"))

@@ -16,9 +16,9 @@ from typing import Literal
 import numpy as np
 import torch
 
-from gateway.defenses._keyed import DIGEST_BYTES, RowKeyer
-from gateway.defenses._simplex import logits_from_probs, one_hot, row_violations
 from gateway.defenses.base import Defense
+from gateway.defenses.keyed import DIGEST_BYTES, RowKeyer
+from gateway.defenses.simplex import logits_from_probs, one_hot, row_violations
 from gateway.metrics import GatewayMetrics
 from gateway.runner import ModelRunner
 
@@ -111,59 +111,57 @@ class Pipeline:
 
     def __call__(self, x: np.ndarray) -> BatchOutput:
         """x[B, D] float32, already validated -> BatchOutput."""
-        B, C = x.shape[0], self.classes
         t0 = time.perf_counter()
         raw = self.runner.run(x)  # [B, C]
         self.metrics.model_inference.observe(time.perf_counter() - t0)
-        if raw.shape != (B, C):
-            raise RuntimeError(f"model returned shape {tuple(raw.shape)}, expected ({B}, {C}); check the bundle")
-
-        out = torch.from_numpy(np.ascontiguousarray(raw, dtype=np.float32)).to(self.device)  # [B, C]
-        model_ok = torch.isfinite(out).all(dim=1)  # [B]
-        out = torch.where(model_ok[:, None], out, torch.zeros_like(out))
-        if self.output_kind == "logits":
-            logits = out
-            probs = torch.softmax(out.double(), dim=1)  # [B, C] float64
-        else:
-            p = out.double().clamp_min(0)
-            probs = p / p.sum(dim=1, keepdim=True).clamp_min(1e-300)  # [B, C]
-            logits = logits_from_probs(probs).float()
+        probs, logits, model_ok = self._clean(raw, x.shape[0])
         labels = probs.argmax(dim=1)  # [B], first index on ties
-
         keys = (
             torch.from_numpy(self.keyer.digests(x))  # [B, 32] uint8
             if self.keyer is not None and self.defense.randomized
-            else torch.empty((B, DIGEST_BYTES), dtype=torch.uint8)
+            else torch.empty((x.shape[0], DIGEST_BYTES), dtype=torch.uint8)
         )
-        name = self.defense.name
         t1 = time.perf_counter()
         defended = defend_batch(self.defense, probs, logits, keys, labels)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self.metrics.defense_seconds.labels(name).observe(time.perf_counter() - t1)
+        self.metrics.defense_seconds.labels(self.defense.name).observe(time.perf_counter() - t1)
         bad = defended.bad | ~model_ok  # [B]
-        label_changed = defended.label_changed & model_ok  # [B]
-        released = defended.released
-        fallback = one_hot(labels, C)  # [B, C]
-        released = torch.where(bad[:, None], fallback, released)
+        released = torch.where(bad[:, None], one_hot(labels, self.classes), defended.released)  # [B, C]
         rejected = (bad & (self.on_defense_error == "reject")) | ~model_ok  # [B]
-        l1 = (released - probs).abs().sum(dim=1)  # [B]
+        out = BatchOutput(probabilities=released.cpu().numpy(), labels=labels.cpu().numpy(),
+                          rejected=rejected.cpu().numpy())  # fmt: skip
+        l1 = (released - probs).abs().sum(dim=1).cpu().numpy()  # [B]
+        self._record(out, bad.cpu().numpy(), l1, int((defended.label_changed & model_ok).sum()))
+        return out
 
-        released_np = released.cpu().numpy()
-        labels_np = labels.cpu().numpy()
-        rejected_np = rejected.cpu().numpy()
-        bad_np = bad.cpu().numpy()
-        l1_np = l1.cpu().numpy()
-        n_bad = int(bad_np.sum())
-        n_perturbed = int(((l1_np > 0) & ~bad_np).sum())
+    def _clean(self, raw: np.ndarray, B: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The model's outputs [B, C] -> (clean probs [B, C] float64, logits [B, C] float32, finite rows [B]).
+        Non-finite rows are zeroed here and never released (they are rejected)."""
+        C = self.classes
+        if raw.shape != (B, C):
+            raise RuntimeError(f"model returned shape {tuple(raw.shape)}, expected ({B}, {C}); check the bundle")
+        out = torch.from_numpy(np.ascontiguousarray(raw, dtype=np.float32)).to(self.device)  # [B, C]
+        model_ok = torch.isfinite(out).all(dim=1)  # [B]
+        out = torch.where(model_ok[:, None], out, torch.zeros_like(out))
+        if self.output_kind == "logits":
+            return torch.softmax(out.double(), dim=1), out, model_ok
+        p = out.double().clamp_min(0)
+        probs = p / p.sum(dim=1, keepdim=True).clamp_min(1e-300)  # [B, C]
+        return probs, logits_from_probs(probs).float(), model_ok
+
+    def _record(self, out: BatchOutput, bad: np.ndarray, l1: np.ndarray, label_changes: int) -> None:
+        """Outcome counters, label changes and the L1 histogram for one batch (rejected rows: no L1)."""
+        name, B = self.defense.name, len(bad)
+        n_bad = int(bad.sum())
+        n_perturbed = int(((l1 > 0) & ~bad).sum())
         self.metrics.defended_rows.labels(name, "fallback").inc(n_bad)
         self.metrics.defended_rows.labels(name, "perturbed").inc(n_perturbed)
         self.metrics.defended_rows.labels(name, "unchanged").inc(B - n_bad - n_perturbed)
-        if changed := int(label_changed.sum()):
-            self.metrics.label_changes.labels(name).inc(changed)
+        if label_changes:
+            self.metrics.label_changes.labels(name).inc(label_changes)
         hist = self.metrics.l1_distortion.labels(name)
-        for value in l1_np[~rejected_np]:
+        for value in l1[~out.rejected]:
             hist.observe(float(value))
         if n_bad:
             log.warning("defense %r: %d of %d rows fell back (%s)", name, n_bad, B, self.on_defense_error)
-        return BatchOutput(probabilities=released_np, labels=labels_np, rejected=rejected_np)

@@ -26,7 +26,8 @@ class Registry:
         name = getattr(cls, "name", None)
         if not isinstance(name, str) or not name:
             raise TypeError(f"{cls.__qualname__} needs a non-empty class attribute `name`")
-        return self._add(name, cls)
+        self._add(name, cls)
+        return cls
 
     def function(self, name: str) -> Callable[[F], F]:
         """Decorator for a family of plain functions (e.g. trainers), registered under ``name``."""

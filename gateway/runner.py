@@ -84,4 +84,4 @@ class OnnxRunner:
         return np.asarray(out, dtype=np.float32)  # [B, C]
 
     def close(self) -> None:
-        self._session = None  # type: ignore[assignment]
+        self._session = None

@@ -7,6 +7,7 @@ factory receives a built ``GatewaySettings`` and never reads the environment its
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -39,14 +40,9 @@ class GatewaySettings(BaseSettings):
     defense: str = Field("none", description="Defense applied to every confidence vector (see `gateway.defenses`).")
     defense_params: dict[str, Any] = Field(
         default_factory=dict,
-        description="Overrides of the manifest's defense parameters, e.g. GATEWAY_DEFENSE_PARAMS__EPSILON=0.5.",
+        description="Overrides of the manifest's defense parameters: GATEWAY_DEFENSE_PARAMS__EPSILON=0.5, or "
+        "GATEWAY_<DEFENSE>_<PARAM> (GATEWAY_MEMGUARD_EPSILON=0.5), which wins. The defense validates them.",
     )
-    memguard_epsilon: float | None = Field(
-        None, ge=0.0, le=2.0, description="MemGuard's expected-L1 budget ε (overrides the manifest; 0 disables)."
-    )
-    aeppt_step_size: float | None = Field(None, ge=0.0, description="AEPPT's step α (overrides the calibrated value).")
-    aeppt_iterations: int | None = Field(None, ge=0, description="AEPPT's iterations K (default 100).")
-    aeppt_clip_eps: float | None = Field(None, gt=0.0, description="AEPPT's BIM clip radius ε_c (default: none).")
     on_defense_error: Literal["reject", "label_only"] = Field(
         "reject",
         description="A row whose defense fails: reject its request (503) or release the one-hot label.",
@@ -118,6 +114,20 @@ class GatewaySettings(BaseSettings):
             return tuple(k.strip() for k in value.split(",") if k.strip())
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _named_defense_params(cls, data: Any) -> Any:
+        """``GATEWAY_<DEFENSE>_<PARAM>`` (e.g. GATEWAY_MEMGUARD_EPSILON) for the chosen defense, into
+        ``defense_params``. The defense's own parameter model validates them (ranges live there only)."""
+        if not isinstance(data, dict):
+            return data
+        defense = str(data.get("defense") or "none")
+        prefix = f"GATEWAY_{defense.upper()}_"
+        named = {k[len(prefix) :].lower(): v for k, v in os.environ.items() if k.upper().startswith(prefix) and v}
+        if not named:
+            return data
+        return {**data, "defense_params": {**dict(data.get("defense_params") or {}), **named}}
+
     @model_validator(mode="after")
     def _check(self) -> GatewaySettings:
         if self.artifacts is None and not self.demo:
@@ -133,16 +143,8 @@ class GatewaySettings(BaseSettings):
         return self.demo
 
     def defense_overrides(self) -> dict[str, Any]:
-        """GATEWAY_DEFENSE_PARAMS__* plus the named knobs that apply to the chosen defense."""
-        named = {
-            "memguard": {"epsilon": self.memguard_epsilon},
-            "aeppt": {
-                "step_size": self.aeppt_step_size,
-                "iterations": self.aeppt_iterations,
-                "clip_eps": self.aeppt_clip_eps,
-            },
-        }.get(self.defense, {})
-        return {**self.defense_params, **{k: v for k, v in named.items() if v is not None}}
+        """The chosen defense's parameter overrides: GATEWAY_DEFENSE_PARAMS__* and GATEWAY_<DEFENSE>_<PARAM>."""
+        return dict(self.defense_params)
 
     def all_api_keys(self) -> tuple[bytes, ...]:
         """Configured keys (environment plus file), as bytes for constant-time comparison."""

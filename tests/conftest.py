@@ -30,7 +30,7 @@ def tiny_model(seed: int = 0) -> torch.nn.Module:
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real bundle (ONNX + manifest) written by the offline job's exporter."""
-    from defense_models.export import write_bundle
+    from defense_models.bundle.export import write_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "tiny"
     rng = np.random.default_rng(0)
@@ -141,7 +141,7 @@ def synthetic_outputs(n: int, classes: int, margin: float, seed: int) -> tuple[t
 
 
 def _train_defenders(g_recipe: Any, sub_recipe: Any) -> dict[str, Any]:
-    from defense_models.calibrate import calibrate_aeppt_step
+    from defense_models.bundle.calibrate import calibrate_aeppt_step
     from defense_models.training.defenders import train_memguard_classifier, train_substitute
 
     z_in, _ = synthetic_outputs(400, DEF_CLASSES, 6.0, seed=1)
@@ -177,7 +177,7 @@ def log_defenders() -> dict[str, Any]:
 @pytest.fixture(scope="session")
 def defended_bundle(tmp_path_factory: pytest.TempPathFactory, defenders: dict[str, Any]) -> Path:
     """A bundle (WIDTH -> DEF_CLASSES) carrying both defender's classifiers."""
-    from defense_models.export import write_bundle
+    from defense_models.bundle.export import write_bundle
     from gateway.artifacts import DefenseEntry
     from gateway.defenses.classifier import save_weights
 
@@ -209,7 +209,7 @@ def defended_bundle(tmp_path_factory: pytest.TempPathFactory, defenders: dict[st
 
 
 def keys_for(x: np.ndarray | torch.Tensor, secret: bytes = b"test-secret", context: bytes = b"ctx") -> torch.Tensor:
-    from gateway.defenses._keyed import RowKeyer
+    from gateway.defenses.keyed import RowKeyer
 
     arr = x.numpy() if isinstance(x, torch.Tensor) else x
     return torch.from_numpy(RowKeyer(secret, context).digests(arr))

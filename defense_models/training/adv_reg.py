@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from defense_models.training.loop import accuracy, seed_everything
+from defense_models.training.loop import accuracy, epoch_bar, optimizer, seed_everything
 
 
 class InferenceModel(nn.Module):
@@ -95,6 +95,76 @@ class AdvRegResult:
     attack_gain: list[float] = field(default_factory=list)  # h's accuracy on D vs D' per epoch
 
 
+class _MinMax:
+    """Nasr et al.'s game on one model: the classifier f (``model``), the inference model h, their
+    optimizers, and the members and reference records they sample from."""
+
+    def __init__(self, model: nn.Module, classes: int, config: AdvRegConfig, members: tuple[torch.Tensor, torch.Tensor],
+                 reference: tuple[torch.Tensor, torch.Tensor], device: torch.device,
+                 gen: torch.Generator) -> None:  # fmt: skip
+        self.model, self.classes, self.config, self.device, self.gen = model, classes, config, device, gen
+        self.h = InferenceModel(classes).to(device)
+        self.opt_f, self.sched = optimizer(model, config.optimizer, config.lr, milestones=config.lr_milestones)
+        self.opt_h = torch.optim.Adam(self.h.parameters(), lr=config.attack_lr)
+        self.Xm, self.ym = (t.to(device) for t in members)
+        self.Xr, self.yr = (t.to(device) for t in reference)
+        self.ce = nn.CrossEntropyLoss()
+
+    def _features(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits if self.config.inference_input == "logits" else torch.softmax(logits, dim=1)
+
+    def _onehot(self, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.one_hot(y, self.classes).float()
+
+    def _sample(self, n: int) -> torch.Tensor:
+        return torch.randint(0, n, (min(self.config.batch_size, n),), generator=self.gen).to(self.device)
+
+    def attack_step(self) -> float:
+        """One ascent step of h on a batch of members vs reference records -> h's balanced accuracy on it."""
+        i, j = self._sample(len(self.ym)), self._sample(len(self.yr))
+        with torch.no_grad():
+            fm, fr = self._features(self.model(self.Xm[i])), self._features(self.model(self.Xr[j]))
+        out_m, out_r = self.h(fm, self._onehot(self.ym[i])), self.h(fr, self._onehot(self.yr[j]))
+        if self.config.attack_loss == "mse":
+            loss = ((torch.sigmoid(out_m) - 1) ** 2).mean() + (torch.sigmoid(out_r) ** 2).mean()
+        else:
+            loss = nn.functional.binary_cross_entropy_with_logits(
+                torch.cat([out_m, out_r]), torch.cat([torch.ones_like(out_m), torch.zeros_like(out_r)])
+            )
+        self.opt_h.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_h.step()
+        return 0.5 * float(((out_m > 0).float().mean() + (out_r <= 0).float().mean()).detach())
+
+    def classifier_step(self, b: torch.Tensor, private: bool) -> None:
+        """One descent step of f on members ``b``: cross-entropy, plus λ·(h's score) once ``private``."""
+        logits = self.model(self.Xm[b])
+        loss = self.ce(logits, self.ym[b])
+        if private:
+            self.h.eval()
+            score = torch.sigmoid(self.h(self._features(logits), self._onehot(self.ym[b])))  # gradient flows into f
+            linear = self.config.privacy_loss == "linear"
+            privacy = score.mean() - 0.5 if linear else torch.log(score + 1e-12).mean()
+            loss = loss + self.config.lam * privacy
+        self.opt_f.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_f.step()
+
+    def epoch(self, private: bool) -> list[float]:
+        """One pass over the members: k attack steps (once ``private``) before every classifier step."""
+        self.model.train()
+        m = self.config.batch_size
+        perm = torch.randperm(len(self.ym), generator=self.gen).to(self.device)
+        gains: list[float] = []
+        for start in range(0, len(self.ym), m):
+            if private:
+                self.h.train()
+                gains += [self.attack_step() for _ in range(self.config.k)]
+            self.classifier_step(perm[start : start + m], private)
+        self.sched.step()
+        return gains
+
+
 def train_adv_reg(
     model: nn.Module,
     members: tuple[torch.Tensor, torch.Tensor],
@@ -112,74 +182,13 @@ def train_adv_reg(
     device = device or torch.device("cpu")
     gen = seed_everything(config.seed)
     model.to(device)
-    h = InferenceModel(classes).to(device)
-    opt_f: torch.optim.Optimizer = (
-        torch.optim.SGD(model.parameters(), lr=config.lr)
-        if config.optimizer == "sgd"
-        else torch.optim.Adam(model.parameters(), lr=config.lr)
-    )
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt_f, list(config.lr_milestones), 0.1)
-    opt_h = torch.optim.Adam(h.parameters(), lr=config.attack_lr)
-    Xm, ym = (t.to(device) for t in members)
-    Xr, yr = (t.to(device) for t in reference)
+    game = _MinMax(model, classes, config, members, reference, device, gen)
     Xv, yv = (t.to(device) for t in validation)
-    ce = nn.CrossEntropyLoss()
-    m = config.batch_size
-
-    def features(logits: torch.Tensor) -> torch.Tensor:
-        return logits if config.inference_input == "logits" else torch.softmax(logits, dim=1)
-
-    def onehot(y: torch.Tensor) -> torch.Tensor:
-        return nn.functional.one_hot(y, classes).float()
-
-    def sample(n: int) -> torch.Tensor:
-        return torch.randint(0, n, (min(m, n),), generator=gen).to(device)
-
-    def attack_step() -> float:
-        i, j = sample(len(ym)), sample(len(yr))
-        with torch.no_grad():
-            fm, fr = features(model(Xm[i])), features(model(Xr[j]))
-        out_m, out_r = h(fm, onehot(ym[i])), h(fr, onehot(yr[j]))
-        if config.attack_loss == "mse":
-            loss = ((torch.sigmoid(out_m) - 1) ** 2).mean() + (torch.sigmoid(out_r) ** 2).mean()
-        else:
-            loss = nn.functional.binary_cross_entropy_with_logits(
-                torch.cat([out_m, out_r]), torch.cat([torch.ones_like(out_m), torch.zeros_like(out_r)])
-            )
-        opt_h.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_h.step()
-        return 0.5 * float(((out_m > 0).float().mean() + (out_r <= 0).float().mean()).detach())
-
     result = AdvRegResult(best_epoch=-1)
     best = (-1.0, copy.deepcopy(model.state_dict()))
-    epochs = range(config.epochs)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(epochs, desc=f"adv. regularization (λ={config.lam})", leave=False)
-        epochs = bar
+    epochs, bar = epoch_bar(config.epochs, progress, f"adv. regularization (λ={config.lam})")
     for epoch in epochs:
-        model.train()
-        perm = torch.randperm(len(ym), generator=gen).to(device)
-        gains = []
-        for start in range(0, len(ym), m):
-            if epoch >= config.warmup_epochs:
-                h.train()
-                gains += [attack_step() for _ in range(config.k)]
-            b = perm[start : start + m]
-            logits = model(Xm[b])
-            loss = ce(logits, ym[b])
-            if epoch >= config.warmup_epochs:
-                h.eval()
-                score = torch.sigmoid(h(features(logits), onehot(ym[b])))  # gradient flows into f
-                privacy = score.mean() - 0.5 if config.privacy_loss == "linear" else torch.log(score + 1e-12).mean()
-                loss = loss + config.lam * privacy
-            opt_f.zero_grad(set_to_none=True)
-            loss.backward()
-            opt_f.step()
-        sched.step()
+        gains = game.epoch(private=epoch >= config.warmup_epochs)
         if on_epoch is not None:
             on_epoch(epoch, model)
         acc = accuracy(model, Xv, yv)

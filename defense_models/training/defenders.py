@@ -119,6 +119,9 @@ def fold_standardization(layer: nn.Linear, mean: torch.Tensor, scale: torch.Tens
 class _Standardized(nn.Module):
     """Feeds a model (x − mean)/scale in its first argument while it trains."""
 
+    mean: torch.Tensor
+    scale: torch.Tensor
+
     def __init__(self, inner: nn.Module, mean: torch.Tensor, scale: torch.Tensor) -> None:
         super().__init__()
         self.inner = inner
@@ -154,7 +157,9 @@ def train_memguard_classifier(
     mean, scale = _moments(X, recipe.standardize)
     fit(_Standardized(g, mean, scale), X, y, recipe.fit, loss_fn=_loss(recipe, len(member_probs), len(nonmember_probs)),
         progress=progress, desc="memguard g")  # fmt: skip
-    fold_standardization(g.layers[0], mean, scale)
+    first = g.layers[0]
+    assert isinstance(first, nn.Linear)
+    fold_standardization(first, mean, scale)
     g.log_floor.fill_(recipe.log_floor)
     return g.eval()
 

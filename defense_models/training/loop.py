@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import copy
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -59,6 +59,27 @@ def accuracy(model: nn.Module, X: Inputs, y: torch.Tensor) -> float:
         return float((pred == y).float().mean())
 
 
+def optimizer(model: nn.Module, kind: str, lr: float, *, momentum: float = 0.0, weight_decay: float = 0.0,
+              milestones: tuple[int, ...] = ()) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.MultiStepLR]:
+    """``kind`` sgd or adam over the model's parameters, with a ×0.1 step at each milestone epoch."""
+    opt: torch.optim.Optimizer
+    if kind == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    return opt, torch.optim.lr_scheduler.MultiStepLR(opt, list(milestones), 0.1)
+
+
+def epoch_bar(epochs: int, progress: bool, desc: str) -> tuple[Iterable[int], Any]:
+    """range(epochs), wrapped in a tqdm bar (returned too, for its postfix) when ``progress``."""
+    if not progress:
+        return range(epochs), None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(epochs), desc=desc, leave=False)
+    return bar, bar
+
+
 def fit(
     model: nn.Module,
     X: Inputs,
@@ -82,23 +103,12 @@ def fit(
     xs = tuple(x.to(device) for x in _as_tuple(X))
     y = y.to(device)
     loss_fn = loss_fn or nn.CrossEntropyLoss()
-    params = model.parameters()
-    opt: torch.optim.Optimizer
-    if config.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    else:
-        opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(config.lr_milestones), 0.1)
+    opt, sched = optimizer(model, config.optimizer, config.lr, momentum=config.momentum,
+                           weight_decay=config.weight_decay, milestones=config.lr_milestones)  # fmt: skip
     result = FitResult(epochs_run=0)
     best = (-1.0, copy.deepcopy(model.state_dict()))
     stale = 0
-    epochs = range(config.epochs)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(epochs, desc=desc, leave=False)
-        epochs = bar
+    epochs, bar = epoch_bar(config.epochs, progress, desc)
     n = y.shape[0]
     for _ in epochs:
         model.train()

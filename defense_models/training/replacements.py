@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from defense_models.data import Dataset
-from defense_models.nets import build, mlp
 from defense_models.training.adv_reg import AdvRegConfig, train_adv_reg
+from defense_models.training.data import Dataset
 from defense_models.training.loop import FitConfig, fit, seed_everything
+from defense_models.training.nets import build, mlp
 from gateway.registry import Registry
 
 Pair = tuple[torch.Tensor, torch.Tensor]  # (X [N, D] float32, y [N] int64)

@@ -33,5 +33,5 @@ available_defenses = REGISTRY.names
 
 
 def create_defense(name: str, bundle: Any, overrides: dict[str, Any], device: torch.device) -> Defense:
-    defense: Defense = REGISTRY.get(name).from_bundle(bundle, overrides, device)  # type: ignore[attr-defined]
-    return defense
+    cls: type[Defense] = REGISTRY.get(name)
+    return cls.from_bundle(bundle, overrides, device)

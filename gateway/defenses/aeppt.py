@@ -20,9 +20,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from gateway.defenses import register_defense
-from gateway.defenses._keyed import row_uniforms
 from gateway.defenses._masks import bit_weights, changed_rows, signature
 from gateway.defenses.classifier import AepptSubstitute, load_weights
+from gateway.defenses.keyed import row_uniforms
+
+Tensor = torch.Tensor
 
 
 class AepptParams(BaseModel):
@@ -183,108 +185,39 @@ class Aeppt:
     def _sign_rows(self, ma: torch.Tensor, mc: torch.Tensor) -> torch.Tensor:
         """sign(∇_v F) [n, C] from F's float ReLU masks ma [n, 256] and mc [n, 64]:
         ((mc @ (Wo ⊙ Wcp)) ⊙ ma) @ Wp, two GEMMs and one pass."""
-        return ((mc @ self.WoWcp).mul_(ma) @ self.Wp).sign_()
+        sign: Tensor = ((mc @ self.WoWcp).mul_(ma) @ self.Wp).sign_()
+        return sign
 
-    def _iterate(self, y, labels, label_part, member, d, delta, lo, hi):  # type: ignore[no-untyped-def]
+    def _iterate(self, y: Tensor, labels: Tensor, label_part: Tensor, member: Tensor, d: Tensor, delta: Tensor,
+                 lo: Tensor, hi: Tensor) -> Tensor:  # fmt: skip
         """The K updates over the whole batch. y, lo, hi [B, C]; delta [B, K] = α·r_k ≥ 0 -> v [B, C].
 
         Equivalent to the update as written, with three shortcuts that do not change any result:
         a frozen row gets zero steps (so no masking per iteration); F's logit is only computed when
         the direction or early stop needs it; and the label guard's exact test only runs once a
         row's margin could have closed: each step moves every coordinate by at most α·r_k, so the
-        label's lead shrinks by at most 2·α·r_k per step.
+        label's lead shrinks by at most 2·α·r_k per step. Each step: forward (F's activations), the
+        direction and early stop if asked, sign(∇_v F) (reused while the masks hold), the clipped step,
+        the label guard.
         """
         p = self.config
-        delta = delta.clone()
-        step = d[:, None] * delta  # [B, K] d·α·r_k
-        step_k = step.unsqueeze(2).unbind(1)  # K × [B, 1] views: freezing (zeroing rows) reaches them
-        # The label's lead shrinks by at most 2·α·r_k per step (every coordinate moves at most α·r_k, plus
-        # a rounding allowance), so a row's exact test can wait until its last measured lead, less the
-        # largest possible shrink since, could have reached 0. Per row: key = lead + G at measurement,
-        # with G_k the cumulative shrink (plain floats); a row is due at step k once key ≤ G_k, and only
-        # due rows are measured. Frozen rows have key = ∞.
-        eps = 4 * torch.finfo(self.dtype).eps
-        G = torch.cumsum(2 * delta.amax(dim=0).double() + eps, 0).tolist()  # K floats
-        B, C = y.shape
-        # Small batches reuse the sign for the whole batch while no row's masks change; in larger ones some
-        # row's change at nearly every step, so they reuse it row by row (below, CPU only).
-        reuse = B <= 64
-        if reuse:
-            v = y.clone()
-        else:  # ping-pong buffers [v, 1] and one [a, t̂] buffer, for the bias-folded GEMMs
-            bufs = [torch.ones(B, C + 1, device=self.device, dtype=self.dtype) for _ in range(2)]
-            bufs[0][:, :C] = y
-            v, cur = bufs[0][:, :C], 0
-            width = self.WpT.shape[1]
-            a_t = torch.empty(B, width + C, device=self.device, dtype=self.dtype)
-            a_t[:, width:] = torch.nn.functional.one_hot(labels, C)
-            a = a_t[:, :width]  # [B, 256] view
-        frozen = torch.zeros(B, dtype=torch.bool, device=self.device)
-        key = self._margin(v, labels).double()  # [B]
-        due_at = float(key.min())
-        need_logit = p.direction == "per_step" or p.early_stop
-        box = p.clip_eps is None  # the box is [0, 1]: a scalar in-place clamp
-        WpT, bp, WcpT, Wcp, Wp, Wo = self.WpT, self.bp, self.WcpT, self.Wcp, self.Wp, self.Wo
-        sign: torch.Tensor | None = None
-        prev_ma = prev_mc = torch.empty(0)
-        prev_sig: torch.Tensor | None = None
-        on_cpu = self.device.type == "cpu"
+        walk = _Walk(self, y, labels, label_part, d, delta)
         for k in range(p.iterations):
-            # Small batches: matmul + in-place bias is cheaper per call; large ones: biases inside the GEMMs.
-            if reuse:
-                a = torch.matmul(v, WpT).add_(bp).clamp_min_(0)  # [B, 256]
-                pc = torch.addmm(label_part, a, WcpT)  # [B, 64] pre-activations of the connection layer
-            else:
-                torch.mm(bufs[cur], self.W1_aug, out=a).clamp_min_(0)
-                pc = torch.mm(a_t, self.Wc_aug)
-            if need_logit:
-                logit = pc.clamp_min(0) @ Wo + self.bo  # [B]
+            a, pc = walk.forward()
+            if p.direction == "per_step" or p.early_stop:
+                logit = pc.clamp_min(0) @ self.Wo + self.bo  # [B]
                 if p.direction == "per_step":
-                    step[:, k] = delta[:, k] * torch.where(logit >= 0, -1.0, 1.0).to(self.dtype)
+                    walk.step[:, k] = walk.delta[:, k] * torch.where(logit >= 0, -1.0, 1.0).to(self.dtype)
                 if p.early_stop:
-                    self._freeze(((logit >= 0) != member) & ~frozen, frozen, delta, step)
-            # sign(∇_v F): Wo → conn mask → Wcp → pred mask → Wp (ReLU' as fused threshold passes).
-            # It depends on the masks only, which small steps rarely change: small batches reuse it.
-            if reuse:  # float masks sign(relu(·)) ∈ {0, 1}: the fewest ops per call at small batches
-                ma, mc = a.sign_(), pc.clamp_min_(0).sign_()
-                if sign is None or not (torch.equal(mc, prev_mc) and torch.equal(ma, prev_ma)):
-                    sign = (((mc * Wo) @ Wcp).mul_(ma) @ Wp).sign_()  # [B, C]
-                    prev_ma, prev_mc = ma, mc
-            else:  # large batches: recompute only the rows whose masks changed (a fifth to a third per step)
-                ma, mc = a.sign_(), pc.clamp_min_(0).sign_()  # [B, 256], [B, 64] masks in {0, 1}, in place
-                # Only on CPU: on CUDA the full recompute is cheaper than the host syncs row selection needs.
-                sig = signature([ma, mc], self.bits) if on_cpu else None
-                rows = None if sign is None or sig is None else changed_rows(sig, prev_sig)
-                if rows is None:
-                    sign = self._sign_rows(ma, mc)  # [B, C]
-                elif rows.numel():
-                    sign.index_copy_(0, rows, self._sign_rows(ma.index_select(0, rows), mc.index_select(0, rows)))
-                prev_sig = sig
-            assert sign is not None
-            if reuse:
-                cand = torch.addcmul(v, step_k[k], sign)  # [B, C]
-            else:
-                cur = 1 - cur
-                cand = torch.addcmul(v, step_k[k], sign, out=bufs[cur][:, :C])
-            cand = cand.clamp_(0.0, 1.0) if box else torch.clamp(cand, lo, hi, out=cand)
-            every = p.renormalize == "step"  # renormalising moves every coordinate: test every row exactly
-            if every:
-                cand.div_(cand.sum(dim=1, keepdim=True))
-            if every or G[k] >= due_at:
-                # Label guard: a step that would change or tie the argmax is undone and the row freezes.
-                due = (~frozen).nonzero()[:, 0] if every else (key <= G[k]).nonzero()[:, 0]  # [n]
-                margin = self._margin(cand[due], labels[due])  # [n]
-                bad = margin <= 0
-                if bool(bad.any()):
-                    rows = due[bad]
-                    cand[rows] = v[rows]
-                    self._freeze(rows, frozen, delta, step)
-                key[due] = torch.where(bad, float("inf"), margin.double() + G[k])
-                due_at = float(key.min())
-            v = cand
-        return v
+                    self._freeze(((logit >= 0) != member) & ~walk.frozen, walk.frozen, walk.delta, walk.step)
+            sign = walk.sign(a, pc)
+            cand = walk.candidate(k, sign, lo, hi)
+            walk.guard(k, cand)
+            walk.v = cand
+        return walk.v
 
-    def _iterate_row(self, y, labels, label_part, d, delta, lo, hi):  # type: ignore[no-untyped-def]
+    def _iterate_row(self, y: Tensor, labels: Tensor, label_part: Tensor, d: Tensor, delta: Tensor, lo: Tensor,
+                     hi: Tensor) -> Tensor:  # fmt: skip
         """``_iterate`` for one row on CPU, in NumPy: the same updates, shortcuts and guard.
 
         At batch 1 the work per iteration is two small GEMVs, so time goes to per-call overhead:
@@ -351,3 +284,102 @@ class Aeppt:
             frozen[idx] = True
             delta.index_fill_(0, idx, 0)
             step.index_fill_(0, idx, 0)
+
+
+class _Walk:
+    """The state of ``Aeppt._iterate`` over one batch: the iterate v [B, C], frozen rows, the label guard's
+    schedule, and sign(∇_v F) with what it was computed from.
+
+    Small batches (≤ 64 rows) run matmul + in-place bias and reuse the sign for the whole batch while no row's
+    masks change; larger ones fold the biases into the GEMMs (ping-pong buffers [v, 1] and one [a, t̂]) and,
+    on CPU, recompute the sign only for the rows whose masks changed (a fifth to a third per step).
+    """
+
+    def __init__(self, aeppt: Aeppt, y: Tensor, labels: Tensor, label_part: Tensor, d: Tensor,
+                 delta: Tensor) -> None:  # fmt: skip
+        self.f, self.labels, self.label_part = aeppt, labels, label_part
+        B, C = y.shape
+        self.delta = delta.clone()  # [B, K]
+        self.step = d[:, None] * self.delta  # [B, K] d·α·r_k
+        self.step_k = self.step.unsqueeze(2).unbind(1)  # K × [B, 1] views: freezing (zeroing rows) reaches them
+        # The label's lead shrinks by at most 2·α·r_k per step (every coordinate moves at most α·r_k, plus a
+        # rounding allowance), so a row's exact test can wait until its last measured lead, less the largest
+        # possible shrink since, could have reached 0. Per row: key = lead + G at measurement, with G_k the
+        # cumulative shrink (plain floats); a row is due at step k once key ≤ G_k, and only due rows are
+        # measured. Frozen rows have key = ∞.
+        eps = 4 * torch.finfo(aeppt.dtype).eps
+        self.G = torch.cumsum(2 * self.delta.amax(dim=0).double() + eps, 0).tolist()  # K floats
+        self.reuse = B <= 64
+        if self.reuse:
+            self.v = y.clone()
+        else:
+            self.bufs = [torch.ones(B, C + 1, device=aeppt.device, dtype=aeppt.dtype) for _ in range(2)]
+            self.bufs[0][:, :C] = y
+            self.v, self.cur = self.bufs[0][:, :C], 0
+            width = aeppt.WpT.shape[1]
+            self.a_t = torch.empty(B, width + C, device=aeppt.device, dtype=aeppt.dtype)
+            self.a_t[:, width:] = torch.nn.functional.one_hot(labels, C)
+            self.a = self.a_t[:, :width]  # [B, 256] view
+        self.frozen = torch.zeros(B, dtype=torch.bool, device=aeppt.device)
+        self.key = aeppt._margin(self.v, labels).double()  # [B]
+        self.due_at = float(self.key.min())
+        self._sign: Tensor | None = None
+        self._prev_ma = self._prev_mc = torch.empty(0)
+        self._prev_sig: Tensor | None = None
+
+    def forward(self) -> tuple[Tensor, Tensor]:
+        """F's prediction-branch activations a [B, 256] and connection pre-activations pc [B, 64] at v."""
+        f = self.f
+        if self.reuse:
+            a = torch.matmul(self.v, f.WpT).add_(f.bp).clamp_min_(0)
+            return a, torch.addmm(self.label_part, a, f.WcpT)
+        torch.mm(self.bufs[self.cur], f.W1_aug, out=self.a).clamp_min_(0)
+        return self.a, torch.mm(self.a_t, f.Wc_aug)
+
+    def sign(self, a: Tensor, pc: Tensor) -> Tensor:
+        """sign(∇_v F) [B, C]: Wo → connection mask → Wcp → prediction mask → Wp. It depends on the ReLU
+        masks only (float masks in {0, 1}, computed in place over a and pc)."""
+        f = self.f
+        ma, mc = a.sign_(), pc.clamp_min_(0).sign_()  # [B, 256], [B, 64]
+        if self.reuse:
+            if self._sign is None or not (torch.equal(mc, self._prev_mc) and torch.equal(ma, self._prev_ma)):
+                self._sign = (((mc * f.Wo) @ f.Wcp).mul_(ma) @ f.Wp).sign_()
+                self._prev_ma, self._prev_mc = ma, mc
+            return self._sign
+        # Only on CPU: on CUDA the full recompute is cheaper than the host syncs row selection needs.
+        sig = signature([ma, mc], f.bits) if f.device.type == "cpu" else None
+        rows = None if self._sign is None or sig is None else changed_rows(sig, self._prev_sig)
+        if rows is None or self._sign is None:
+            self._sign = f._sign_rows(ma, mc)
+        elif rows.numel():
+            self._sign.index_copy_(0, rows, f._sign_rows(ma.index_select(0, rows), mc.index_select(0, rows)))
+        self._prev_sig = sig
+        return self._sign
+
+    def candidate(self, k: int, sign: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+        """v + d·α·r_k·sign, clipped to the box (and renormalised with ``renormalize="step"``)."""
+        if self.reuse:
+            cand = torch.addcmul(self.v, self.step_k[k], sign)  # [B, C]
+        else:
+            self.cur = 1 - self.cur
+            C = self.v.shape[1]
+            cand = torch.addcmul(self.v, self.step_k[k], sign, out=self.bufs[self.cur][:, :C])
+        cand = cand.clamp_(0.0, 1.0) if self.f.config.clip_eps is None else torch.clamp(cand, lo, hi, out=cand)
+        if self.f.config.renormalize == "step":
+            cand.div_(cand.sum(dim=1, keepdim=True))
+        return cand
+
+    def guard(self, k: int, cand: Tensor) -> None:
+        """Undo, in ``cand``, the step of every due row whose label would change or tie, and freeze it."""
+        every = self.f.config.renormalize == "step"  # renormalising moves every coordinate: test every row
+        if not every and self.G[k] < self.due_at:
+            return
+        due = (~self.frozen).nonzero()[:, 0] if every else (self.key <= self.G[k]).nonzero()[:, 0]  # [n]
+        margin = self.f._margin(cand[due], self.labels[due])  # [n]
+        bad = margin <= 0
+        if bool(bad.any()):
+            rows = due[bad]
+            cand[rows] = self.v[rows]
+            self.f._freeze(rows, self.frozen, self.delta, self.step)
+        self.key[due] = torch.where(bad, float("inf"), margin.double() + self.G[k])
+        self.due_at = float(self.key.min())

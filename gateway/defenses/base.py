@@ -38,3 +38,9 @@ class Defense(Protocol):
         ...
 
     def defend(self, probs: torch.Tensor, logits: torch.Tensor, keys: torch.Tensor) -> torch.Tensor: ...
+
+    @classmethod
+    def from_bundle(cls, bundle: Any, overrides: dict[str, Any], device: torch.device) -> Defense:
+        """Build from an artifact bundle: weights and calibrated parameters from its manifest entry,
+        ``overrides`` (GATEWAY_DEFENSE_PARAMS__*) on top; raise ``ValueError`` naming the fix."""
+        ...

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -28,34 +29,39 @@ class MemGuardClassifier(nn.Module):
 
     HIDDEN = (256, 128, 64)
 
+    log_floor: torch.Tensor
+
     def __init__(self, classes: int, log_floor: float = 0.0) -> None:
         super().__init__()
         self.classes = classes
         dims = (classes, *self.HIDDEN, 1)
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(dims))
-        for layer in self.layers:
+        linear = [nn.Linear(a, b) for a, b in itertools.pairwise(dims)]
+        for layer in linear:
             nn.init.xavier_uniform_(layer.weight)
             nn.init.zeros_(layer.bias)
+        self.layers = nn.ModuleList(linear)
         self.register_buffer("log_floor", torch.tensor(float(log_floor)))
 
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object, **kwargs: object) -> None:  # type: ignore[override]
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         state_dict.setdefault(prefix + "log_floor", torch.tensor(0.0))  # weights saved before the buffer existed
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[arg-type]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def features(self, probs: torch.Tensor) -> torch.Tensor:
         """What the first layer reads: s, or log(s + floor). [N, C] -> [N, C]"""
-        floor = float(self.log_floor)  # type: ignore[arg-type]
+        floor = float(self.log_floor)
         return torch.log(probs + floor) if floor > 0 else probs
 
     def forward(self, sorted_probs: torch.Tensor) -> torch.Tensor:
         x = self.features(sorted_probs)  # [N, C]
         for layer in self.layers[:-1]:
             x = torch.relu(layer(x))
-        return self.layers[-1](x)[:, 0]  # [N]
+        out: torch.Tensor = self.layers[-1](x)
+        return out[:, 0]  # [N]
 
     def weights(self, device: torch.device, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """[(W [out, in], b [out]), ...] detached, for the batched Phase I."""
-        return [(lay.weight.detach().to(device, dtype), lay.bias.detach().to(device, dtype)) for lay in self.layers]
+        linear = [lay for lay in self.layers if isinstance(lay, nn.Linear)]
+        return [(lay.weight.detach().to(device, dtype), lay.bias.detach().to(device, dtype)) for lay in linear]
 
 
 class AepptSubstitute(nn.Module):
@@ -76,7 +82,8 @@ class AepptSubstitute(nn.Module):
 
     def forward(self, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         joint = torch.cat([torch.relu(self.pred(v)), torch.relu(self.label(t))], dim=1)  # [N, 512]
-        return self.out(torch.relu(self.conn(joint)))[:, 0]  # [N]
+        out: torch.Tensor = self.out(torch.relu(self.conn(joint)))
+        return out[:, 0]  # [N]
 
 
 def save_weights(module: nn.Module, path: Path) -> None:
@@ -85,7 +92,10 @@ def save_weights(module: nn.Module, path: Path) -> None:
     save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, str(path))
 
 
-def load_weights(module: nn.Module, path: Path) -> nn.Module:
+M = TypeVar("M", bound=nn.Module)
+
+
+def load_weights(module: M, path: Path) -> M:
     """Strict load from safetensors; a shape or name mismatch names the file to rebuild."""
     from safetensors.torch import load_file
 

@@ -37,9 +37,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.defenses import register_defense
-from gateway.defenses._keyed import uniform_from_digest
 from gateway.defenses._masks import bit_weights, changed_rows, signature
 from gateway.defenses.classifier import MemGuardClassifier, load_weights
+from gateway.defenses.keyed import uniform_from_digest
 
 #: Official constants [code defense_framework.py]: c1 finds g = 0.5, c2 keeps the label.
 C1, C2 = 1.0, 10.0

@@ -1,18 +1,18 @@
 """Cheap baseline post-processors, for comparison in audits. All keep the label and the simplex.
 
-Unlike ART's versions (ECOSYSTEM.md §6) they are correct on batches, renormalise, never emit an
+Unlike the Adversarial Robustness Toolbox's post-processors, they are correct on batches, renormalise, never emit an
 all-zero row, keep the label as a strict maximum, and draw any noise from the row's keyed stream.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, Self, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.defenses import register_defense
-from gateway.defenses._keyed import row_uniforms
+from gateway.defenses.keyed import row_uniforms
 
 
 def _strict_label(v: torch.Tensor, labels: torch.Tensor, margin: float) -> torch.Tensor:
@@ -27,18 +27,23 @@ def _renormalise(v: torch.Tensor) -> torch.Tensor:
     return v / v.sum(dim=1, keepdim=True)
 
 
-class _Base:
+P = TypeVar("P", bound=BaseModel)
+
+
+class _Base(Generic[P]):
+    name: ClassVar[str]
     randomized: ClassVar[bool] = False
     l1_bound = 2.0
     Params: ClassVar[type[BaseModel]]
 
-    def __init__(self, params: BaseModel) -> None:
+    def __init__(self, params: P) -> None:
         self.config = params
 
     @classmethod
-    def from_bundle(cls, bundle: Any, overrides: dict[str, Any], device: torch.device) -> Any:
-        entry = bundle.manifest.defenses.get(cls.name) if bundle is not None else None  # type: ignore[attr-defined]
-        return cls(cls.Params.model_validate({**(entry.params if entry else {}), **overrides}))
+    def from_bundle(cls, bundle: Any, overrides: dict[str, Any], device: torch.device) -> Self:
+        entry = bundle.manifest.defenses.get(cls.name) if bundle is not None else None
+        params: Any = cls.Params.model_validate({**(entry.params if entry else {}), **overrides})
+        return cls(params)
 
     def params(self) -> dict[str, Any]:
         return self.config.model_dump()
@@ -50,7 +55,7 @@ class TopKParams(BaseModel):
 
 
 @register_defense
-class TopK(_Base):
+class TopK(_Base[TopKParams]):
     """Keep the k largest entries (the label among them), zero the rest, renormalise; a label tied
     with a kept entry is nudged to a strict maximum."""
 
@@ -58,7 +63,7 @@ class TopK(_Base):
     Params = TopKParams
 
     def defend(self, probs: torch.Tensor, logits: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        k = min(self.config.k, probs.shape[1])  # type: ignore[attr-defined]
+        k = min(self.config.k, probs.shape[1])
         keep = torch.zeros_like(probs, dtype=torch.bool).scatter(1, probs.topk(k, dim=1).indices, True)
         labels = probs.argmax(dim=1)
         keep.scatter_(1, labels[:, None], True)
@@ -73,7 +78,7 @@ class RoundingParams(BaseModel):
 
 
 @register_defense
-class Rounding(_Base):
+class Rounding(_Base[RoundingParams]):
     """Round to d decimals and renormalise; where rounding ties or zeroes the label, the label's
     entry is raised one grid step above the rest so it stays the strict maximum."""
 
@@ -81,7 +86,7 @@ class Rounding(_Base):
     Params = RoundingParams
 
     def defend(self, probs: torch.Tensor, logits: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        d = self.config.decimals  # type: ignore[attr-defined]
+        d = self.config.decimals
         v = torch.round(probs, decimals=d)
         return _renormalise(_strict_label(v, probs.argmax(dim=1), 10.0**-d))
 
@@ -92,14 +97,14 @@ class TemperatureParams(BaseModel):
 
 
 @register_defense
-class Temperature(_Base):
+class Temperature(_Base[TemperatureParams]):
     """softmax(z / T): order-preserving, so the label is kept; T > 1 flattens."""
 
     name: ClassVar[str] = "temperature"
     Params = TemperatureParams
 
     def defend(self, probs: torch.Tensor, logits: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        out = torch.softmax(logits.to(probs.device, torch.float64) / self.config.temperature, dim=1)  # type: ignore[attr-defined]
+        out = torch.softmax(logits.to(probs.device, torch.float64) / self.config.temperature, dim=1)
         return _renormalise(_strict_label(out, probs.argmax(dim=1), 1e-12))
 
 
@@ -108,7 +113,7 @@ class NoParams(BaseModel):
 
 
 @register_defense
-class LabelOnly(_Base):
+class LabelOnly(_Base[NoParams]):
     """The one-hot label: the strongest output defense, and the floor every other one is judged by."""
 
     name: ClassVar[str] = "label_only"
@@ -124,7 +129,7 @@ class GaussianParams(BaseModel):
 
 
 @register_defense
-class Gaussian(_Base):
+class Gaussian(_Base[GaussianParams]):
     """Add N(0, σ²) from the row's keyed stream, clip at 0, renormalise, and keep the label by
     swapping the label's entry with the largest one (nudged to a strict maximum)."""
 
@@ -137,7 +142,7 @@ class Gaussian(_Base):
         u = row_uniforms(keys, 2 * C, stream=1, device=probs.device).double()  # [B, 2C]
         u1, u2 = u[:, :C].clamp_min(1e-12), u[:, C:]
         noise = torch.sqrt(-2 * torch.log(u1)) * torch.cos(2 * torch.pi * u2)  # Box–Muller [B, C]
-        v = (probs + self.config.sigma * noise).clamp_min(0.0)  # type: ignore[attr-defined]
+        v = (probs + self.config.sigma * noise).clamp_min(0.0)
         labels = probs.argmax(dim=1)
         top = v.argmax(dim=1)
         vl, vt = v.gather(1, labels[:, None]), v.gather(1, top[:, None])

@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from defense_models.__main__ import main
-from defense_models.attacks import AttackData, create_attack
-from defense_models.export import export_onnx
-from defense_models.scoring import gap_floor, score_attack
+from defense_models.audit.attacks import AttackData, create_attack
+from defense_models.audit.scoring import gap_floor, score_attack
+from defense_models.bundle.export import export_onnx
 from gateway.app import log_defense_quality
 from gateway.artifacts import load_bundle
 from gateway.defenses.classifier import MemGuardClassifier, load_weights
@@ -109,7 +109,7 @@ async def test_export_protects_an_overconfident_user_model(user_model: dict, bun
     b = load_bundle(bundle)
     q = b.manifest.defenses["memguard"].quality
     assert q is not None and q.passed and not q.override and q.classifier_balanced_accuracy > 0.6
-    assert [r.defense for r in b.manifest.self_audit] == ["none", "memguard", "aeppt"]
+    assert [r.defense for r in b.manifest.self_audit] == ["none", "aeppt", "memguard"]  # none, then by name
 
     X_in, X_out = u["X"][u["eval_in"]], u["X"][u["eval_out"]]
     async with serving(make_settings(bundle, defense="memguard", noise_secret=SECRET)) as (client, _):

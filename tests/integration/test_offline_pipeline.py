@@ -5,22 +5,30 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
-from defense_models import pipeline
-from defense_models.data import load_dataset, memguard_split
-from defense_models.nets import predict_logits
-from defense_models.pipeline import TrainConfig, train_bundle
-from defense_models.training import defenders
+from defense_models.bundle.train import train_bundle
+from defense_models.training import defenders, recipes
 from defense_models.training.adv_reg import AdvRegConfig, train_adv_reg
+from defense_models.training.data import load_dataset, memguard_split
 from defense_models.training.loop import FitConfig, fit
+from defense_models.training.nets import predict_logits
+from defense_models.training.recipes import TrainConfig
 from gateway.artifacts import load_bundle
 from tests.conftest import make_settings, serving
 
 SECRET = "0123456789abcdef0123456789abcdef"
+
+
+def _sweep_rows(out: Path) -> list[dict[str, Any]]:
+    """sweep.json through its typed contract, as plain dicts."""
+    from defense_models.audit.schema import Sweep, read
+
+    return [r.model_dump() for r in read(Sweep, out / "sweep.json").rows]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +46,7 @@ def tabular(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def quick(monkeypatch: pytest.MonkeyPatch) -> None:
     """Short fits so the tests stay fast; the recipes themselves are exercised by the results run."""
     fast = FitConfig(epochs=15, batch_size=64, lr=1e-3)
-    monkeypatch.setitem(pipeline.RECIPES, ("tabular", "official"), ("small-mlp", fast))
+    monkeypatch.setitem(recipes.RECIPES, ("tabular", "official"), ("small-mlp", fast))
     q = defenders.DEFENDER_RECIPES["quick"]
     short = defenders.DefenderRecipes(replace(q.g, fit=replace(q.g.fit, epochs=10)),
                                       replace(q.substitute, fit=replace(q.substitute.fit, epochs=10)))  # fmt: skip
@@ -56,9 +64,10 @@ async def test_train_export_serve_matches_torch(tabular: Path, tmp_path: Path, q
     assert {"model.onnx", "memguard_g.safetensors", "aeppt_substitute.safetensors", "split.npz"} == set(m.files)
     assert set(m.defenses) == {"none", "memguard", "aeppt"}
     t = m.training
-    assert t["split"]["name"] == "random" and t["split"]["sizes"]["target_train"] == 120
-    assert t["accuracy"]["train"] > 0.5 and t["dataset"]["sha256"] == load_dataset("tabular", tabular).sha256
-    assert {"mi-gateway", "torch", "onnxruntime"} <= set(t["versions"])
+    assert t is not None and t.split is not None and t.dataset is not None and t.accuracy.train is not None
+    assert t.split.name == "random" and t.split.sizes["target_train"] == 120
+    assert t.accuracy.train > 0.5 and t.dataset.sha256 == load_dataset("tabular", tabular).sha256
+    assert {"mi-gateway", "torch", "onnxruntime"} <= set(t.versions)
     with np.load(tmp_path / "bundle" / "split.npz") as f:
         assert np.array_equal(f["target_train"], result.split.parts["target_train"])
 
@@ -103,7 +112,7 @@ def test_adversarial_regularization_lowers_a_simple_attack() -> None:
 
 
 def test_shadows_split_across_shards_and_resume(tmp_path: Path, quick: None, tabular: Path) -> None:
-    from defense_models.shadows import ShadowSpec, in_mask, load_shadows, parse_shard, train_shadows
+    from defense_models.training.shadows import ShadowSpec, in_mask, load_shadows, parse_shard, train_shadows
 
     config = TrainConfig(dataset="tabular", data_path=str(tabular), progress=False)
     spec = ShadowSpec(count=5)
@@ -122,10 +131,10 @@ def test_shadows_split_across_shards_and_resume(tmp_path: Path, quick: None, tab
 
 
 async def test_export_a_users_onnx_model(tmp_path: Path, quick: None) -> None:
-    from defense_models.byo import export_user_model
-    from defense_models.export import export_onnx
-    from defense_models.pipeline import defender_config
-    from defense_models.quality import WeakDefenseError
+    from defense_models.bundle.byo import export_user_model
+    from defense_models.bundle.export import export_onnx
+    from defense_models.bundle.quality import WeakDefenseError
+    from defense_models.bundle.train import defender_config
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
@@ -170,19 +179,22 @@ def test_cli_train_with_advreg_replacement(tabular: Path, tmp_path: Path, quick:
     assert main(args) == 0
     m = load_bundle(tmp_path / "b").manifest
     assert set(m.defenses) == {"none", "memguard"}
-    rep = m.training["replacement"]
+    assert m.training is not None
+    rep = m.training.replacement
     assert rep["kind"] == "advreg" and rep["config"]["lam"] == 1 and rep["config"]["warmup_epochs"] == 2
-    assert "plain" in m.training["accuracy"]
+    assert m.training.accuracy.plain is not None
     full = rep["reference_size"]
     # Nasr Table 7's knob: a smaller reference set
     assert main([*args, "--replacement-param", "reference_size=20", "--replacement-param", "lam=2"]) == 0
-    rep = load_bundle(tmp_path / "b").manifest.training["replacement"]
+    training = load_bundle(tmp_path / "b").manifest.training
+    assert training is not None
+    rep = training.replacement
     assert rep["reference_size"] == 20 < full and rep["config"]["lam"] == 2
 
 
 def test_audit_runs_attacks_and_writes_reports(tabular: Path, tmp_path: Path, quick: None) -> None:
     from defense_models.__main__ import main
-    from defense_models.report import PLOTS
+    from defense_models.audit.report import PLOTS
 
     assert main(["train", "--dataset", "tabular", "--data", str(tabular), "--preset", "demo", "--quiet",
                  "--allow-weak-defense", "--out", str(tmp_path / "b")]) == 0  # fmt: skip
@@ -254,7 +266,7 @@ defense = "rounding"
 params = {{ decimals = 1 }}
 """)
     assert main(["sweep", "--plan", str(plan), "--quiet", "--out", str(tmp_path / "s")]) == 0
-    rows = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    rows = _sweep_rows(tmp_path / "s")
     assert [r["setting"] for r in rows] == ["none", "rounding 1"]
     assert set(rows[1]["attacks"]) == {"shadow/gap", "shadow/confidence", "adaptive/gap", "adaptive/confidence"}
     assert all(r["label_loss"] == 0 for r in rows) and rows[0]["mean_l1"] == 0 < rows[1]["mean_l1"]
@@ -266,13 +278,13 @@ params = {{ decimals = 1 }}
     before = report.stat().st_mtime_ns
     assert main(["sweep", "--plan", str(plan), "--quiet", "--resume", "--out", str(tmp_path / "s")]) == 0
     assert report.stat().st_mtime_ns == before  # read back, not audited again
-    assert json.loads((tmp_path / "s" / "sweep.json").read_text()) == rows
+    assert _sweep_rows(tmp_path / "s") == rows
 
     # the command-line grid: one curve over a parameter
     assert main(["sweep", "--bundle", str(tmp_path / "b"), "--defense", "memguard", "--param", "epsilon",
                  "--values", "0.2", "1", "--attacks", "confidence", "--shadow-epochs", "5", "--quiet",
                  "--out", str(tmp_path / "g")]) == 0  # fmt: skip
-    rows = json.loads((tmp_path / "g" / "sweep.json").read_text())
+    rows = _sweep_rows(tmp_path / "g")
     assert [(r["curve"], r["x"], r["params"]) for r in rows] == [
         ("memguard epsilon", 0.2, {"epsilon": 0.2}),
         ("memguard epsilon", 1.0, {"epsilon": 1}),
@@ -281,7 +293,7 @@ params = {{ decimals = 1 }}
 
 
 def test_sweep_plan_errors_name_the_fix(tmp_path: Path) -> None:
-    from defense_models.sweep import load_plan
+    from defense_models.audit.sweep import load_plan
 
     plan = tmp_path / "p.toml"
     plan.write_text('bundle = "x"\n[audit]\nattaks = ["gap"]\n[[setting]]\nlabel = "a"\n')
@@ -301,7 +313,7 @@ def test_training_time_defenses_export_bundles_the_gateway_serves(
     kind: str, params: list[str], tabular: Path, tmp_path: Path, quick: None
 ) -> None:
     from defense_models.__main__ import main
-    from defense_models.predictors import GatewayPredictor, RawOnnxPredictor
+    from defense_models.audit.predictors import GatewayPredictor, RawOnnxPredictor
 
     args = ["train", "--dataset", "tabular", "--data", str(tabular), "--preset", "demo", "--defense", "none",
             "--quiet", "--replacement", kind, "--out", str(tmp_path / "b")]  # fmt: skip
@@ -309,8 +321,9 @@ def test_training_time_defenses_export_bundles_the_gateway_serves(
         args += ["--replacement-param", p]
     assert main(args) == 0
     m = load_bundle(tmp_path / "b").manifest
-    rep = m.training["replacement"]
-    assert rep["kind"] == kind and "plain" in m.training["accuracy"]
+    assert m.training is not None
+    rep = m.training.replacement
+    assert rep["kind"] == kind and m.training.accuracy.plain is not None
     if kind == "dpsgd":
         assert np.isfinite(rep["epsilon"]) and 0 < rep["epsilon"] <= 4 + 1e-6 and rep["noise_multiplier"] > 0
     if kind == "stacking":
@@ -330,7 +343,7 @@ def test_unknown_replacement_parameters_are_refused(tabular: Path, tmp_path: Pat
 
 
 def test_comparison_plan_over_defenses_and_attacker_data(tabular: Path, tmp_path: Path, quick: None) -> None:
-    """Issue 7's comparison on a tiny configuration: a training-time defense's bundle next to the plain
+    """The defense comparison on a tiny configuration: a training-time defense's bundle next to the plain
     one, and the Shokri attack under attacker-data sources that query the endpoint."""
     from defense_models.__main__ import main
 
@@ -367,7 +380,7 @@ label = "none, model-based attacker data"
 audit = {{ attacker_data = "model", attacker_data_params = {{ max_queries = 3000 }}, attacks = ["shokri"] }}
 """)
     assert main(["sweep", "--plan", str(plan), "--quiet", "--out", str(tmp_path / "c")]) == 0
-    rows = {r["setting"]: r for r in json.loads((tmp_path / "c" / "sweep.json").read_text())}
+    rows = {r["setting"]: r for r in _sweep_rows(tmp_path / "c")}
     assert rows["L2 0.01"]["replacement"] == "l2" and rows["none"]["replacement"] == "none"
     marginal = rows["none, marginal attacker data"]["attacker_data"]
     assert marginal["queries_to_target"] == marginal["records_in"] + marginal["records_out"] > 0  # one per record

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from defense_models.predictors import GatewayPredictor, PredictorError, RawOnnxPredictor
+from defense_models.audit.predictors import GatewayPredictor, PredictorError, RawOnnxPredictor
 from tests.conftest import WIDTH, tiny_model
 from tests.integration.test_server import free_port, wait_ready
 

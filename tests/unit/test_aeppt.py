@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import torch
 
-from defense_models.calibrate import calibrate_aeppt_step, substitute_balanced_accuracy
+from defense_models.bundle.calibrate import calibrate_aeppt_step, substitute_balanced_accuracy
 from gateway.defenses.aeppt import Aeppt, AepptParams
 from tests.conftest import keys_for
 
@@ -96,7 +96,7 @@ def test_fresh_randomness_differs_between_calls(defenders: dict[str, Any], data:
 
 
 def test_batched_matches_the_serial_reference(defenders: dict[str, Any], data: Any) -> None:
-    from gateway.defenses._keyed import row_uniforms
+    from gateway.defenses.keyed import row_uniforms
     from tests.reference import aeppt_reference_row
 
     probs = torch.cat([data[0][:10], data[1][:10]])
@@ -138,7 +138,7 @@ def test_single_row_path_matches_the_batched_path(defenders: dict[str, Any], dat
 
 
 def test_single_row_path_matches_the_serial_reference(defenders: dict[str, Any], data: Any) -> None:
-    from gateway.defenses._keyed import row_uniforms
+    from gateway.defenses.keyed import row_uniforms
     from tests.reference import aeppt_reference_row
 
     probs = torch.cat([data[0][:5], data[1][:5]])

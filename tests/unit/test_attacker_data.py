@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from defense_models.attacker_data import attacker_records, flip_features, hill_climb
+from defense_models.audit.attacker_data import attacker_records, flip_features, hill_climb
 
 
 def endpoint(classes: int = 3, width: int = 20):  # type: ignore[no-untyped-def]

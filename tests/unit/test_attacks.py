@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from defense_models.attacks import AttackData, available_attacks, create_attack
-from defense_models.attacks.nn_sorted import NnSortedAttack
-from defense_models.scoring import gap_floor, score_attack
+from defense_models.audit.attacks import AttackData, available_attacks, create_attack
+from defense_models.audit.attacks.nn_sorted import NnSortedAttack
+from defense_models.audit.scoring import gap_floor, score_attack
 from defense_models.training.loop import FitConfig
 
 C = 10

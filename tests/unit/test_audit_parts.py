@@ -7,7 +7,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from defense_models.audit import _summary, round_vectors
+from defense_models.audit.run import summarize
+from defense_models.audit.schema import AttackResult
+from defense_models.audit.views import round_vectors
 
 
 @given(arrays(np.float64, st.tuples(st.integers(1, 20), st.integers(2, 30)), elements=st.floats(0, 1)),
@@ -26,8 +28,10 @@ def test_round_vectors_removes_small_noise() -> None:
     np.testing.assert_allclose(round_vectors(noisy, 2), p)
 
 
-def _scores(bacc: float, tpr: float = 0.0) -> dict[str, float]:
-    return {"balanced_accuracy": bacc, "auc": bacc, "tpr_at_01pct_fpr": tpr}
+def _scores(bacc: float, tpr: float = 0.0) -> AttackResult:
+    return AttackResult(balanced_accuracy=bacc, oracle_balanced_accuracy=bacc, precision=0.5, recall=0.5, auc=bacc,
+                        tpr_at_1pct_fpr=tpr, tpr_at_01pct_fpr=tpr, advantage=0.0, threshold=0.0, n_members=10,
+                        n_nonmembers=10)  # fmt: skip
 
 
 def test_summary_picks_the_best_and_judges_the_floor() -> None:
@@ -37,9 +41,10 @@ def test_summary_picks_the_best_and_judges_the_floor() -> None:
         "label-only/boundary_distance": _scores(0.72),
         "reference/lira_online": _scores(0.69, tpr=0.02),
     }
-    s = _summary(results, floor=0.70)
-    assert s["best_attack"]["attack"] == "label-only/boundary_distance"
-    assert s["best_confidence_based"]["attack"] == "adaptive/nn_sorted"  # gap and label-only read no confidences
-    assert s["confidence_based_within_1pt_of_floor"] and s["max_tpr_at_01pct_fpr"] == 0.02
+    s = summarize(results, floor=0.70)
+    assert s.best_attack is not None and s.best_attack.attack == "label-only/boundary_distance"
+    # gap and label-only read no confidences
+    assert s.best_confidence_based is not None and s.best_confidence_based.attack == "adaptive/nn_sorted"
+    assert s.confidence_based_within_1pt_of_floor and s.max_tpr_at_01pct_fpr == 0.02
     results["shadow/confidence"] = _scores(0.75)
-    assert not _summary(results, floor=0.70)["confidence_based_within_1pt_of_floor"]
+    assert not summarize(results, floor=0.70).confidence_based_within_1pt_of_floor

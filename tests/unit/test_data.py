@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from defense_models.data import available_datasets, load_dataset, make_split, memguard_split, random_split
+from defense_models.training.data import available_datasets, load_dataset, make_split, memguard_split, random_split
 
 RNG = np.random.default_rng(0)
 

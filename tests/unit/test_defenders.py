@@ -10,8 +10,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from defense_models.quality import MIN_BALANCED_ACCURACY, MIN_PERTURBED_FLAGGED, WeakDefenseError, enforce, problems
-from defense_models.scoring import balanced_accuracy_at
+from defense_models.audit.scoring import balanced_accuracy_at
+from defense_models.bundle.quality import (
+    MIN_BALANCED_ACCURACY,
+    MIN_PERTURBED_FLAGGED,
+    WeakDefenseError,
+    enforce,
+    problems,
+)
 from defense_models.training.defenders import (
     DEFENDER_RECIPES,
     fold_standardization,

@@ -12,7 +12,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.defenses import Defense
-from gateway.defenses._simplex import L1_TOLERANCE
 from gateway.defenses.aeppt import Aeppt, AepptParams
 from gateway.defenses.classifier import AepptSubstitute, MemGuardClassifier
 from gateway.defenses.identity import IdentityDefense
@@ -29,6 +28,7 @@ from gateway.defenses.postprocess import (
     TopK,
     TopKParams,
 )
+from gateway.defenses.simplex import L1_TOLERANCE
 from tests.conftest import keys_for
 
 CPU = torch.device("cpu")

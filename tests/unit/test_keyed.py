@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from gateway.defenses._keyed import RowKeyer, key_context, philox4x32, row_uniforms, uniform_from_digest
 from gateway.defenses.aeppt import Aeppt, AepptParams
+from gateway.defenses.keyed import RowKeyer, key_context, philox4x32, row_uniforms, uniform_from_digest
 from gateway.defenses.memguard import MemGuard, MemGuardParams
 from gateway.defenses.postprocess import Gaussian, GaussianParams
 from tests.conftest import keys_for
@@ -37,7 +37,7 @@ def test_philox_known_answers(counter: list[int], key: list[int], expected: list
 @pytest.mark.parametrize("stream", [0, 1])
 def test_numpy_and_tensor_streams_agree(stream: int) -> None:
     """CPU draws run in NumPy, other devices as tensor ops: the bits must be identical."""
-    from gateway.defenses._keyed import _uniforms_numpy, _uniforms_torch
+    from gateway.defenses.keyed import _uniforms_numpy, _uniforms_torch
 
     words = np.random.default_rng(stream).integers(0, 2**32, size=(50, 8), dtype=np.int64)
     for n in (1, 4, 37, 100):

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from defense_models.attacks.label_only import BoundaryDistanceAttack, NoiseRobustnessAttack
-from defense_models.data import load_dataset, memguard_split
-from defense_models.scoring import score_attack
+from defense_models.audit.attacks.label_only import BoundaryDistanceAttack, NoiseRobustnessAttack
+from defense_models.audit.scoring import score_attack
+from defense_models.training.data import load_dataset, memguard_split
 from defense_models.training.loop import FitConfig, fit
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from defense_models.attacks.lira import Lira, logit_confidence
-from defense_models.scoring import score_attack
+from defense_models.audit.attacks.lira import Lira, logit_confidence
+from defense_models.audit.scoring import score_attack
 
 
 def population(k: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -9,8 +9,8 @@ import pytest
 import torch
 from prometheus_client import generate_latest
 
-from gateway.defenses._keyed import RowKeyer
 from gateway.defenses.identity import IdentityDefense
+from gateway.defenses.keyed import RowKeyer
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline import Pipeline
 from tests.conftest import CLASSES, WIDTH, FakeRunner, metric_value

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from defense_models.scoring import (
+from defense_models.audit.scoring import (
     auc,
     balanced_accuracy_at,
     best_threshold,

@@ -1,0 +1,78 @@
+"""Attacks that query the target or train reference models: label-only attacks and LiRA."""
+
+from __future__ import annotations
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from defense_models.audit.attacks.label_only import LABEL_ONLY_ATTACKS
+from defense_models.audit.attacks.lira import Lira, logit_confidence
+from defense_models.audit.config import AuditConfig
+from defense_models.audit.predictors import Predictor
+from defense_models.audit.schema import AttackResult
+from defense_models.audit.scoring import accuracy, gap_floor, score_attack
+from defense_models.audit.views import Arrays, AttackerDefense, Predict, Sets, softmax_predict
+from defense_models.training.shadows import load_shadows
+
+
+def label_only_attack(config: AuditConfig, name: str, predictor: Predictor, shadow_predict: Predict, sets: Sets,
+                      released: Arrays) -> tuple[AttackResult, Arrays] | None:  # fmt: skip
+    """One label-only attack on ``label_only_rows`` members and non-members; None where it does not apply."""
+    attack = LABEL_ONLY_ATTACKS.get(name).for_audit(config, sets.data)
+    if attack is None:
+        return None
+    n = config.label_only_rows
+    roles = ("shadow_in", "shadow_out", "target_train", "eval_nonmember")
+    rows = {r: tuple(a[:n] for a in sets.rows(r)) for r in roles}
+    calib = attack.fit(shadow_predict, *rows["shadow_in"], *rows["shadow_out"])  # shadow scores: the threshold
+    before = attack.queries
+    s = attack.score(predictor.predict, *rows["target_train"]), attack.score(predictor.predict, *rows["eval_nonmember"])
+    spent = attack.queries - before
+    (_, y_in), (_, y_out) = rows["target_train"], rows["eval_nonmember"]
+    floor = gap_floor(accuracy(released[0][:n], y_in), accuracy(released[1][:n], y_out))  # on these rows
+    result = AttackResult(**score_attack(*s, shadow=calib).as_dict(), **attack.record(), queries_to_target=spent,
+                          queries_per_row=spent / (2 * len(y_in)), label_only_floor_on_rows=floor)  # fmt: skip
+    return result, s
+
+
+def lira(config: AuditConfig, sets: Sets, released: Arrays,
+         defend: AttackerDefense | None) -> dict[str, tuple[AttackResult, Arrays]]:  # fmt: skip
+    """LiRA online and offline with reference models from ``defense_models shadows`` (``config.lira_shadows``)."""
+
+    assert config.lira_shadows is not None
+    refs = load_shadows(config.lira_shadows, sets.data)
+    if len(refs) < 4:
+        raise ValueError(f"LiRA needs at least 4 reference models in {config.lira_shadows}, found {len(refs)}")
+    pool = np.asarray(refs[0][1]["pool_rows"])
+    position = {int(r): i for i, r in enumerate(pool)}
+    members, nonmembers = sets.parts["target_train"], sets.parts["eval_nonmember"]
+    missing = [r for r in np.concatenate([members, nonmembers]) if int(r) not in position]
+    if missing or refs[0][1]["dataset_sha256"] != sets.data.sha256:
+        raise ValueError(
+            "the reference models were not trained on this bundle's evaluation records "
+            "(train them with `defense_models shadows` and the bundle's dataset, split and seed)"
+        )
+    idx = np.array([position[int(r)] for r in np.concatenate([members, nonmembers])])
+    X, y = sets.data.X[pool], sets.data.y[pool]
+    phi, masks = [], []
+    for model, meta in tqdm(refs, desc="LiRA references", disable=not config.progress, leave=False):
+        p = softmax_predict(model.eval())(X)
+        if defend is not None:  # the adaptive attacker defends its reference outputs too
+            p = defend(p)
+        phi.append(logit_confidence(p, y)[idx])
+        masks.append(np.asarray(meta["in_mask"], bool)[idx])
+    phi_refs, in_refs = np.stack(phi), np.stack(masks)  # [K, N_members + N_nonmembers]
+    y_eval = sets.data.y[np.concatenate([members, nonmembers])]
+    target_phi = logit_confidence(np.concatenate(released), y_eval)
+    out = {}
+    for online in (True, False):
+        attack = Lira(online=online)
+        attack.fit(phi_refs, in_refs)
+        s = attack.score(target_phi)
+        pair = s[: len(members)], s[len(members) :]
+        calib = Lira.leave_one_out(phi_refs, in_refs, online)
+        out["lira_online" if online else "lira_offline"] = (
+            AttackResult(**score_attack(*pair, shadow=calib).as_dict(), reference_models=len(refs)),
+            pair,
+        )
+    return out

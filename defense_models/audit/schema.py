@@ -1,0 +1,162 @@
+"""The audit's file contracts: ``report.json`` (one audit) and ``sweep.json`` (many), versioned.
+
+Written with ``model_dump`` and read back with ``model_validate`` (``sweep --resume``, ``bench/summarize.py``),
+so a renamed or missing field fails when a file is read, not hours into a sweep. Bump ``schema_version``
+when a field changes meaning; files of another version are refused with the command that regenerates them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+SCHEMA_VERSION = 1
+
+
+class _Record(BaseModel):
+    # Thresholds can be ±inf (a score every record clears): written as JSON's Infinity, read back as floats.
+    model_config = ConfigDict(frozen=True, extra="forbid", ser_json_inf_nan="constants")
+
+
+class AttackResult(_Record):
+    """One attack in one view: ``scoring.AttackScores`` plus what the attack itself reports."""
+
+    balanced_accuracy: float  # at the threshold the attacker set on its own data
+    oracle_balanced_accuracy: float  # best threshold on the evaluation sets: an upper bound
+    precision: float
+    recall: float
+    auc: float
+    tpr_at_1pct_fpr: float
+    tpr_at_01pct_fpr: float
+    advantage: float
+    threshold: float
+    n_members: int
+    n_nonmembers: int
+    seconds: float | None = None
+    orientation: float | None = None  # view "flipped": -1 when the attacker flipped the score
+    # label-only attacks
+    flip_rate: float | None = None
+    max_queries_per_row: int | None = None
+    queries_to_target: int | None = None
+    queries_per_row: float | None = None
+    label_only_floor_on_rows: float | None = None  # they query a subsample: the floor on those rows
+    reference_models: int | None = None  # LiRA
+
+
+class L1Stats(_Record):
+    mean: float
+    median: float
+    p90: float
+    p99: float
+    max: float
+
+
+class Utility(_Record):
+    train_accuracy: float
+    test_accuracy: float
+    undefended_test_accuracy: float
+    label_only_floor: float
+    label_loss: float
+    l1: L1Stats
+    l1_members: L1Stats
+    l1_nonmembers: L1Stats
+    exact_repeats_identical: float | None  # share of repeated queries answered bit-identically
+
+
+class BestAttack(_Record):
+    attack: str
+    balanced_accuracy: float
+    auc: float
+
+
+class Summary(_Record):
+    best_attack: BestAttack | None
+    best_confidence_based: BestAttack | None
+    confidence_based_within_1pt_of_floor: bool
+    max_tpr_at_01pct_fpr: float
+
+
+class BundleRef(_Record):
+    name: str
+    version: str
+    replacement: str | None  # the training-time defense the bundle serves, if any
+
+
+class AttackerData(_Record):
+    source: str
+    queries_to_target: int = 0
+    records_in: int | None = None
+    records_out: int | None = None
+    params: dict[str, Any] = {}
+
+
+class Sets(_Record):
+    members: int
+    nonmembers: int
+    shadow_in: int
+    shadow_out: int
+
+
+class AuditReport(_Record):
+    schema_version: Literal[1] = 1  # SCHEMA_VERSION
+    bundle: BundleRef
+    target: str
+    defense: str
+    defense_params: dict[str, Any]
+    defended: bool
+    views: dict[str, str]  # view (or family) -> what the attacker knows
+    attacker_data: AttackerData
+    utility: Utility
+    attacks: dict[str, AttackResult]  # "view/attack" -> result
+    per_class_balanced_accuracy: dict[str, dict[int, float]]
+    summary: Summary
+    sets: Sets
+    seconds: float
+
+
+class SweepRow(_Record):
+    setting: str
+    slug: str
+    curve: str | None
+    x: float | None
+    defense: str
+    params: dict[str, Any]
+    attacker_data: AttackerData
+    replacement: str | None
+    test_accuracy: float
+    undefended_test_accuracy: float
+    train_accuracy: float
+    label_loss: float
+    mean_l1: float
+    label_only_floor: float
+    best_attack: str
+    best_balanced_accuracy: float
+    best_confidence_based: str | None
+    best_confidence_based_accuracy: float | None
+    best_confidence_based_auc: float | None
+    max_tpr_at_1pct_fpr: float
+    max_tpr_at_01pct_fpr: float
+    attacks: dict[str, dict[str, float]]  # "view/attack" -> balanced_accuracy, auc, tpr_at_1pct_fpr, tpr_at_01pct_fpr
+
+
+class Sweep(_Record):
+    schema_version: Literal[1] = 1  # SCHEMA_VERSION
+    rows: list[SweepRow]
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def read(model: type[M], path: Path) -> M:
+    """A report or sweep file, validated; a file from another schema version says how to regenerate it."""
+    try:
+        return model.model_validate_json(Path(path).read_text())
+    except ValidationError as exc:
+        raise ValueError(f"{path} does not match this version's {model.__name__} (schema {SCHEMA_VERSION}): "
+                         f"re-run the audit or sweep that wrote it\n{exc}") from exc  # fmt: skip
+
+
+def write(record: BaseModel, path: Path) -> None:
+    Path(path).write_text(record.model_dump_json(indent=2) + "\n")

@@ -1,0 +1,131 @@
+"""Attack and utility metrics (docs/ALGORITHMS.md §6), in numpy.
+
+Convention: a higher score means "more likely a member"; the attack says member iff score ≥ τ.
+Member sets and non-member sets are scored separately, so nothing here assumes balance, but the
+audit uses balanced sets and reports balanced accuracy, 0.5·(TPR + TNR).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Roc:
+    fpr: np.ndarray  # [K] non-decreasing, from 0 to 1
+    tpr: np.ndarray  # [K]
+    thresholds: np.ndarray  # [K] member iff score >= threshold (first point: +inf, nobody)
+
+
+def roc(members: np.ndarray, nonmembers: np.ndarray) -> Roc:
+    """The full ROC, one point per distinct score (ties move together)."""
+    m = np.asarray(members, dtype=np.float64)
+    n = np.asarray(nonmembers, dtype=np.float64)
+    if m.size == 0 or n.size == 0:
+        raise ValueError("ROC needs at least one member and one non-member score")
+    thresholds = np.unique(np.concatenate([m, n]))[::-1]  # descending distinct scores
+    m_sorted, n_sorted = np.sort(m), np.sort(n)
+    tpr = (m.size - np.searchsorted(m_sorted, thresholds, side="left")) / m.size  # share ≥ τ
+    fpr = (n.size - np.searchsorted(n_sorted, thresholds, side="left")) / n.size
+    return Roc(np.concatenate([[0.0], fpr]), np.concatenate([[0.0], tpr]), np.concatenate([[np.inf], thresholds]))
+
+
+def auc(members: np.ndarray, nonmembers: np.ndarray) -> float:
+    """Area under the ROC = P(member score > non-member score) + ½·P(tie)."""
+    r = roc(members, nonmembers)
+    return float(np.trapezoid(r.tpr, r.fpr))
+
+
+def tpr_at_fpr(members: np.ndarray, nonmembers: np.ndarray, max_fpr: float) -> float:
+    """The largest TPR among thresholds with FPR ≤ max_fpr (resolution: 1/len(nonmembers))."""
+    r = roc(members, nonmembers)
+    return float(r.tpr[r.fpr <= max_fpr + 1e-12].max())
+
+
+def balanced_accuracy_at(members: np.ndarray, nonmembers: np.ndarray, threshold: float) -> float:
+    m, n = np.asarray(members), np.asarray(nonmembers)
+    return float(0.5 * ((m >= threshold).mean() + (n < threshold).mean()))
+
+
+def best_threshold(members: np.ndarray, nonmembers: np.ndarray) -> tuple[float, float]:
+    """(τ, balanced accuracy) maximising 0.5·(TPR + TNR); the first (highest τ) maximum wins."""
+    r = roc(members, nonmembers)
+    bacc = 0.5 * (r.tpr + 1 - r.fpr)
+    i = int(np.argmax(bacc >= bacc.max() - 1e-12))  # first maximum, robust to rounding
+    return float(r.thresholds[i]), float(bacc[i])
+
+
+@dataclass(frozen=True)
+class AttackScores:
+    balanced_accuracy: float  # threshold tuned on shadow data
+    oracle_balanced_accuracy: float  # best threshold on the evaluation sets (an upper bound)
+    precision: float
+    recall: float
+    auc: float
+    tpr_at_1pct_fpr: float
+    tpr_at_01pct_fpr: float
+    advantage: float  # max(TPR − FPR)
+    threshold: float
+    n_members: int
+    n_nonmembers: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def score_attack(
+    members: np.ndarray, nonmembers: np.ndarray, *, shadow: tuple[np.ndarray, np.ndarray] | None = None
+) -> AttackScores:
+    """Score an attack's outputs on evaluation members and non-members.
+
+    The decision threshold comes from ``shadow`` (member, non-member scores on the attacker's own
+    data) when given, else it is the oracle's.
+    """
+    m, n = np.asarray(members, dtype=np.float64), np.asarray(nonmembers, dtype=np.float64)
+    tau_oracle, oracle = best_threshold(m, n)
+    tau = best_threshold(*shadow)[0] if shadow is not None else tau_oracle
+    tp, fp = float((m >= tau).sum()), float((n >= tau).sum())
+    r = roc(m, n)
+    return AttackScores(
+        balanced_accuracy=balanced_accuracy_at(m, n, tau),
+        oracle_balanced_accuracy=oracle,
+        precision=tp / (tp + fp) if tp + fp else 0.0,
+        recall=tp / m.size,
+        auc=auc(m, n),
+        tpr_at_1pct_fpr=tpr_at_fpr(m, n, 0.01),
+        tpr_at_01pct_fpr=tpr_at_fpr(m, n, 0.001),
+        advantage=float((r.tpr - r.fpr).max()),
+        threshold=tau,
+        n_members=int(m.size),
+        n_nonmembers=int(n.size),
+    )
+
+
+# --- utility ------------------------------------------------------------------------------------
+def l1_stats(released: np.ndarray, clean: np.ndarray) -> dict[str, float]:
+    """Per-row ‖released − clean‖₁: mean, median, p90, p99, max."""
+    d = np.abs(np.asarray(released, np.float64) - np.asarray(clean, np.float64)).sum(axis=1)
+    return {
+        "mean": float(d.mean()),
+        "median": float(np.median(d)),
+        "p90": float(np.quantile(d, 0.9)),
+        "p99": float(np.quantile(d, 0.99)),
+        "max": float(d.max()),
+    }
+
+
+def label_loss(released: np.ndarray, clean: np.ndarray) -> float:
+    """Share of rows whose argmax changed; every output defense must keep it at exactly 0."""
+    return float((np.argmax(released, axis=1) != np.argmax(clean, axis=1)).mean())
+
+
+def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
+    return float((np.argmax(probs, axis=1) == np.asarray(labels)).mean())
+
+
+def gap_floor(train_accuracy: float, test_accuracy: float) -> float:
+    """The label-only floor: the gap attack's balanced accuracy, 0.5 + (train − test)/2 (docs/ALGORITHMS.md §7)."""
+    return 0.5 + (train_accuracy - test_accuracy) / 2
