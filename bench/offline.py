@@ -21,8 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench._record import write_record  # noqa: E402
-from defense_models.bundle.train import TrainConfig, train_bundle  # noqa: E402
+from defense_models.bundle.train import train_bundle  # noqa: E402
 from defense_models.training.adv_reg import AdvRegConfig  # noqa: E402
+from defense_models.training.recipes import TrainConfig  # noqa: E402
 from gateway.artifacts import load_bundle  # noqa: E402
 
 

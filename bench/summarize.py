@@ -10,9 +10,12 @@ attacks to the settings with the same label (e.g. the flipped view run separatel
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from defense_models.audit.schema import Sweep, read
 
 FAMILIES = {
     "label-only": lambda k: k.startswith("label-only/"),
@@ -44,11 +47,12 @@ def main() -> None:
     parser.add_argument("sweep", type=Path)
     parser.add_argument("--extra", type=Path, action="append", default=[])
     args = parser.parse_args()
-    rows = json.loads(args.sweep.read_text())
+    rows = [r.model_dump() for r in read(Sweep, args.sweep).rows]
     for extra in args.extra:
-        by_label = {r["setting"]: r for r in json.loads(extra.read_text())}
+        by_label = {r.setting: r for r in read(Sweep, extra).rows}
         for r in rows:
-            r["attacks"].update(by_label.get(r["setting"], {}).get("attacks", {}))
+            if r["setting"] in by_label:
+                r["attacks"].update(by_label[r["setting"]].attacks)
     print("| setting | test acc. | label loss | mean L1 | floor | NN, shadow / adaptive | best vector attack, "
           "shadow | best vector attack, other views | LiRA | label-only | max TPR@0.1% FPR |")  # fmt: skip
     print("|---|---:|---:|---:|---:|---:|---|---|---|---|---:|")

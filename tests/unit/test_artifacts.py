@@ -59,3 +59,16 @@ def test_unlisted_or_escaping_files_refuse(bundle_copy: Path) -> None:
     path.write_text(json.dumps(raw))
     with pytest.raises(BundleError, match="without a sha256"):
         load_bundle(bundle_copy)
+
+
+def test_other_format_versions_and_renamed_training_fields_refuse(bundle_copy: Path) -> None:
+    path = bundle_copy / "manifest.json"
+    raw = json.loads(path.read_text())
+    assert raw["format_version"] == 2 and raw["training"]["schema_version"] == 1
+    path.write_text(json.dumps({**raw, "format_version": 1}))
+    with pytest.raises(BundleError, match=r"format_version 1, this gateway reads 2.*defense_models"):
+        load_bundle(bundle_copy)
+    renamed = {**raw, "training": {**raw["training"], "parity_max_abs_diff": 0.0}}  # a field renamed by hand
+    path.write_text(json.dumps(renamed))
+    with pytest.raises(BundleError, match="parity_max_abs_diff"):
+        load_bundle(bundle_copy)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -48,3 +52,20 @@ def test_summary_picks_the_best_and_judges_the_floor() -> None:
     assert s.confidence_based_within_1pt_of_floor and s.max_tpr_at_01pct_fpr == 0.02
     results["shadow/confidence"] = _scores(0.75)
     assert not summarize(results, floor=0.70).confidence_based_within_1pt_of_floor
+
+
+def test_report_files_round_trip_and_refuse_other_schemas(tmp_path: Path) -> None:
+    from defense_models.audit.schema import Sweep, SweepRow, read, write
+
+    row = SweepRow(setting="none", slug="none", curve=None, x=None, defense="none", params={},
+                   attacker_data={"source": "real"}, replacement=None, test_accuracy=0.6,
+                   undefended_test_accuracy=0.6, train_accuracy=1.0, label_loss=0.0, mean_l1=0.0,
+                   label_only_floor=0.7, best_attack="shadow/gap", best_balanced_accuracy=0.7,
+                   best_confidence_based=None, best_confidence_based_accuracy=None, best_confidence_based_auc=None,
+                   max_tpr_at_1pct_fpr=0.0, max_tpr_at_01pct_fpr=0.0,
+                   attacks={"shadow/gap": {"auc": 0.7, "threshold": float("inf")}})  # fmt: skip
+    write(Sweep(rows=[row]), tmp_path / "sweep.json")
+    assert read(Sweep, tmp_path / "sweep.json").rows == [row]  # ±inf survive the round trip
+    (tmp_path / "old.json").write_text(json.dumps([row.model_dump(mode="json")]))  # the unversioned list
+    with pytest.raises(ValueError, match="re-run the audit or sweep"):
+        read(Sweep, tmp_path / "old.json")
