@@ -29,13 +29,15 @@ RUN if [ "$VARIANT" = "cpu" ]; then \
     else \
       pip install "torch==${TORCH_VERSION}"; \
     fi
-COPY pyproject.toml README.md ./src/
+COPY pyproject.toml README.md LICENSE ./src/
+# The versions the test suite ran with (regenerate with the development environment's versions).
+COPY deploy/constraints.txt ./src/constraints.txt
 # Only the gateway package: the serving image carries no training or attack code.
 COPY gateway ./src/gateway
 RUN if [ "$VARIANT" = "cpu" ]; then \
-      pip install './src[serve]' "onnxruntime-gpu==${ORT_VERSION}"; \
+      pip install -c ./src/constraints.txt './src[serve]' "onnxruntime-gpu==${ORT_VERSION}"; \
     else \
-      pip install './src[serve]' "onnxruntime-gpu[cuda,cudnn]==${ORT_VERSION}"; \
+      pip install -c ./src/constraints.txt './src[serve]' "onnxruntime-gpu[cuda,cudnn]==${ORT_VERSION}"; \
     fi \
  && python -c "import gateway, onnxruntime; onnxruntime.print_debug_info() if hasattr(onnxruntime, 'print_debug_info') else None"
 
