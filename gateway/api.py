@@ -45,7 +45,8 @@ def charge_budget(state: GatewayState, request: Request, rows: int) -> None:
     if state.budget is not None:
         from gateway.auth import client_id
 
-        state.budget.charge(client_id(request), rows)
+        client = client_id(request, verified_keys=state.auth.required, trusted_proxies=state.settings.proxy_networks)
+        state.budget.charge(client, rows)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import hmac
+import ipaddress
 import math
 import time
 
@@ -16,6 +17,11 @@ from gateway.errors import TooManyRequests, Unauthorized
 class ApiKeyAuth:
     def __init__(self, keys: tuple[bytes, ...]) -> None:
         self._keys = keys
+
+    @property
+    def required(self) -> bool:
+        """Whether inference routes need a key (then ``check`` has verified it before any budget)."""
+        return bool(self._keys)
 
     def check(self, request: Request) -> None:
         if not self._keys:
@@ -33,12 +39,39 @@ class ApiKeyAuth:
             raise Unauthorized("the API key was not recognised; check `Authorization: Bearer <key>`")
 
 
-def client_id(request: Request) -> str:
-    """The budget's key: a digest of the bearer key when one is sent, else the client's address."""
+Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+
+def _trusted(host: str, proxies: Networks) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return any(address in net for net in proxies)
+
+
+def client_address(request: Request, trusted_proxies: Networks = ()) -> str:
+    """The client's address: the peer's, unless the peer is a trusted proxy; then the right-most address in
+    X-Forwarded-For that is not itself a trusted proxy (the one the first trusted hop saw). A client can
+    prepend anything to that header, so nothing left of the first untrusted hop is believed."""
+    peer = request.client.host if request.client else "unknown"
+    if not _trusted(peer, trusted_proxies):
+        return peer
+    hops = [h.strip() for h in request.headers.get("x-forwarded-for", "").split(",") if h.strip()]
+    for hop in reversed(hops):
+        if not _trusted(hop, trusted_proxies):
+            return hop
+    return hops[0] if hops else peer
+
+
+def client_id(request: Request, *, verified_keys: bool, trusted_proxies: Networks = ()) -> str:
+    """The budget's key: a digest of the bearer key when keys are configured (so the key was verified
+    before this runs), else the client's address. An unverified token is never a key: a fresh random
+    token per request would otherwise get a fresh budget."""
     header = request.headers.get("authorization", "")
-    if header.lower().startswith("bearer "):
+    if verified_keys and header.lower().startswith("bearer "):
         return "key:" + hashlib.sha256(header[7:].strip().encode()).hexdigest()[:16]
-    return "addr:" + (request.client.host if request.client else "unknown")
+    return "addr:" + client_address(request, trusted_proxies)
 
 
 class QueryBudget:

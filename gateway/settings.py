@@ -7,7 +7,9 @@ factory receives a built ``GatewaySettings`` and never reads the environment its
 
 from __future__ import annotations
 
+import ipaddress
 import os
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -90,6 +92,11 @@ class GatewaySettings(BaseSettings):
         None, gt=0, description="Per-client budget (API key, else address) in rows/s; beyond it 429. Off by default."
     )
     query_budget_burst: int = Field(1024, ge=1, description="Rows a client may send at once within its budget.")
+    trusted_proxies: Annotated[tuple[str, ...], NoDecode] = Field(
+        (),
+        description="Comma-separated addresses or networks (CIDR) of proxies whose X-Forwarded-For is believed "
+        "when keying query budgets by address; empty: the peer's address.",
+    )
 
     # --- runtime ---------------------------------------------------------------------------
     require_gpu: bool = Field(False, description="Stay not-ready unless ONNX Runtime runs on CUDA.")
@@ -106,6 +113,18 @@ class GatewaySettings(BaseSettings):
         SecretStr(DEFAULT_NOISE_SECRET),
         description="Key of the per-row HMAC that seeds the defense's randomness.",
     )
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _split_proxies(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = tuple(p.strip() for p in value.split(",") if p.strip())
+        for p in value if isinstance(value, tuple | list) else ():
+            try:
+                ipaddress.ip_network(p, strict=False)
+            except ValueError:
+                raise ValueError(f"GATEWAY_TRUSTED_PROXIES: {p!r} is not an address or a CIDR network") from None
+        return value
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -145,6 +164,11 @@ class GatewaySettings(BaseSettings):
     def defense_overrides(self) -> dict[str, Any]:
         """The chosen defense's parameter overrides: GATEWAY_DEFENSE_PARAMS__* and GATEWAY_<DEFENSE>_<PARAM>."""
         return dict(self.defense_params)
+
+    @cached_property
+    def proxy_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        """``trusted_proxies`` parsed once."""
+        return tuple(ipaddress.ip_network(p, strict=False) for p in self.trusted_proxies)
 
     def all_api_keys(self) -> tuple[bytes, ...]:
         """Configured keys (environment plus file), as bytes for constant-time comparison."""

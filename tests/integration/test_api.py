@@ -310,6 +310,17 @@ async def test_shutdown_drains_and_readiness_reports_it(tiny_bundle: Path) -> No
     assert all(t.result().status_code == 200 for t in inflight)
 
 
+async def test_fresh_tokens_do_not_bypass_the_budget_without_keys(tiny_bundle: Path) -> None:
+    """No GATEWAY_API_KEYS: a random bearer token per request is still the same client (its address)."""
+    settings = make_settings(tiny_bundle, query_budget_rows_per_s=0.001, query_budget_burst=4)
+    async with serving(settings, FakeRunner()) as (client, _):
+        codes = []
+        for i in range(4):
+            r = await client.post("/predict", json={"instances": rows(2)}, headers={"Authorization": f"Bearer {i}"})
+            codes.append(r.status_code)
+    assert codes == [200, 200, 429, 429]
+
+
 async def test_query_budget_is_per_client_and_429(tiny_bundle: Path) -> None:
     settings = make_settings(tiny_bundle, api_keys="k1,k2", query_budget_rows_per_s=0.001, query_budget_burst=4)
     async with serving(settings, FakeRunner()) as (client, _):

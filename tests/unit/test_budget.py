@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
+import ipaddress
 
-from gateway.auth import QueryBudget
+import pytest
+from starlette.requests import Request
+
+from gateway.auth import QueryBudget, client_address, client_id
 from gateway.errors import TooManyRequests
 
 
@@ -35,3 +38,30 @@ def test_bounded_number_of_clients() -> None:
     for c in "abcd":
         b.charge(c, 1, now=0.0)
     b.charge("a", 1, now=0.0)  # "a" was dropped as least recently used: a full bucket again
+
+
+def _request(peer: str, headers: dict[str, str]) -> Request:
+    raw = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    return Request({"type": "http", "method": "POST", "path": "/predict", "headers": raw, "client": (peer, 5000)})
+
+
+def test_unverified_tokens_never_key_a_budget() -> None:
+    """Without configured keys a bearer token is unverified: every token from one address is one client."""
+    ids = {client_id(_request("198.51.100.7", {"Authorization": f"Bearer {i}"}), verified_keys=False)
+           for i in range(20)}  # fmt: skip
+    assert ids == {"addr:198.51.100.7"}
+    keyed = {client_id(_request("198.51.100.7", {"Authorization": f"Bearer k{i % 2}"}), verified_keys=True)
+             for i in range(4)}  # fmt: skip
+    assert len(keyed) == 2 and all(k.startswith("key:") for k in keyed)
+
+
+def test_forwarded_address_only_from_trusted_proxies() -> None:
+    proxies = (ipaddress.ip_network("10.0.0.0/8"),)
+    spoofed = {"X-Forwarded-For": "203.0.113.9"}
+    assert client_address(_request("198.51.100.7", spoofed), proxies) == "198.51.100.7"  # not a proxy: ignored
+    assert client_address(_request("10.1.2.3", spoofed), proxies) == "203.0.113.9"
+    # a client prepends a fake hop; the trusted ingress appended the real one: the right-most untrusted wins
+    chain = {"X-Forwarded-For": "1.2.3.4, 203.0.113.9, 10.9.9.9"}
+    assert client_address(_request("10.1.2.3", chain), proxies) == "203.0.113.9"
+    assert client_address(_request("10.1.2.3", {}), proxies) == "10.1.2.3"
+    assert client_address(_request("10.1.2.3", spoofed)) == "10.1.2.3"  # no trusted proxies configured
