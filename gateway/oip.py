@@ -22,9 +22,15 @@ def _check_model(state: GatewayState, model: str, version: str | None = None) ->
     manifest = state.bundle.manifest if state.bundle is not None else None
     if manifest is None or model != manifest.name:
         served = manifest.name if manifest else "none yet"
-        raise ModelNotFound(f"unknown model {model!r}; this gateway serves {served!r}")
+        raise ModelNotFound(f"unknown model {_short(model)}; this gateway serves {served!r}")
     if version is not None and version != manifest.version:
-        raise ModelNotFound(f"unknown version {version!r} of {model!r}; the served version is {manifest.version!r}")
+        raise ModelNotFound(f"unknown version {_short(version)} of {_short(model)}; the served version is "
+                            f"{manifest.version!r}")  # fmt: skip
+
+
+def _short(name: str, limit: int = 64) -> str:
+    """A client-supplied name for an error message: quoted, and cut so a 404 cannot echo kilobytes back."""
+    return repr(name) if len(name) <= limit else repr(name[:limit]) + f"… ({len(name)} characters)"
 
 
 async def server_metadata(request: Request) -> Response:

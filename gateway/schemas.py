@@ -42,9 +42,26 @@ async def read_json(request: Request, max_bytes: int) -> Any:
     if not body:
         raise ClientError("the body is empty; send a JSON object")
     try:
-        return orjson.loads(body)
+        parsed = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise ClientError(f"malformed JSON: {exc}") from None
+    # NumPy reads a boolean next to numbers as 1.0 or 0.0; refuse it instead. Only bodies that contain a
+    # JSON boolean at all are walked, so ordinary requests pay one byte search.
+    if (b"true" in body or b"false" in body) and _mixes_booleans(parsed):
+        raise ClientError("an array mixes booleans with numbers; send numbers only (e.g. 1 and 0)")
+    return parsed
+
+
+def _mixes_booleans(value: Any) -> bool:
+    """Whether any array in ``value`` holds booleans next to non-booleans."""
+    if isinstance(value, dict):
+        return any(_mixes_booleans(v) for v in value.values())
+    if not isinstance(value, list):
+        return False
+    if value and isinstance(value[0], list | dict):
+        return any(_mixes_booleans(v) for v in value)
+    kinds = {isinstance(v, bool) for v in value}
+    return kinds == {True, False}
 
 
 def as_matrix(value: Any, *, width: int, max_rows: int, field: str, shape: tuple[int, int] | None = None) -> np.ndarray:

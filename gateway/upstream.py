@@ -113,16 +113,23 @@ class UpstreamRunner:
             if self.protocol == "oip":
                 outputs = body["outputs"]
                 out = next(o for o in outputs if o["name"] == self.output_field) if self.output_field else outputs[0]
-                data = np.asarray(out["data"], dtype=np.float64).reshape(out["shape"])
+                data = np.asarray(out["data"]).reshape(out["shape"])
             else:
-                data = np.asarray(body[self.output_field], dtype=np.float64)
+                data = np.asarray(body[self.output_field])
         except (KeyError, IndexError, StopIteration, TypeError, ValueError):
             field = self.output_field or "outputs[0]"
             raise UpstreamError(f"the upstream answer has no usable `{field}` tensor; "
                                 "check GATEWAY_UPSTREAM_OUTPUT_FIELD") from None  # fmt: skip
+        if data.dtype.kind not in "iuf":  # strings, booleans or nulls: a protocol fault, never coerced
+            raise UpstreamError("the upstream returned non-finite or non-numeric values (nulls, strings or booleans "
+                                "in the tensor)")  # fmt: skip
         if data.shape != (rows, self.classes):
             raise UpstreamError(f"the upstream returned shape {list(data.shape)}, expected [{rows}, {self.classes}] "
                                 "(the manifest's class count)")  # fmt: skip
         if not np.isfinite(data).all():
             raise UpstreamError("the upstream returned non-finite values")
-        return data.astype(np.float32)
+        with np.errstate(over="ignore"):
+            out32 = data.astype(np.float32)
+        if not np.isfinite(out32).all():
+            raise UpstreamError("the upstream returned values outside the float32 range")
+        return out32

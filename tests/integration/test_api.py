@@ -82,6 +82,7 @@ async def test_concurrent_requests_are_batched_and_answered_in_order(tiny_bundle
         (json.dumps({"instances": [["a"] * WIDTH]}).encode(), 400, "only numbers"),
         (json.dumps({"instances": [[None] * WIDTH]}).encode(), 400, "only numbers"),
         (json.dumps({"instances": [[True] * WIDTH]}).encode(), 400, "only numbers"),
+        (json.dumps({"instances": [[True] + [0.5] * (WIDTH - 1)]}).encode(), 400, "mixes booleans"),
         (json.dumps({"instances": [[1e39] * WIDTH]}).encode(), 400, "non-finite"),
         (b'{"instances": [[' + b",".join([b"1e400"] * WIDTH) + b"]]}", 400, "infinity"),
         (b'{"instances": [[NaN' + b",0" * (WIDTH - 1) + b"]]}", 400, "malformed JSON"),
@@ -211,6 +212,10 @@ async def test_unknown_model_route_and_method(tiny_bundle: Path) -> None:
             ) or "version" in r.json()["error"]
         r = await client.get("/nope")
         assert r.status_code == 404 and "no route" in r.json()["error"]
+        long_name = "m" * 8000
+        for path in (f"/v2/models/{long_name}", f"/v2/models/tiny/versions/{long_name}/infer"):
+            r = await client.request("GET" if path.endswith(long_name) else "POST", path, json=_oip(rows(1)))
+            assert r.status_code == 404 and len(r.content) < 300 and "8000 characters" in r.json()["error"]
         r = await client.get("/predict")
         assert r.status_code == 405 and "not allowed" in r.json()["error"]
 

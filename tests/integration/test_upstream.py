@@ -51,12 +51,19 @@ class Upstream:
             z = z[:, :-1]
         if self.mode == "nan":
             z[0, 0] = np.nan
+        z = z.astype(np.float64)
+        if self.mode == "huge":
+            z[0, 0] = 1e300  # finite in JSON, outside float32
+
+        def value(v: float) -> Any:
+            return None if np.isnan(v) else (str(float(v)) if self.mode == "strings" else float(v))
+
         if path.startswith("/v2/models/"):
             name = "logits" if self.mode != "missing" else "other"
             out = {"outputs": [{"name": name, "shape": list(z.shape), "datatype": "FP32",
-                                "data": [None if np.isnan(v) else float(v) for v in z.ravel()]}]}  # fmt: skip
+                                "data": [value(v) for v in z.ravel()]}]}  # fmt: skip
         else:
-            out = {"predictions": [[None if np.isnan(v) else float(v) for v in r] for r in z]}
+            out = {"predictions": [[value(v) for v in r] for r in z]}
         return 200, json.dumps(out).encode()
 
 
@@ -129,6 +136,8 @@ async def test_retries_then_succeeds(tiny_bundle: Path, upstream: Any) -> None:
         ("not_json", 502, "not JSON"),
         ("wrong_shape", 502, f"expected [1, {CLASSES}]"),
         ("nan", 502, "non-finite"),
+        ("huge", 502, "float32 range"),
+        ("strings", 502, "non-numeric"),
         ("missing", 502, "no usable"),
     ],
 )
