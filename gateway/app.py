@@ -93,8 +93,7 @@ def _build(state: GatewayState, runner_factory: RunnerFactory) -> Pipeline:
     manifest = bundle.manifest
     runner = runner_factory(bundle, settings)
     device = torch.device("cuda") if runner.provider == CUDA and torch.cuda.is_available() else torch.device("cpu")
-    overrides = settings.defense_overrides()
-    defense = create_defense(settings.defense, bundle, overrides, device)
+    defense = create_defense(settings.defense, bundle, dict(settings.defense_params), device)
     keyer = None
     if defense.randomized:
         if settings.uses_default_secret() and not settings.development:

@@ -161,10 +161,6 @@ class GatewaySettings(BaseSettings):
         """Demo mode is the only development mode: it permits the default noise secret."""
         return self.demo
 
-    def defense_overrides(self) -> dict[str, Any]:
-        """The chosen defense's parameter overrides: GATEWAY_DEFENSE_PARAMS__* and GATEWAY_<DEFENSE>_<PARAM>."""
-        return dict(self.defense_params)
-
     @cached_property
     def proxy_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
         """``trusted_proxies`` parsed once."""

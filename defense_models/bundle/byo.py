@@ -31,7 +31,9 @@ def _rows(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
         return X.astype(np.float32).reshape(len(X), -1), None if y is None else y.astype(np.int64)
 
 
-def run_onnx(model: Path, X: np.ndarray) -> tuple[np.ndarray, str, str]:
+def run_onnx(model: Path, *row_sets: np.ndarray) -> tuple[list[np.ndarray], str, str]:
+    """The user's model on each set of rows [N, D], one session for all -> (outputs [N, C] each, input and
+    output names)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -43,9 +45,9 @@ def run_onnx(model: Path, X: np.ndarray) -> tuple[np.ndarray, str, str]:
     batch = inputs[0].shape[0]
     if isinstance(batch, int) and batch != -1:
         raise ValueError(f"{model.name} has a fixed batch size {batch}; export it with a dynamic batch axis")
-    out = np.concatenate([session.run([outputs[0].name], {inputs[0].name: X[i : i + 1024]})[0]
-                          for i in range(0, len(X), 1024)])  # fmt: skip
-    return out.astype(np.float32), inputs[0].name, outputs[0].name
+    outs = [np.concatenate([session.run([outputs[0].name], {inputs[0].name: X[i : i + 1024]})[0]
+                            for i in range(0, len(X), 1024)]).astype(np.float32) for X in row_sets]  # fmt: skip
+    return outs, inputs[0].name, outputs[0].name
 
 
 def _probabilities(z: np.ndarray, output_kind: str) -> torch.Tensor:
@@ -73,8 +75,7 @@ def export_user_model(
     X_out, y_out = _rows(nonmembers)
     if X_in.shape[1] != X_out.shape[1]:
         raise ValueError(f"member rows have {X_in.shape[1]} features, non-member rows {X_out.shape[1]}")
-    z_in, input_name, output_name = run_onnx(model, X_in)
-    z_out, _, _ = run_onnx(model, X_out)
+    (z_in, z_out), input_name, output_name = run_onnx(model, X_in, X_out)
     if z_in.ndim != 2 or not np.isfinite(z_in).all() or not np.isfinite(z_out).all():
         raise ValueError(f"{model.name} must return finite [B, C] outputs")
     p_in, p_out = _probabilities(z_in, output_kind), _probabilities(z_out, output_kind)

@@ -27,6 +27,7 @@ from gateway.artifacts import DefenseQuality, SelfAuditRow
 from gateway.defenses import Defense
 from gateway.defenses.aeppt import Aeppt
 from gateway.defenses.memguard import MemGuard
+from gateway.defenses.simplex import logits_from_probs
 from gateway.pipeline import release_vectors
 
 #: The classifier must tell held-out members from non-members at least this well to be worth serving.
@@ -84,7 +85,7 @@ def _flag_accuracy(flags: np.ndarray, n_in: int) -> float:
 
 def _phase_one_success(defense: MemGuard, probs: np.ndarray) -> float:
     p = torch.from_numpy(probs)
-    phase = defense.phase_one(torch.log(p.clamp_min(1e-30)).float(), p.argmax(1))
+    phase = defense.phase_one(logits_from_probs(p).float(), p.argmax(1))
     needed = (torch.sigmoid(phase.h0.double()) - 0.5).abs() > 1e-5  # rows Phase I had to move
     return float(phase.has_noise[needed].double().mean()) if needed.any() else 1.0
 

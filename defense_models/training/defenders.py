@@ -33,6 +33,7 @@ from torch import nn
 
 from defense_models.training.loop import FitConfig, fit
 from gateway.defenses.classifier import AepptSubstitute, MemGuardClassifier
+from gateway.defenses.simplex import logits_from_probs
 
 #: MemGuard's recipe [code train_defense_model_defensemodel.py]: BCE, SGD lr 0.001, batch 64, 400 epochs.
 MEMGUARD_FIT = FitConfig(epochs=400, batch_size=64, lr=0.001, optimizer="sgd")
@@ -134,7 +135,7 @@ class _Standardized(nn.Module):
 
 def _tempered(probs: torch.Tensor, temperatures: tuple[float, ...]) -> torch.Tensor:
     """probs [N, C] followed by softmax(log probs / T) for each T: [N·(1 + len(T)), C]."""
-    logp = torch.log(probs.double().clamp_min(1e-30))
+    logp = logits_from_probs(probs.double())
     return torch.cat([probs.double(), *(torch.softmax(logp / t, dim=1) for t in temperatures)])
 
 

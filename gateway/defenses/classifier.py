@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -23,8 +23,7 @@ class MemGuardClassifier(nn.Module):
 
     ``log_floor`` > 0 (a buffer, saved with the weights) makes the first layer read log(s + floor)
     instead of s: the features of the opt-in ``saturated`` defender's recipe, which resolve the tail
-    probabilities of extremely saturated targets. 0 (the original, and every bundle written before it existed)
-    reads s itself.
+    probabilities of extremely saturated targets. 0 (the original) reads s itself.
     """
 
     HIDDEN = (256, 128, 64)
@@ -41,10 +40,6 @@ class MemGuardClassifier(nn.Module):
             nn.init.zeros_(layer.bias)
         self.layers = nn.ModuleList(linear)
         self.register_buffer("log_floor", torch.tensor(float(log_floor)))
-
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        state_dict.setdefault(prefix + "log_floor", torch.tensor(0.0))  # weights saved before the buffer existed
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def features(self, probs: torch.Tensor) -> torch.Tensor:
         """What the first layer reads: s, or log(s + floor). [N, C] -> [N, C]"""
