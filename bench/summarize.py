@@ -46,6 +46,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep", type=Path)
     parser.add_argument("--extra", type=Path, action="append", default=[])
+    parser.add_argument("--by-view", action="store_true",
+                        help="a column per attacker view (its best confidence-based attack) and the cost to users")
     args = parser.parse_args()
     rows = [r.model_dump() for r in read(Sweep, args.sweep).rows]
     for extra in args.extra:
@@ -53,6 +55,9 @@ def main() -> None:
         for r in rows:
             if r["setting"] in by_label:
                 r["attacks"].update(by_label[r["setting"]].attacks)
+    if args.by_view:
+        by_view(rows)
+        return
     print("| setting | test acc. | label loss | mean L1 | floor | NN, shadow / adaptive | best vector attack, "
           "shadow | best vector attack, other views | LiRA | label-only | max TPR@0.1% FPR |")  # fmt: skip
     print("|---|---:|---:|---:|---:|---:|---|---|---|---|---:|")
@@ -65,6 +70,31 @@ def main() -> None:
                                                          "label-only")]  # fmt: skip
         print(f"| {r['setting']} | {r['test_accuracy']:.3f} | {r['label_loss']:.3f} | {r['mean_l1']:.3f} | "
               f"{r['label_only_floor']:.3f} | {nn} | " + " | ".join(cells) + f" | {tpr:.3f} |")  # fmt: skip
+
+
+VIEW_COLUMNS = ("shadow", "adaptive", "flipped", "known", "repeated", "reference")
+
+
+def by_view(rows: list[dict[str, Any]]) -> None:
+    """Per setting: the best confidence-based attack in each view (LiRA: "reference"), the worst of them next
+    to the floor, the largest TPR at 0.1% FPR, and what the released vectors cost users."""
+    print("| setting | floor | " + " | ".join("LiRA" if v == "reference" else v for v in VIEW_COLUMNS)
+          + " | worst − floor | max TPR@0.1% | top-5 acc. | ECE (undefended) | NLL (undefended) | near repeats | "
+          "mean L1 |")  # fmt: skip
+    print("|---|---:|" + "---:|" * (len(VIEW_COLUMNS) + 7))
+    for r in rows:
+        a, u = r["attacks"], r["utility"] or {}
+        confidence = {k: v for k, v in a.items() if not k.endswith("/gap")}
+        best = {v: max((x["balanced_accuracy"] for k, x in confidence.items() if k.startswith(v + "/")), default=None)
+                for v in VIEW_COLUMNS}  # fmt: skip
+        worst = max((b for b in best.values() if b is not None), default=r["label_only_floor"])
+        tpr = max((x["tpr_at_01pct_fpr"] for x in confidence.values()), default=0.0)
+        cells = ["—" if best[v] is None else f"{best[v]:.3f}" for v in VIEW_COLUMNS]
+        cost = (f"{u.get('top5_accuracy', 0):.3f} | {u.get('ece', 0):.3f} ({u.get('undefended_ece', 0):.3f}) | "
+                f"{u.get('nll', 0):.2f} ({u.get('undefended_nll', 0):.2f})")  # fmt: skip
+        near = "—" if u.get("near_repeats_identical") is None else f"{u['near_repeats_identical']:.0%}"
+        tail = f" | {worst - r['label_only_floor']:+.3f} | {tpr:.1%} | {cost} | {near} | {r['mean_l1']:.3f} |"
+        print(f"| {r['setting']} | {r['label_only_floor']:.3f} | " + " | ".join(cells) + tail)
 
 
 if __name__ == "__main__":

@@ -113,6 +113,9 @@ def _build(state: GatewayState, runner_factory: RunnerFactory) -> Pipeline:
         metrics=state.metrics,
         keyer=keyer,
         device=device,
+        features=manifest.input.width,
+        noise_key=settings.noise_key,
+        noise_key_grid=settings.noise_key_grid,
     )
 
 
@@ -228,6 +231,10 @@ class GatewayRuntime:
                  m.input.width, m.output.classes, m.output.kind, runner.provider, defense.name,
                  defense.params())  # fmt: skip
         log_defense_quality(m, defense.name, defense.params())
+        if defense.randomized:
+            key = state.settings.noise_key
+            log.info("randomness keyed per row by its %s", f"clean output on a {state.settings.noise_key_grid:g} "
+                     "grid (near-duplicates share a draw)" if key == "output" else "exact input bytes")  # fmt: skip
         if state.settings.require_gpu and not state.gpu_ok:
             log.error("GATEWAY_REQUIRE_GPU=true but the provider is %s: readiness stays 503", runner.provider)
 

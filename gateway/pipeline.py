@@ -16,8 +16,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from gateway.defenses.base import Defense
-from gateway.defenses.keyed import DIGEST_BYTES, RowKeyer
+from gateway.defenses.base import Defense, ModelBound, Predict
+from gateway.defenses.keyed import DIGEST_BYTES, OUTPUT_KEY_GRID, RowKeyer, output_key_rows
 from gateway.defenses.simplex import logits_from_probs, one_hot, row_violations
 from gateway.metrics import GatewayMetrics
 from gateway.runner import ModelRunner
@@ -72,14 +72,21 @@ def defend_batch(
     return Defended(released, bad, label_changed)
 
 
-def release_vectors(defense: Defense, probs: np.ndarray, *, secret: bytes, context: bytes = b"offline") -> np.ndarray:
+def release_vectors(
+    defense: Defense, probs: np.ndarray, *, secret: bytes, context: bytes = b"offline",
+    model: tuple[Predict, int] | None = None, grid: float = OUTPUT_KEY_GRID,
+) -> np.ndarray:  # fmt: skip
     """Offline: probs [N, C] (clean softmax) -> what the gateway would release [N, C] float64.
 
-    Keys come from the rows themselves under ``secret`` (an attacker's copy uses its own secret);
-    rows that break an invariant get the label-only vector, as with ``GATEWAY_ON_DEFENSE_ERROR=label_only``.
+    Keys come from the rows' quantized outputs under ``secret``, as the gateway's default output keys (an
+    attacker's copy uses its own secret); ``model`` (predict, features) is bound to a ``ModelBound``
+    defense first. Rows that break an invariant get the label-only vector, as with
+    ``GATEWAY_ON_DEFENSE_ERROR=label_only``.
     """
+    if model is not None and isinstance(defense, ModelBound):
+        defense.bind_model(*model)
     p = torch.from_numpy(np.ascontiguousarray(probs, dtype=np.float64))  # [N, C]
-    keys = torch.from_numpy(RowKeyer(secret, context).digests(p.numpy()))  # [N, 32]
+    keys = torch.from_numpy(RowKeyer(secret, context).digests(output_key_rows(p.numpy(), grid)))  # [N, 32]
     labels = p.argmax(dim=1)
     out = defend_batch(defense, p, logits_from_probs(p).float(), keys, labels)
     return torch.where(out.bad[:, None], one_hot(labels, p.shape[1]), out.released).numpy()
@@ -97,9 +104,16 @@ class Pipeline:
         metrics: GatewayMetrics,
         keyer: RowKeyer | None,
         device: torch.device,
+        features: int = 0,
+        noise_key: Literal["output", "input"] = "output",
+        noise_key_grid: float = OUTPUT_KEY_GRID,
     ) -> None:
         if defense.randomized and keyer is None:
             raise ValueError(f"defense {defense.name!r} is randomized and needs a RowKeyer")
+        if isinstance(defense, ModelBound):
+            if features < 1:
+                raise ValueError(f"defense {defense.name!r} runs the model and needs the input width")
+            defense.bind_model(self._reference_probs, features)
         self.runner = runner
         self.defense = defense
         self.classes = classes
@@ -108,6 +122,8 @@ class Pipeline:
         self.metrics = metrics
         self.keyer = keyer
         self.device = device
+        self.noise_key = noise_key
+        self.noise_key_grid = noise_key_grid
 
     def __call__(self, x: np.ndarray) -> BatchOutput:
         """x[B, D] float32, already validated -> BatchOutput."""
@@ -116,11 +132,7 @@ class Pipeline:
         self.metrics.model_inference.observe(time.perf_counter() - t0)
         probs, logits, model_ok = self._clean(raw, x.shape[0])
         labels = probs.argmax(dim=1)  # [B], first index on ties
-        keys = (
-            torch.from_numpy(self.keyer.digests(x))  # [B, 32] uint8
-            if self.keyer is not None and self.defense.randomized
-            else torch.empty((x.shape[0], DIGEST_BYTES), dtype=torch.uint8)
-        )
+        keys = self._keys(x, probs)  # [B, 32] uint8
         t1 = time.perf_counter()
         defended = defend_batch(self.defense, probs, logits, keys, labels)
         if self.device.type == "cuda":
@@ -134,6 +146,19 @@ class Pipeline:
         l1 = (released - probs).abs().sum(dim=1).cpu().numpy()  # [B]
         self._record(out, bad.cpu().numpy(), l1, int((defended.label_changed & model_ok).sum()))
         return out
+
+    def _keys(self, x: np.ndarray, probs: torch.Tensor) -> torch.Tensor:
+        """x [B, D], clean probs [B, C] -> digests [B, 32] uint8 of the quantized output (or of the input)."""
+        if self.keyer is None or not self.defense.randomized:
+            return torch.empty((x.shape[0], DIGEST_BYTES), dtype=torch.uint8)
+        rows = output_key_rows(probs.cpu().numpy(), self.noise_key_grid) if self.noise_key == "output" else x
+        return torch.from_numpy(self.keyer.digests(rows))
+
+    def _reference_probs(self, x: np.ndarray) -> np.ndarray:
+        """For a ``ModelBound`` defense: x [B, D] -> clean probabilities [B, C] float64 (non-finite rows: NaN, so
+        the rows they feed fail their invariants and are never released)."""
+        probs, _, ok = self._clean(self.runner.run(np.ascontiguousarray(x, dtype=np.float32)), x.shape[0])
+        return torch.where(ok[:, None], probs, torch.full_like(probs, float("nan"))).cpu().numpy()
 
     def _clean(self, raw: np.ndarray, B: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The model's outputs [B, C] -> (clean probs [B, C] float64, logits [B, C] float32, finite rows [B]).

@@ -113,6 +113,14 @@ class GatewaySettings(BaseSettings):
         SecretStr(DEFAULT_NOISE_SECRET),
         description="Key of the per-row HMAC that seeds the defense's randomness.",
     )
+    noise_key: Literal["output", "input"] = Field(
+        "output",
+        description="What keys a row's randomness: its clean output quantized to GATEWAY_NOISE_KEY_GRID "
+        "(near-duplicate inputs share it) or its exact input bytes (only exact repeats share it).",
+    )
+    noise_key_grid: float = Field(
+        0.02, gt=0, le=1, description="Cell width of the output key: outputs in one cell share a draw."
+    )
 
     @field_validator("trusted_proxies", mode="before")
     @classmethod

@@ -213,3 +213,32 @@ def keys_for(x: np.ndarray | torch.Tensor, secret: bytes = b"test-secret", conte
 
     arr = x.numpy() if isinstance(x, torch.Tensor) else x
     return torch.from_numpy(RowKeyer(secret, context).digests(arr))
+
+
+# --- rank-preserving defenses -----------------------------------------------------------------------
+def softmax_rows(n: int, classes: int, seed: int, scale: float = 3.0) -> torch.Tensor:
+    z = torch.randn(n, classes, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale
+    return torch.softmax(z, dim=1)
+
+
+def template_defense(classes: int, per_class: bool = True) -> Any:
+    from gateway.defenses.rank import RankTemplate, RankTemplateParams, build_templates
+
+    return RankTemplate(
+        build_templates(softmax_rows(400, classes, seed=classes)),
+        RankTemplateParams(per_class=per_class),
+        torch.device("cpu"),
+    )
+
+
+def hamp_defense(classes: int, features: int = 6, inputs: str = "binary") -> Any:
+    from gateway.defenses.rank import Hamp, HampParams
+
+    W = np.random.default_rng(classes).normal(size=(features, classes)) * 4
+
+    def predict(X: np.ndarray) -> np.ndarray:
+        return torch.softmax(torch.from_numpy(X.astype(np.float64) @ W), dim=1).numpy()
+
+    defense = Hamp(HampParams(inputs=inputs), torch.device("cpu"))  # type: ignore[arg-type]
+    defense.bind_model(predict, features)
+    return defense

@@ -56,9 +56,10 @@ def lira(config: AuditConfig, sets: Sets, released: Arrays,
     X, y = sets.data.X[pool], sets.data.y[pool]
     phi, masks = [], []
     for model, meta in tqdm(refs, desc="LiRA references", disable=not config.progress, leave=False):
-        p = softmax_predict(model.eval())(X)
-        if defend is not None:  # the adaptive attacker defends its reference outputs too
-            p = defend(p)
+        predict = softmax_predict(model.eval())
+        p = predict(X)
+        if defend is not None:  # the adaptive attacker defends its reference outputs too (with that model)
+            p = defend(p, model=predict)
         phi.append(logit_confidence(p, y)[idx])
         masks.append(np.asarray(meta["in_mask"], bool)[idx])
     phi_refs, in_refs = np.stack(phi), np.stack(masks)  # [K, N_members + N_nonmembers]

@@ -35,7 +35,17 @@ from defense_models.audit.config import VIEWS, AuditConfig
 from defense_models.audit.predictors import GatewayPredictor, Predictor, RawOnnxPredictor
 from defense_models.audit.queries import label_only_attack, lira
 from defense_models.audit.schema import AttackerData, AttackResult, AuditReport, BestAttack, Summary
-from defense_models.audit.scoring import accuracy, auc, gap_floor, l1_stats, label_loss, score_attack
+from defense_models.audit.scoring import (
+    accuracy,
+    auc,
+    expected_calibration_error,
+    gap_floor,
+    l1_stats,
+    label_loss,
+    negative_log_likelihood,
+    score_attack,
+    top_k_accuracy,
+)
 from defense_models.audit.views import Arrays, AttackerDefense, Sets, View, build_views, per_class, softmax_predict
 from defense_models.training.data import Split, load_dataset
 from defense_models.training.loop import FitConfig, fit
@@ -63,7 +73,7 @@ class _Queried:
 
     released: Arrays
     views: dict[str, View]
-    repeat_proof: float | None
+    repeats: tuple[float, float] | None  # share answered identically: exact repeats, jittered copies
     attacker: AttackerData
     results: dict[str, AttackResult] = field(default_factory=dict)
     scores: dict[str, Arrays] = field(default_factory=dict)
@@ -149,6 +159,15 @@ def _attacker_records(config: AuditConfig, sets: Sets, predictor: Predictor) -> 
     return AttackerData(**records.summary(config.attacker_data), params=config.attacker_data_params)
 
 
+def _repeats_identical(config: AuditConfig, predictor: Predictor, X: np.ndarray,
+                       answered: np.ndarray) -> tuple[float, float]:  # fmt: skip
+    """The same queries again, then copies jittered by ±``jitter``: the share answered exactly as before."""
+    rng = np.random.default_rng(config.seed + 2)
+    jittered = (X + rng.uniform(-config.jitter, config.jitter, X.shape)).astype(np.float32)
+    exact, near = (float((np.abs(predictor.predict(Q) - answered).max(axis=1) == 0).mean()) for Q in (X, jittered))
+    return exact, near
+
+
 def _query(config: AuditConfig, bundle: Bundle, sets: Sets, clean: Arrays, raw: RawOnnxPredictor,
            defend: AttackerDefense | None) -> _Queried:  # fmt: skip
     """Everything that needs the target: released vectors, repeats, attacker data, views, label-only attacks."""
@@ -156,15 +175,11 @@ def _query(config: AuditConfig, bundle: Bundle, sets: Sets, clean: Arrays, raw: 
     try:
         (X_in, _), (X_out, _) = sets.rows("target_train"), sets.rows("eval_nonmember")
         released = clean if predictor is raw else (predictor.predict(X_in), predictor.predict(X_out))
-        repeat_proof = None
-        if predictor is not raw:  # the same queries again: keyed noise must give the same answers
-            again = predictor.predict(X_in[:200])
-            repeat_proof = float((np.abs(again - released[0][:200]).max(axis=1) == 0).mean())
+        repeats = None if predictor is raw else _repeats_identical(config, predictor, X_in[:200], released[0][:200])
         attacker = _attacker_records(config, sets, predictor)
         predict_shadow = softmax_predict(_shadow_model(bundle, sets, config))
-        shadow_p = predict_shadow(sets.rows("shadow_in")[0]), predict_shadow(sets.rows("shadow_out")[0])
-        queried = _Queried(released, build_views(config, predictor, defend, sets, shadow_p, released),
-                           repeat_proof, attacker)  # fmt: skip
+        views = build_views(config, predictor, defend, sets, predict_shadow, released)
+        queried = _Queried(released, views, repeats, attacker)
         for name in config.label_only:
             if (done := label_only_attack(config, name, predictor, predict_shadow, sets, released)) is not None:
                 queried.results[f"label-only/{name}"], queried.scores[f"label-only/{name}"] = done
@@ -232,6 +247,16 @@ def summarize(results: dict[str, AttackResult], floor: float) -> Summary:
     )
 
 
+def _user_cost(released: np.ndarray, clean: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Top-5 accuracy, calibration error and NLL of the released vectors next to the undefended ones."""
+    out = {}
+    for prefix, p in (("", released), ("undefended_", clean)):
+        out[f"{prefix}top5_accuracy"] = top_k_accuracy(p, labels, 5)
+        out[f"{prefix}ece"] = expected_calibration_error(p, labels)
+        out[f"{prefix}nll"] = negative_log_likelihood(p, labels)
+    return out
+
+
 def _report(config: AuditConfig, bundle: Bundle, sets: Sets, clean: Arrays, q: _Queried,
             per_class_acc: dict[str, dict[int, float]], seconds: float) -> AuditReport:  # fmt: skip
     m, released = bundle.manifest, q.released
@@ -251,7 +276,9 @@ def _report(config: AuditConfig, bundle: Bundle, sets: Sets, clean: Arrays, q: _
             "undefended_test_accuracy": accuracy(clean[1], y_out), "label_only_floor": floor,
             "label_loss": label_loss(both_released, both_clean), "l1": l1_stats(both_released, both_clean),
             "l1_members": l1_stats(released[0], clean[0]), "l1_nonmembers": l1_stats(released[1], clean[1]),
-            "exact_repeats_identical": q.repeat_proof,
+            "exact_repeats_identical": q.repeats and q.repeats[0],
+            "near_repeats_identical": q.repeats and q.repeats[1],
+            **_user_cost(released[1], clean[1], y_out),
         },
         "attacks": q.results, "per_class_balanced_accuracy": per_class_acc, "summary": summarize(q.results, floor),
         "sets": {"members": len(y_in), "nonmembers": len(y_out), "shadow_in": len(sets.rows("shadow_in")[1]),

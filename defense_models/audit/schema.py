@@ -63,6 +63,15 @@ class Utility(_Record):
     l1_members: L1Stats
     l1_nonmembers: L1Stats
     exact_repeats_identical: float | None  # share of repeated queries answered bit-identically
+    #: ... and of queries jittered by ±``jitter`` (near-duplicates) answered as the original.
+    near_repeats_identical: float | None = None
+    #: What the defense costs users, on the evaluation non-members against their true labels.
+    top5_accuracy: float | None = None
+    undefended_top5_accuracy: float | None = None
+    ece: float | None = None  # expected calibration error (15 bins)
+    undefended_ece: float | None = None
+    nll: float | None = None  # mean negative log-likelihood
+    undefended_nll: float | None = None
 
 
 class BestAttack(_Record):
@@ -139,6 +148,7 @@ class SweepRow(_Record):
     max_tpr_at_1pct_fpr: float
     max_tpr_at_01pct_fpr: float
     attacks: dict[str, dict[str, float]]  # "view/attack" -> balanced_accuracy, auc, tpr_at_1pct_fpr, tpr_at_01pct_fpr
+    utility: Utility | None = None  # the report's, whole (calibration, top-5, repeats)
 
 
 class Sweep(_Record):

@@ -129,3 +129,27 @@ def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
 def gap_floor(train_accuracy: float, test_accuracy: float) -> float:
     """The label-only floor: the gap attack's balanced accuracy, 0.5 + (train − test)/2 (docs/ALGORITHMS.md §7)."""
     return 0.5 + (train_accuracy - test_accuracy) / 2
+
+
+# --- what a defense costs the model's users (on non-members, against their true labels) -------------
+def top_k_accuracy(probs: np.ndarray, labels: np.ndarray, k: int) -> float:
+    """Share of rows whose true label is among the k largest entries of probs [N, C] (first index on ties)."""
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # [N, k]
+    return float((order == labels[:, None]).any(axis=1).mean())
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    """ECE: Σ_b (n_b / N)·|accuracy_b − mean confidence_b| over equal-width bins of the top probability."""
+    conf = probs.max(axis=1)  # [N]
+    correct = probs.argmax(axis=1) == labels  # [N]
+    which = np.minimum((conf * bins).astype(int), bins - 1)  # [N] bin index
+    total = 0.0
+    for b in np.unique(which):
+        rows = which == b
+        total += rows.mean() * abs(correct[rows].mean() - conf[rows].mean())
+    return float(total)
+
+
+def negative_log_likelihood(probs: np.ndarray, labels: np.ndarray, floor: float = 1e-12) -> float:
+    """Mean −log p[true label], the probability floored at ``floor`` (a zero would make it infinite)."""
+    return float(-np.log(np.maximum(probs[np.arange(len(labels)), labels], floor)).mean())

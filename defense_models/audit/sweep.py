@@ -117,6 +117,7 @@ def _row(setting: Setting, report: AuditReport) -> SweepRow:
         max_tpr_at_01pct_fpr=s.max_tpr_at_01pct_fpr,
         attacks={k: {m: getattr(r, m) for m in ("balanced_accuracy", "auc", "tpr_at_1pct_fpr", "tpr_at_01pct_fpr")}
                  for k, r in report.attacks.items()},
+        utility=u,
     )  # fmt: skip
 
 

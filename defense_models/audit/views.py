@@ -47,18 +47,29 @@ def softmax_predict(model: torch.nn.Module) -> Predict:
 
 
 class AttackerDefense:
-    """The adaptive attacker's own copy of the defense (same bundle and parameters, its own secret)."""
+    """The adaptive attacker's own copy of the defense (same bundle and parameters, its own secret).
+
+    A defense that runs the model (``hamp``) runs the attacker's: ``use_model`` sets its shadow model, and
+    a call may pass another (LiRA's reference models)."""
 
     def __init__(self, bundle: Any, name: str, params: dict[str, Any]) -> None:
         from gateway.defenses import create_defense
 
         self._defense = create_defense(name, bundle, params, torch.device("cpu"))
+        self.features = int(bundle.manifest.input.width)
+        self._model: Predict | None = None
 
-    def __call__(self, probs: np.ndarray, secret: bytes = b"attacker's own secret") -> np.ndarray:
-        """What the gateway's release path makes of these outputs, with the attacker's own secret."""
+    def use_model(self, predict: Predict) -> None:
+        self._model = predict
+
+    def __call__(self, probs: np.ndarray, secret: bytes = b"attacker's own secret",
+                 model: Predict | None = None) -> np.ndarray:  # fmt: skip
+        """What the gateway's release path makes of these outputs (of ``model``, default the shadow model)."""
         from gateway.pipeline import release_vectors
 
-        return release_vectors(self._defense, probs, secret=secret, context=b"shadow")
+        predict = model or self._model
+        bound = None if predict is None else (predict, self.features)
+        return release_vectors(self._defense, probs, secret=secret, context=b"shadow", model=bound)
 
 
 def round_vectors(probs: np.ndarray, decimals: int) -> np.ndarray:
@@ -84,11 +95,12 @@ class View:
 
 
 def build_views(config: AuditConfig, predictor: Predictor, defend: AttackerDefense | None, sets: Sets,
-           shadow_p: Arrays, released: Arrays) -> dict[str, View]:  # fmt: skip
+           shadow: Predict, released: Arrays) -> dict[str, View]:  # fmt: skip
     """view name -> what the attacker trains on, scores and calibrates with."""
     y_sin, y_sout = sets.rows("shadow_in")[1], sets.rows("shadow_out")[1]
     y_in, y_out = sets.data.y[sets.parts["target_train"]], sets.data.y[sets.parts["eval_nonmember"]]
     target = (AttackData(released[0], y_in), AttackData(released[1], y_out))
+    shadow_p = shadow(sets.rows("shadow_in")[0]), shadow(sets.rows("shadow_out")[0])
     views: dict[str, View] = {}
     raw = (AttackData(shadow_p[0], y_sin), AttackData(shadow_p[1], y_sout))
     if "shadow" in config.views:
@@ -103,13 +115,14 @@ def build_views(config: AuditConfig, predictor: Predictor, defend: AttackerDefen
                                "records, scored on the rest")  # fmt: skip
     if defend is None:
         return views
-    views.update(_defense_aware_views(config, predictor, defend, sets, shadow_p, released, raw, target))
+    defend.use_model(shadow)
+    views.update(_defense_aware_views(config, predictor, defend, sets, shadow, shadow_p, released, raw, target))
     return {v: views[v] for v in VIEWS if v in views}  # report in VIEWS order
 
 
 def _defense_aware_views(
-    config: AuditConfig, predictor: Predictor, defend: AttackerDefense, sets: Sets, shadow_p: Arrays,
-    released: Arrays, raw: Pair, target: Pair,
+    config: AuditConfig, predictor: Predictor, defend: AttackerDefense, sets: Sets, shadow: Predict,
+    shadow_p: Arrays, released: Arrays, raw: Pair, target: Pair,
 ) -> dict[str, View]:  # fmt: skip
     """The views that need the attacker's copy of the defense."""
     y_sin, y_sout = raw[0].labels, raw[1].labels
@@ -137,17 +150,21 @@ def _defense_aware_views(
         r = config.repeats
         X_in, X_out = sets.rows("target_train")[0], sets.rows("eval_nonmember")[0]
 
+        def jittered(X: np.ndarray) -> np.ndarray:
+            copies = np.repeat(X, r, axis=0) + rng.uniform(-config.jitter, config.jitter, (len(X) * r, X.shape[1]))
+            return copies.astype(np.float32)  # [N·r, D]
+
         def averaged(X: np.ndarray) -> np.ndarray:
-            jittered = np.repeat(X, r, axis=0) + rng.uniform(-config.jitter, config.jitter, (len(X) * r, X.shape[1]))
-            return predictor.predict(jittered.astype(np.float32)).reshape(len(X), r, -1).mean(axis=1)
+            return predictor.predict(jittered(X)).reshape(len(X), r, -1).mean(axis=1)
 
-        def shadow_averaged(p: np.ndarray) -> np.ndarray:
-            return np.mean([defend(p, secret=f"copy {i}".encode()) for i in range(r)], axis=0)
+        def shadow_averaged(X: np.ndarray) -> np.ndarray:  # the same queries against the attacker's own copy
+            return defend(shadow(jittered(X))).reshape(len(X), r, -1).mean(axis=1)
 
+        (S_in, _), (S_out, _) = sets.rows("shadow_in"), sets.rows("shadow_out")
         views["repeated"] = View(
-            (AttackData(shadow_averaged(shadow_p[0]), y_sin), AttackData(shadow_averaged(shadow_p[1]), y_sout)),
+            (AttackData(shadow_averaged(S_in), y_sin), AttackData(shadow_averaged(S_out), y_sout)),
             (AttackData(averaged(X_in), y_in), AttackData(averaged(X_out), y_out)),
-            f"{r} queries per record, inputs jittered by ±{config.jitter:g} so each copy gets its own noise key",
+            f"{r} queries per record, inputs jittered by ±{config.jitter:g} (each copy a new query), averaged",
         )
     return views
 

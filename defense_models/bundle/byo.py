@@ -82,7 +82,12 @@ def export_user_model(
     labelled = y_in is not None and y_out is not None
     l_in = torch.from_numpy(y_in) if labelled else p_in.argmax(1)
     l_out = torch.from_numpy(y_out) if labelled else p_out.argmax(1)
-    outputs = TargetOutputs(p_in, l_in, p_out, l_out, true_labels=labelled)
+
+    def predict(X: np.ndarray) -> np.ndarray:  # for defenses that run the model (hamp's self-audit)
+        return _probabilities(run_onnx(model, X)[0][0], output_kind).numpy()
+
+    outputs = TargetOutputs(p_in, l_in, p_out, l_out, true_labels=labelled, model=(predict, X_in.shape[1]),
+                            inputs=np.concatenate([X_in, X_out]))  # fmt: skip
     defenders = build_defenders(config, outputs)
     accuracy = AccuracyRecord()
     if labelled:

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
+import numpy as np
 import torch
 
 from defense_models.bundle import quality
@@ -28,8 +29,10 @@ from defense_models.training.defenders import (
 from gateway.artifacts import DefenseEntry, Manifest, SelfAuditRow
 from gateway.defenses import Defense
 from gateway.defenses.aeppt import Aeppt, AepptParams
+from gateway.defenses.base import Predict
 from gateway.defenses.classifier import save_weights
 from gateway.defenses.memguard import MemGuard, MemGuardParams
+from gateway.defenses.rank import Hamp, HampParams, RankTemplate, RankTemplateParams, build_templates
 from gateway.registry import Registry
 
 #: The ε every bundle ships MemGuard with (the largest budget of the published Location curve).
@@ -63,6 +66,17 @@ class TargetOutputs:
     p_out: torch.Tensor
     y_out: torch.Tensor
     true_labels: bool = True
+    #: The target itself (X [B, D] -> probabilities [B, C], and D), for defenses that run it (``hamp``).
+    model: tuple[Predict, int] | None = None
+    #: The defender's input rows, to choose ``hamp``'s random-input distribution (``random_input_params``).
+    inputs: np.ndarray | None = None
+
+
+def random_input_params(X: np.ndarray | None) -> dict[str, Any]:
+    """HAMP's random inputs for rows like X [N, D]: binary when every value is 0 or 1, else uniform over their range."""
+    if X is None or X.size == 0 or np.isin(X, (0.0, 1.0)).all():
+        return {"inputs": "binary"}
+    return {"inputs": "uniform", "low": float(X.min()), "high": float(X.max())}
 
 
 @dataclass(frozen=True)
@@ -78,7 +92,7 @@ class Trained:
     """One defense built on the target's outputs: served as ``defense``, its weights in the bundle."""
 
     defense: Defense
-    weights: bytes
+    weights: bytes | None
     shipped_params: dict[str, Any]  # what the bundle records (the rest take the defense's defaults)
     report: dict[str, Any]  # provenance for the manifest's ``training.defenders``
 
@@ -87,7 +101,9 @@ class DefenderTrainer(Protocol):
     """Trains a served defense's classifier on the target's outputs (register with ``DEFENDERS``)."""
 
     name: ClassVar[str]  # the gateway defense it builds
-    weights_file: ClassVar[str]
+    weights_file: ClassVar[str | None]  # None: the defense ships parameters only
+    #: Whether the quality gate applies (a defense with a member classifier that could be a no-op).
+    gated: ClassVar[bool]
 
     def train(self, config: DefenderConfig, outputs: TargetOutputs, tmp: Path) -> Trained: ...
 
@@ -100,6 +116,7 @@ DEFENDERS = Registry("defender", ())
 class MemGuardTrainer:
     name = "memguard"
     weights_file = "memguard_g.safetensors"
+    gated = True
 
     def train(self, config: DefenderConfig, outputs: TargetOutputs, tmp: Path) -> Trained:
         recipe = DEFENDER_RECIPES[config.recipe].g
@@ -114,6 +131,7 @@ class MemGuardTrainer:
 class AepptTrainer:
     name = "aeppt"
     weights_file = "aeppt_substitute.safetensors"
+    gated = True
 
     def train(self, config: DefenderConfig, outputs: TargetOutputs, tmp: Path) -> Trained:
         o = outputs
@@ -130,6 +148,39 @@ class AepptTrainer:
         return Trained(Aeppt(sub, params, torch.device("cpu")), (tmp / "s").read_bytes(), shipped, report)
 
 
+@DEFENDERS.register
+class RankTemplateTrainer:
+    name = "rank_template"
+    weights_file = RankTemplate.WEIGHTS
+    gated = False
+
+    def train(self, config: DefenderConfig, outputs: TargetOutputs, tmp: Path) -> Trained:
+        from safetensors.torch import save_file
+
+        templates = build_templates(outputs.p_out)
+        save_file({k: v.contiguous() for k, v in templates.items()}, str(tmp / "t"))
+        defense = RankTemplate(templates, RankTemplateParams(), torch.device("cpu"))
+        per_class = int((templates["per_class"] != templates["global"]).any(dim=1).sum())
+        report = {"nonmember_rows": len(outputs.p_out), "classes_with_own_template": per_class}
+        return Trained(defense, (tmp / "t").read_bytes(), {}, report)
+
+
+@DEFENDERS.register
+class HampTrainer:
+    """Nothing to train: it records the random-input distribution that fits the defender's rows."""
+
+    name = "hamp"
+    weights_file = None
+    gated = False
+
+    def train(self, config: DefenderConfig, outputs: TargetOutputs, tmp: Path) -> Trained:
+        params = random_input_params(outputs.inputs)
+        defense = Hamp(HampParams(**params), torch.device("cpu"))
+        if outputs.model is not None:
+            defense.bind_model(*outputs.model)
+        return Trained(defense, None, params, {"inputs": params})
+
+
 def _seeded(recipe: DefenderRecipe, seed: int) -> DefenderRecipe:
     return replace(recipe, fit=replace(recipe.fit, seed=seed))
 
@@ -141,7 +192,7 @@ def _split(o: TargetOutputs, config: DefenderConfig) -> tuple[TargetOutputs, qua
     if min(len(ho_in), len(ho_out)) < 10:
         raise ValueError(f"the quality gate needs at least 10 held-out member and non-member rows; got {len(ho_in)} "
                          f"and {len(ho_out)} (hold out more with --holdout, or bring more rows)")  # fmt: skip
-    train = TargetOutputs(o.p_in[tr_in], o.y_in[tr_in], o.p_out[tr_out], o.y_out[tr_out], o.true_labels)
+    train = replace(o, p_in=o.p_in[tr_in], y_in=o.y_in[tr_in], p_out=o.p_out[tr_out], y_out=o.y_out[tr_out])
     return train, quality.Rows.of(o, ho_in, ho_out)
 
 
@@ -156,10 +207,11 @@ def build_defenders(config: DefenderConfig, outputs: TargetOutputs) -> Defenders
     with tempfile.TemporaryDirectory() as tmp:
         trained = {t.name: t.train(config, train, Path(tmp)) for t in trainers}
     served = {name: t.defense for name, t in trained.items()}
-    gated = quality.enforce({name: quality.measure(d, held) for name, d in served.items()}, config.allow_weak_defense)
-    files = {t.weights_file: trained[t.name].weights for t in trainers}
+    measured = {t.name: quality.measure(served[t.name], held) for t in trainers if t.gated}
+    gated = quality.enforce(measured, config.allow_weak_defense)
+    files = {t.weights_file: w for t in trainers if t.weights_file and (w := trained[t.name].weights) is not None}
     entries = {"none": DefenseEntry()} | {
-        t.name: DefenseEntry(weights=t.weights_file, params=trained[t.name].shipped_params, quality=gated[t.name])
+        t.name: DefenseEntry(weights=t.weights_file, params=trained[t.name].shipped_params, quality=gated.get(t.name))
         for t in trainers
     }
     report = {"recipe": config.recipe, "holdout": config.holdout, "rows": rows,

@@ -216,9 +216,9 @@ def self_audit(
 
 def format_self_audit(rows: list[SelfAuditRow]) -> str:
     """The self-audit as a small table for the summary printed at the end of ``train``/``export``."""
-    lines = ["  defense    best confidence attack      bal. acc (upper)   AUC     floor   mean L1   label loss"]
+    lines = ["  defense        best confidence attack      bal. acc (upper)   AUC     floor   mean L1   label loss"]
     for r in rows:
         floor = "   —  " if r.label_only_floor is None else f"{r.label_only_floor:.3f}"
-        lines.append(f"  {r.defense:<10} {r.best_attack:<27} {r.balanced_accuracy:.3f} ({r.upper_bound:.3f})    "
+        lines.append(f"  {r.defense:<14} {r.best_attack:<27} {r.balanced_accuracy:.3f} ({r.upper_bound:.3f})    "
                      f"{r.auc:.3f}   {floor}   {r.mean_l1:.4f}    {r.label_loss:.3f}")  # fmt: skip
     return "\n".join(lines)

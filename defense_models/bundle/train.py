@@ -136,4 +136,10 @@ def train_defenders(config: TrainConfig, target: torch.nn.Module, members: Pair,
     """Train, gate and self-audit the requested defender's classifiers on the target's outputs."""
     p_in = torch.softmax(predict_logits(target, members[0]).double(), dim=1)  # [N, C]
     p_out = torch.softmax(predict_logits(target, nonmembers[0]).double(), dim=1)
-    return build_defenders(defender_config(config), TargetOutputs(p_in, members[1], p_out, nonmembers[1]))
+
+    def predict(X: np.ndarray) -> np.ndarray:  # for defenses that run the model (hamp's self-audit)
+        return torch.softmax(predict_logits(target, torch.from_numpy(X)).double(), dim=1).numpy()
+
+    model, inputs = (predict, members[0].shape[1]), torch.cat([members[0], nonmembers[0]]).numpy()
+    outputs = TargetOutputs(p_in, members[1], p_out, nonmembers[1], model=model, inputs=inputs)
+    return build_defenders(defender_config(config), outputs)

@@ -25,6 +25,7 @@ REGISTRY = Registry(
         "gateway.defenses.memguard",
         "gateway.defenses.aeppt",
         "gateway.defenses.postprocess",
+        "gateway.defenses.rank",
     ),
 )
 register_defense = REGISTRY.register

@@ -16,9 +16,14 @@ A defense maps a batch of undefended vectors to released vectors::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
+import numpy as np
 import torch
+
+#: X [B, D] float32 -> the model's clean probabilities [B, C] float64.
+Predict = Callable[[np.ndarray], np.ndarray]
 
 
 @runtime_checkable
@@ -44,3 +49,15 @@ class Defense(Protocol):
         """Build from an artifact bundle: weights and calibrated parameters from its manifest entry,
         ``overrides`` (GATEWAY_DEFENSE_PARAMS__*) on top; raise ``ValueError`` naming the fix."""
         ...
+
+
+@runtime_checkable
+class ModelBound(Protocol):
+    """A defense that runs the served model itself (on inputs it draws from the row keys).
+
+    Whoever serves it binds the model before the first ``defend``: the gateway's pipeline its runner, the
+    offline job the target, the audit's attacker copy its own shadow model. Unbound, ``defend`` raises,
+    so the pipeline fails the batch closed.
+    """
+
+    def bind_model(self, predict: Predict, features: int) -> None: ...

@@ -3,8 +3,12 @@
 ``context`` binds the model version, the defense name and its canonical parameters, so changing
 any of them re-keys every row. A defense derives all of its randomness for a row from the row's
 32-byte digest, so the same row gets the same answer on every call and on every replica that
-shares the secret: averaging repeated queries gains nothing (docs/ALGORITHMS.md §4). Only exact
-repeats are covered; near-duplicates get fresh draws.
+shares the secret: averaging repeated queries gains nothing (docs/ALGORITHMS.md §4).
+
+What a row *is* for keying (``GATEWAY_NOISE_KEY``): by default its clean output vector quantized to a
+grid (``output_key_rows``), which near-duplicate inputs share, so a jittered copy of a query gets the
+same draw; or the exact input bytes (``input``), which only exact repeats share. A perturbation that
+moves some output across a grid line still gets a fresh draw (docs/ALGORITHMS.md §4).
 """
 
 from __future__ import annotations
@@ -23,6 +27,19 @@ DIGEST_BYTES = 32
 def key_context(model_version: str, defense: str, params: dict[str, Any]) -> bytes:
     canonical = json.dumps(params, sort_keys=True, separators=(",", ":"), default=str)
     return b"\x00".join((b"mi-gateway/v1", model_version.encode(), defense.encode(), canonical.encode())) + b"\x00"
+
+
+#: Default grid of ``output_key_rows``: outputs within the same 0.02-wide cell on every class share a key.
+OUTPUT_KEY_GRID = 0.02
+
+
+def output_key_rows(probs: np.ndarray, grid: float = OUTPUT_KEY_GRID) -> np.ndarray:
+    """probs[B, C] (clean softmax) -> [B, C] float32 cell indices round(p / grid): what an output key hashes.
+
+    Near-duplicate inputs (a jitter of 1e-4, a re-encoded float) move the output far less than a cell, so
+    they share the key unless some class's probability sits within that distance of a cell boundary.
+    """
+    return np.round(np.asarray(probs, dtype=np.float64) / grid).astype("<f4")
 
 
 class RowKeyer:

@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from gateway.defenses import register_defense
 from gateway.defenses._masks import bit_weights, changed_rows, signature
 from gateway.defenses.classifier import MemGuardClassifier, load_weights
-from gateway.defenses.keyed import uniform_from_digest
+from gateway.defenses.keyed import row_uniforms, uniform_from_digest
 
 #: Official constants [code defense_framework.py]: c1 finds g = 0.5, c2 keeps the label.
 C1, C2 = 1.0, 10.0
@@ -47,6 +47,8 @@ C1, C2 = 1.0, 10.0
 C3_SCHEDULE = (0.1, 1.0, 10.0, 100.0, 1_000.0, 10_000.0, 100_000.0)
 #: |g(s) − 0.5| at or below this: already at the decision boundary, no noise ("for numerical reason").
 NO_NOISE_TOLERANCE = 1e-5
+#: Keyed stream of the side a ``boundary`` landing keeps.
+LANDING_STREAM = 3
 
 
 class MemGuardParams(BaseModel):
@@ -61,6 +63,14 @@ class MemGuardParams(BaseModel):
     #: Rows (×7 rounds) up to which "auto" runs rounds side by side.
     parallel_max_rows: int = Field(64, ge=1)
     dtype: Literal["float32", "float64"] = "float32"
+    #: Where Phase I's noise lands. ``crossed`` (the published algorithm): the first step past g's
+    #: decision, which overshoots to the other side, so the released vector inverts g's verdict and an
+    #: attacker who checks the orientation reads the inversion. ``boundary``: bisect the segment from the
+    #: clean logits to that point down to g = 0.5 and release one end of the last bracket, the side drawn
+    #: from the row's keyed stream (docs/ALGORITHMS.md §2).
+    landing: Literal["crossed", "boundary"] = "crossed"
+    #: Bisection steps of ``boundary`` (the bracket shrinks 2^-steps of the segment).
+    landing_steps: int = Field(24, ge=1, le=60)
 
 
 @dataclass
@@ -156,8 +166,11 @@ class MemGuard:
         return self.config.model_dump()
 
     # --- Phase I -------------------------------------------------------------------------------
-    def phase_one(self, logits: torch.Tensor, labels: torch.Tensor) -> PhaseOne:
-        """logits [B, C], labels [B] -> the Phase I noise of every row (no coin, no budget)."""
+    def phase_one(self, logits: torch.Tensor, labels: torch.Tensor, side: torch.Tensor | None = None) -> PhaseOne:
+        """logits [B, C], labels [B] -> the Phase I noise of every row (no coin, no budget).
+
+        ``side`` [B] bool: with ``landing="boundary"``, which end of the final bracket a row keeps (True: just
+        past g's decision; default: just before it)."""
         p = self.config
         B, C = logits.shape
         R = len(C3_SCHEDULE)
@@ -206,6 +219,10 @@ class MemGuard:
         has_noise = rounds_ok > 0
         pick = (rounds_ok - 1).clamp_min(0)  # [B]
         chosen = final[pick, torch.arange(B, device=self.device)]  # [B, C] sorted coordinates
+        if p.landing == "boundary" and bool(has_noise.any()):
+            ids = has_noise.nonzero()[:, 0]
+            keep = side.to(self.device)[ids] if side is not None else torch.zeros_like(ids, dtype=torch.bool)
+            chosen = chosen.index_copy(0, ids, self._land(zs[ids], chosen[ids], h0[ids], keep))
         chosen = torch.where(has_noise[:, None], chosen, zs)
         noisy = torch.empty_like(chosen).scatter_(1, perm, chosen)  # un-sort: noisy[perm] = chosen
         return PhaseOne(noisy, has_noise, rounds_ok, steps, success, h0, work)
@@ -283,6 +300,24 @@ class MemGuard:
             x = x.addcmul_(gx, scale, value=-1.0)  # x is this loop's own (a clone, or a compacted copy)
         return out_x, out_steps, out_ok, work
 
+    def _land(self, zs: torch.Tensor, crossed: torch.Tensor, h0: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
+        """zs, crossed [n, C] sorted clean and Phase I logits, h0 [n], side [n] bool -> points on the segment
+        between them next to g's decision (h = 0) as g reads the released vector, on the side ``side`` picks
+        (a row whose end point is not past the decision once re-sorted keeps a point next to that end).
+
+        The label stays a strict maximum on the whole segment: label minus any other logit is linear in t,
+        positive at t = 1 (Phase I's success) and non-negative at t = 0."""
+        lo = torch.zeros(zs.shape[0], 1, device=zs.device, dtype=zs.dtype)  # [n, 1] h on h0's side
+        hi = torch.ones_like(lo)  # [n, 1] h at or past 0
+        direction = crossed - zs  # [n, C]
+        for _ in range(self.config.landing_steps):
+            mid = (lo + hi) / 2
+            # g as Phase II and every reader see the released vector: sorted again (the loop never re-sorts)
+            h = self.g.logit(torch.sort(torch.softmax(zs + mid * direction, dim=1), dim=1).values)  # [n]
+            past = (h * h0 <= 0)[:, None]
+            lo, hi = torch.where(past, lo, mid), torch.where(past, mid, hi)
+        return zs + torch.where(side[:, None], hi, lo) * direction
+
     # --- Phase II ------------------------------------------------------------------------------
     def release_probability(self, probs: torch.Tensor, phase: PhaseOne) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (noisy probabilities [B, C] float64, p [B] float64)."""
@@ -301,7 +336,10 @@ class MemGuard:
         labels = probs.argmax(dim=1)  # [B]
         if self.config.epsilon == 0 or probs.shape[0] == 0:
             return probs
-        phase = self.phase_one(logits, labels)
+        side = None
+        if self.config.landing == "boundary":
+            side = row_uniforms(keys, 1, stream=LANDING_STREAM, device=self.device)[:, 0].to(self.device) < 0.5  # [B]
+        phase = self.phase_one(logits, labels, side)
         noisy, p = self.release_probability(probs, phase)
         u = torch.from_numpy(uniform_from_digest(keys.cpu().numpy())).to(p.device)  # [B] keyed coin
         release = u < p

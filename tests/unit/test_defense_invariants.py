@@ -29,17 +29,21 @@ from gateway.defenses.postprocess import (
     TopKParams,
 )
 from gateway.defenses.simplex import L1_TOLERANCE
-from tests.conftest import keys_for
+from tests.conftest import hamp_defense, keys_for, template_defense
 
 CPU = torch.device("cpu")
-NAMES = ["none", "memguard", "aeppt", "topk", "rounding", "temperature", "label_only", "gaussian"]
+NAMES = ["none", "memguard", "memguard_boundary", "aeppt", "topk", "rounding", "temperature", "label_only", "gaussian",
+         "rank_template", "hamp"]  # fmt: skip
 
 
 @functools.cache
 def make(name: str, classes: int) -> Defense:
     torch.manual_seed(classes)
-    if name == "memguard":
-        return MemGuard(MemGuardClassifier(classes), MemGuardParams(), CPU)
+    if name.startswith("memguard"):
+        landing = "boundary" if name == "memguard_boundary" else "crossed"
+        return MemGuard(MemGuardClassifier(classes), MemGuardParams(landing=landing), CPU)
+    if name in ("rank_template", "hamp"):
+        return template_defense(classes) if name == "rank_template" else hamp_defense(classes)
     if name == "aeppt":
         return Aeppt(AepptSubstitute(classes), AepptParams(step_size=0.01), CPU)
     return {
