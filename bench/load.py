@@ -1,10 +1,11 @@
-"""Load benchmark: single-row /predict, 32 connections, naive baselines vs the gateway.
+"""Load benchmark: single-row /predict, 32 connections, naive baselines vs the gateway with each defense.
 
 Starts each server on 127.0.0.1 in turn (same bundle, same uvicorn settings, one process),
 drives it with wrk (Debian package `wrk`) for --duration seconds after a short warm-up, and
-prints requests/s and p50/p99 latency side by side. Results go to bench/results/load.json.
+prints requests/s and p50/p99 latency side by side, with every defense's throughput relative to
+``defense=none`` in the same run. Results go to bench/results/load.json.
 
-    python bench/load.py [--duration 20] [--connections 32] [--bundle DIR]
+    python bench/load.py [--duration 20] [--connections 32] [--bundle DIR] [--defenses rank_template hamp]
 """
 
 from __future__ import annotations
@@ -108,6 +109,8 @@ def main() -> int:
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--bundle", type=Path, help="bundle to serve (default: the demo bundle, built if needed)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "load.json")
+    ap.add_argument("--defenses", nargs="*", default=["rank_template", "hamp"],
+                    help="defenses served after defense=none, each compared with it")  # fmt: skip
     args = ap.parse_args()
     if not shutil.which("wrk"):
         print("wrk not found: `apt-get install wrk`", file=sys.stderr)
@@ -163,9 +166,24 @@ def main() -> int:
         args,
     )
 
+    for defense in args.defenses:
+        port = free_port()
+        results[f"gateway-{defense}"] = bench_one(
+            f"(d) gateway, defense={defense}",
+            [sys.executable, "-m", "gateway", "serve", "--artifacts", str(bundle), "--port", str(port)],
+            {**gw_env, "GATEWAY_DEFENSE": defense, "GATEWAY_NOISE_SECRET": "bench/load.py secret"},
+            port,
+            "/readyz",
+            lua,
+            args,
+        )
+
     best_naive = max(results["naive-sync"]["rps"], results["naive-async"]["rps"])
     ratio = results["gateway-none"]["rps"] / best_naive
     print(f"\n  gateway / best naive throughput: {ratio:.2f}x   (target >= 1.3x, p99 <= 30 ms)")
+    relative = {d: results[f"gateway-{d}"]["rps"] / results["gateway-none"]["rps"] for d in args.defenses}
+    for d, r in relative.items():
+        print(f"  defense={d} / defense=none throughput: {r:.2f}x")
     write_record(
         args.out,
         "bench/load.py",
@@ -174,6 +192,7 @@ def main() -> int:
         bundle={"name": manifest["name"], "version": manifest["version"]},
         results=results,
         ratio_vs_best_naive=ratio,
+        ratio_vs_none=relative,
     )
     return 0
 

@@ -18,7 +18,7 @@ from gateway.errors import BundleError
 log = logging.getLogger("gateway.demo")
 
 #: Bump when the demo recipe or bundle contents change, so stale caches are rebuilt.
-DEMO_RECIPE = 5
+DEMO_RECIPE = 6
 
 
 def demo_bundle_dir(cache_root: Path) -> Path:

@@ -109,7 +109,7 @@ async def test_export_protects_an_overconfident_user_model(user_model: dict, bun
     b = load_bundle(bundle)
     q = b.manifest.defenses["memguard"].quality
     assert q is not None and q.passed and not q.override and q.classifier_balanced_accuracy > 0.6
-    assert [r.defense for r in b.manifest.self_audit] == ["none", "aeppt", "memguard"]  # none, then by name
+    assert [r.defense for r in b.manifest.self_audit] == ["none", "aeppt", "hamp", "memguard", "rank_template"]
 
     X_in, X_out = u["X"][u["eval_in"]], u["X"][u["eval_out"]]
     async with serving(make_settings(bundle, defense="memguard", noise_secret=SECRET)) as (client, _):
@@ -133,6 +133,31 @@ async def test_export_protects_an_overconfident_user_model(user_model: dict, bun
     served = _confidence_attack(AttackData(r_in, y_in), AttackData(r_out, y_out))
     assert raw > floor + 0.05  # the undefended model leaks beyond the floor
     assert served <= floor + 0.03, (raw, served, floor)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("defense", ["rank_template", "hamp"])
+async def test_rank_preserving_release_protects_the_user_model(user_model: dict, bundle: Path, defense: str) -> None:
+    """The overconfident user model, served through HTTP: the whole ranking kept, the known-records attacker at
+    the floor."""
+    u = user_model
+    p_in, p_out = u["probs"][u["eval_in"]], u["probs"][u["eval_out"]]
+    if defense == "hamp":  # continuous features: random inputs uniform over the range of the user's rows
+        assert load_bundle(bundle).manifest.defenses["hamp"].params["inputs"] == "uniform"
+    async with serving(make_settings(bundle, defense=defense, noise_secret=SECRET)) as (client, _):
+        out = []
+        for X in (u["X"][u["eval_in"]], u["X"][u["eval_out"]]):
+            r = await client.post("/predict", json={"instances": X.tolist()})
+            assert r.status_code == 200
+            out.append(np.array(r.json()["probabilities"]))
+    for released, clean in zip(out, (p_in, p_out), strict=True):
+        assert (np.argsort(-released, axis=1, kind="stable") == np.argsort(-clean, axis=1, kind="stable")).all()
+    y_in, y_out = u["y"][u["eval_in"]], u["y"][u["eval_out"]]
+    floor = gap_floor(float((p_in.argmax(1) == y_in).mean()), float((p_out.argmax(1) == y_out).mean()))
+    raw = _confidence_attack(AttackData(p_in, y_in), AttackData(p_out, y_out))
+    served = _confidence_attack(AttackData(out[0], y_in), AttackData(out[1], y_out))
+    assert raw > floor + 0.05
+    assert served <= floor + 0.02, (raw, served, floor)
 
 
 def test_the_gate_refuses_a_degenerate_defender(user_model: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str],
