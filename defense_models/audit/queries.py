@@ -6,7 +6,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from defense_models.audit.attacks.label_only import LABEL_ONLY_ATTACKS
-from defense_models.audit.attacks.lira import Lira, logit_confidence
+from defense_models.audit.attacks.lira import LabelLira, Lira, logit_confidence
 from defense_models.audit.config import AuditConfig
 from defense_models.audit.predictors import Predictor
 from defense_models.audit.schema import AttackResult
@@ -54,13 +54,14 @@ def lira(config: AuditConfig, sets: Sets, released: Arrays,
         )
     idx = np.array([position[int(r)] for r in np.concatenate([members, nonmembers])])
     X, y = sets.data.X[pool], sets.data.y[pool]
-    phi, masks = [], []
+    phi, masks, right = [], [], []
     for model, meta in tqdm(refs, desc="LiRA references", disable=not config.progress, leave=False):
         predict = softmax_predict(model.eval())
         p = predict(X)
         if defend is not None:  # the adaptive attacker defends its reference outputs too (with that model)
             p = defend(p, model=predict)
         phi.append(logit_confidence(p, y)[idx])
+        right.append((p.argmax(axis=1) == y)[idx])
         masks.append(np.asarray(meta["in_mask"], bool)[idx])
     phi_refs, in_refs = np.stack(phi), np.stack(masks)  # [K, N_members + N_nonmembers]
     y_eval = sets.data.y[np.concatenate([members, nonmembers])]
@@ -76,4 +77,10 @@ def lira(config: AuditConfig, sets: Sets, released: Arrays,
             AttackResult(**score_attack(*pair, shadow=calib).as_dict(), reference_models=len(refs)),
             pair,
         )
+    label = LabelLira()
+    label.fit(np.stack(right), in_refs)
+    s = label.score(np.concatenate(released).argmax(axis=1) == y_eval)
+    pair = s[: len(members)], s[len(members) :]
+    calib = LabelLira.leave_one_out(np.stack(right), in_refs)
+    out["lira_label"] = AttackResult(**score_attack(*pair, shadow=calib).as_dict(), reference_models=len(refs)), pair
     return out

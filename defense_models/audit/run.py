@@ -225,7 +225,7 @@ def _fit_attacks(config: AuditConfig, q: _Queried) -> dict[str, dict[int, float]
 def _is_confidence_based(key: str) -> bool:
     family, name = key.split("/", 1)
     if family == "reference":
-        return True  # LiRA reads the confidence on the true label
+        return name != "lira_label"  # LiRA reads the confidence on the true label; its label variant does not
     return family != "label-only" and name in available_attacks() and reads_confidences(name)
 
 

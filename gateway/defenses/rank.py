@@ -75,6 +75,10 @@ class RankTemplateParams(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     #: One template per predicted class (its non-members' mean sorted output), or one for every row.
     per_class: bool = True
+    #: ``template``: every rank takes the template's value. ``flat``: ranks 2..C share the template's
+    #: remaining mass equally (still strictly decreasing, by a factor 1 + 1e-5), so the value on a class
+    #: says only whether it is the label, not how far down the ranking it sits.
+    tail: Literal["template", "flat"] = "template"
 
 
 @register_defense
@@ -87,9 +91,12 @@ class RankTemplate:
     def __init__(self, templates: dict[str, torch.Tensor], params: RankTemplateParams, device: torch.device) -> None:
         self.config = params
         per_class, glob = templates["per_class"], templates["global"]
+        C = per_class.shape[1]
         table = per_class if params.per_class else glob[None].expand_as(per_class)  # [C, C]
         if table.ndim != 2 or table.shape[0] != table.shape[1] or not torch.isfinite(table).all():
             raise ValueError(f"rank templates must be a finite [C, C] table, got shape {tuple(table.shape)}")
+        if params.tail == "flat":
+            table = torch.cat([table[:, :1], table[:, 1:].mean(dim=1, keepdim=True).expand(-1, C - 1)], dim=1)
         self.table = strictly_decreasing(table).to(device)  # [C, C]: row k, the values for label k
 
     @classmethod

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from defense_models.audit.attacks.lira import Lira, logit_confidence
+from defense_models.audit.attacks.lira import LabelLira, Lira, logit_confidence
 from defense_models.audit.scoring import score_attack
 
 
@@ -47,3 +47,23 @@ def test_lira_records_without_in_references_fall_back_to_the_global_mean() -> No
     attack = Lira()
     attack.fit(phi, mask)
     assert np.isfinite(attack.score(phi[0])).all()
+
+
+def test_label_lira_reads_how_often_references_get_a_record_right() -> None:
+    """Hard records (OUT references rarely right) that the target gets right are members: the label alone."""
+    rng = np.random.default_rng(3)
+    k, n = 16, 3000
+    mask = rng.random((k, n)) < 0.5
+    p_out = rng.uniform(0.05, 0.95, n)  # how often a model that did not train on the record gets it right
+    p_in = np.maximum(p_out, 0.97)  # training on it makes a model right almost always
+    right = rng.random((k, n)) < np.where(mask, p_in, p_out)
+    attack = LabelLira()
+    attack.fit(right, mask)
+    target_in = rng.random(n) < 0.5
+    target_right = rng.random(n) < np.where(target_in, p_in, p_out)
+    s = attack.score(target_right)
+    lira = score_attack(s[target_in], s[~target_in])
+    gap = score_attack(target_right[target_in].astype(float), target_right[~target_in].astype(float))
+    assert lira.auc > gap.auc + 0.05 and lira.tpr_at_1pct_fpr > gap.tpr_at_1pct_fpr
+    loo_in, loo_out = LabelLira.leave_one_out(right, mask)
+    assert len(loo_in) + len(loo_out) == n and np.isfinite(np.concatenate([loo_in, loo_out])).all()

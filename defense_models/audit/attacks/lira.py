@@ -82,3 +82,39 @@ class Lira:
         attack.fit(phi[1:], in_mask[1:])
         s = attack.score(phi[0])
         return s[in_mask[0]], s[~in_mask[0]]
+
+
+class LabelLira:
+    """LiRA on the label alone: the likelihood ratio of the target's verdict (right or wrong on the record's
+    true label) under the IN and OUT references' rates of being right, Laplace-smoothed
+    (q = (right + 1) / (count + 2)). What any label-preserving defense still releases; its low-FPR tail is the
+    yardstick for the other attacks' (docs/ALGORITHMS.md §5)."""
+
+    name: ClassVar[str] = "lira_label"
+
+    def __init__(self) -> None:
+        self._q: tuple[np.ndarray, np.ndarray] | None = None
+
+    @staticmethod
+    def _rate(right: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return (np.where(mask, right, False).sum(axis=0) + 1.0) / (mask.sum(axis=0) + 2.0)  # [N]
+
+    def fit(self, right: np.ndarray, in_mask: np.ndarray) -> None:
+        """right, in_mask [K, N] bool: reference k is right on record n; reference k trained on record n."""
+        right, in_mask = np.asarray(right, bool), np.asarray(in_mask, bool)
+        self._q = self._rate(right, in_mask), self._rate(right, ~in_mask)
+
+    def score(self, right: np.ndarray) -> np.ndarray:
+        """right [N] bool (the target's verdicts) -> log-likelihood ratio [N] (higher = member)."""
+        if self._q is None:
+            raise RuntimeError("fit the attack first")
+        q_in, q_out = self._q
+        return np.where(np.asarray(right, bool), np.log(q_in / q_out), np.log((1 - q_in) / (1 - q_out)))
+
+    @classmethod
+    def leave_one_out(cls, right: np.ndarray, in_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """As ``Lira.leave_one_out``: reference 0 plays the target."""
+        attack = cls()
+        attack.fit(right[1:], in_mask[1:])
+        s = attack.score(right[0])
+        return s[in_mask[0]], s[~in_mask[0]]
