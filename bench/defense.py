@@ -115,7 +115,7 @@ def main() -> int:
         mg_flops = 4 * (C * 256 + 256 * 128 + 128 * 64 + 64)
         ae_flops = 4 * 256 * C + 4 * 256 * 64 + 2 * 64
         defenses = {
-            "memguard": MemGuard(g, MemGuardParams(epsilon=1.0), device),
+            "memguard": MemGuard(g, MemGuardParams(epsilon=1.0, landing="crossed"), device),
             "aeppt": Aeppt(sub, AepptParams(step_size=alpha), device),
         }
         # the serial references, a few rows each

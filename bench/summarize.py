@@ -92,7 +92,7 @@ def by_view(rows: list[dict[str, Any]]) -> None:
         cells = ["—" if best[v] is None else f"{best[v]:.3f}" for v in VIEW_COLUMNS]
         cost = (f"{u.get('top5_accuracy', 0):.3f} | {u.get('ece', 0):.3f} ({u.get('undefended_ece', 0):.3f}) | "
                 f"{u.get('nll', 0):.2f} ({u.get('undefended_nll', 0):.2f})")  # fmt: skip
-        near = "—" if u.get("near_repeats_identical") is None else f"{u['near_repeats_identical']:.0%}"
+        near = "—" if u.get("near_repeats_agree") is None else f"{u['near_repeats_agree']:.0%}"
         tail = f" | {worst - r['label_only_floor']:+.3f} | {tpr:.1%} | {cost} | {near} | {r['mean_l1']:.3f} |"
         print(f"| {r['setting']} | {r['label_only_floor']:.3f} | " + " | ".join(cells) + tail)
 

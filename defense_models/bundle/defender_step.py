@@ -123,8 +123,10 @@ class MemGuardTrainer:
         g = train_memguard_classifier(outputs.p_in, outputs.p_out, _seeded(recipe, config.seed),
                                       progress=config.progress)  # fmt: skip
         save_weights(g, tmp / "g")
-        defense = MemGuard(g, MemGuardParams(epsilon=MEMGUARD_EPSILON), torch.device("cpu"))
-        return Trained(defense, (tmp / "g").read_bytes(), {"epsilon": MEMGUARD_EPSILON}, {"recipe": asdict(recipe)})
+        params = MemGuardParams(epsilon=MEMGUARD_EPSILON)
+        defense = MemGuard(g, params, torch.device("cpu"))
+        shipped = {"epsilon": params.epsilon, "landing": params.landing}
+        return Trained(defense, (tmp / "g").read_bytes(), shipped, {"recipe": asdict(recipe)})
 
 
 @DEFENDERS.register

@@ -162,5 +162,5 @@ def test_memguard_landing(defenders: dict[str, Any], landing: str) -> None:
         assert past.float().mean() > 0.75, "rows told to cross must land just past the decision"
         before = (h * h0 > 0)[~side[phase.has_noise] & at_boundary]
         assert before.float().mean() > 0.75, "the others just before it"
-    plain = MemGuard(g, MemGuardParams(), CPU).phase_one(z, probs.argmax(1))
+    plain = MemGuard(g, MemGuardParams(landing="crossed"), CPU).phase_one(z, probs.argmax(1))
     assert torch.equal(plain.success, phase.success) and torch.equal(plain.steps, phase.steps)
