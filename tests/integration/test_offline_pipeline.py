@@ -230,7 +230,8 @@ def test_audit_label_only_and_lira_attacks(tmp_path: Path) -> None:
     from defense_models.__main__ import main
 
     recipe = ["--dataset", "location30", "--preset", "demo", "--epochs", "8", "--quiet"]
-    assert main(["train", *recipe, "--defense", "none", "--out", str(tmp_path / "b")]) == 0
+    defenses = ["--defense", "hamp", "--defense", "rank_template"]
+    assert main(["train", *recipe, *defenses, "--out", str(tmp_path / "b")]) == 0
     assert main(["shadows", *recipe, "--count", "4", "--out", str(tmp_path / "refs")]) == 0
     out = tmp_path / "report"
     assert main(["audit", "--bundle", str(tmp_path / "b"), "--defense", "rounding", "--param", "decimals=1",
@@ -242,9 +243,24 @@ def test_audit_label_only_and_lira_attacks(tmp_path: Path) -> None:
     assert nr["queries_to_target"] == 4 * 120 and nr["flip_rate"] > 0 and nr["n_members"] == 60
     bd = report["attacks"]["label-only/boundary_distance"]
     assert bd["queries_per_row"] <= 80 and bd["auc"] > 0.5
-    for key in ("reference/lira_online", "reference/lira_offline"):
+    for key in ("reference/lira_online", "reference/lira_offline", "reference/lira_label"):
         assert report["attacks"][key]["reference_models"] == 4
         assert report["attacks"][key]["auc"] > 0.55, report["attacks"][key]
+
+    # HAMP against the attacker who knows the rule (adaptive: its shadow model on keyed random inputs), the
+    # known-records attacker, jittered repeats and LiRA (each reference model defends its own outputs).
+    out = tmp_path / "hamp"
+    assert main(["audit", "--bundle", str(tmp_path / "b"), "--defense", "hamp", "--shadow-epochs", "8",
+                 "--attacks", "gap", "confidence", "--views", "shadow", "adaptive", "known", "repeated",
+                 "--lira-shadows", str(tmp_path / "refs"), "--quiet", "--no-plots",
+                 "--out", str(out)]) == 0  # fmt: skip
+    report = json.loads((out / "report.json").read_text())
+    u = report["utility"]
+    assert list(report["views"]) == ["shadow", "adaptive", "known", "repeated", "reference"]
+    assert u["label_loss"] == 0 and u["top5_accuracy"] == u["undefended_top5_accuracy"] and u["ece"] is not None
+    assert u["exact_repeats_identical"] == 1.0 and u["near_repeats_agree"] >= 0.9
+    rounding = json.loads((tmp_path / "report" / "report.json").read_text())["attacks"]["reference/lira_label"]
+    assert report["attacks"]["reference/lira_label"]["auc"] == rounding["auc"]  # the label alone: any such defense
 
 
 def test_sweep_plan_writes_the_table_and_the_curves(tabular: Path, tmp_path: Path, quick: None) -> None:

@@ -12,6 +12,11 @@ from tests.conftest import keys_for
 from tests.reference import memguard_reference_row as reference_row
 
 
+def official(**params: Any) -> MemGuardParams:
+    """The published algorithm (``landing="crossed"``), which the one-row reference implements."""
+    return MemGuardParams(landing="crossed", **params)
+
+
 @pytest.fixture(scope="module", params=["raw", "log"])
 def defenders(
     request: pytest.FixtureRequest, defenders: dict[str, Any], log_defenders: dict[str, Any]
@@ -27,7 +32,7 @@ def rows(defenders: dict[str, Any]) -> torch.Tensor:
 
 @pytest.mark.parametrize("schedule", ["parallel", "sequential"])
 def test_phase_one_matches_the_serial_reference(defenders: dict[str, Any], rows: torch.Tensor, schedule: str) -> None:
-    mg = MemGuard(defenders["g"], MemGuardParams(schedule=schedule, dtype="float64", landing="crossed"), torch.device("cpu"))
+    mg = MemGuard(defenders["g"], official(schedule=schedule, dtype="float64"), torch.device("cpu"))
     labels = torch.softmax(rows, 1).argmax(1)
     batched = mg.phase_one(rows, labels)
     mismatches = []
@@ -48,15 +53,15 @@ def test_phase_one_matches_the_serial_reference(defenders: dict[str, Any], rows:
 
 def test_parallel_and_sequential_schedules_agree(defenders: dict[str, Any], rows: torch.Tensor) -> None:
     labels = torch.softmax(rows, 1).argmax(1)
-    par = MemGuard(defenders["g"], MemGuardParams(schedule="parallel", landing="crossed"), torch.device("cpu")).phase_one(rows, labels)
-    seq = MemGuard(defenders["g"], MemGuardParams(schedule="sequential", landing="crossed"), torch.device("cpu")).phase_one(rows, labels)
+    par = MemGuard(defenders["g"], official(schedule="parallel"), torch.device("cpu")).phase_one(rows, labels)
+    seq = MemGuard(defenders["g"], official(schedule="sequential"), torch.device("cpu")).phase_one(rows, labels)
     assert torch.equal(par.rounds_ok, seq.rounds_ok)
     torch.testing.assert_close(par.noisy_logits, seq.noisy_logits, rtol=0, atol=1e-5)
     assert seq.row_iterations <= par.row_iterations  # sequential never runs rounds after a failure
 
 
 def test_batched_equals_one_row_at_a_time(defenders: dict[str, Any], rows: torch.Tensor) -> None:
-    mg = MemGuard(defenders["g"], MemGuardParams(landing="crossed"), torch.device("cpu"))
+    mg = MemGuard(defenders["g"], official(), torch.device("cpu"))
     probs = torch.softmax(rows, 1)
     keys = keys_for(rows.float())
     batch = mg.defend(probs, rows.float(), keys)
@@ -69,7 +74,7 @@ def test_release_probability_follows_the_formula(defenders: dict[str, Any]) -> N
     z = torch.cat([defenders["z_in"][:100], defenders["z_out"][:100]])
     probs = torch.softmax(z, 1)
     for eps in (0.1, 0.5, 1.0):
-        mg = MemGuard(defenders["g"], MemGuardParams(epsilon=eps, landing="crossed"), torch.device("cpu"))
+        mg = MemGuard(defenders["g"], official(epsilon=eps), torch.device("cpu"))
         phase = mg.phase_one(z.float(), probs.argmax(1))
         noisy, p = mg.release_probability(probs, phase)
         d = (noisy - probs).abs().sum(1)
@@ -88,7 +93,7 @@ def test_empirical_mean_l1_respects_epsilon(defenders: dict[str, Any]) -> None:
     probs = torch.softmax(z, 1)
     keys = keys_for(z.float())
     for eps in (0.05, 0.2):
-        out = MemGuard(defenders["g"], MemGuardParams(epsilon=eps, landing="crossed"), torch.device("cpu")).defend(probs, z.float(), keys)
+        out = MemGuard(defenders["g"], official(epsilon=eps), torch.device("cpu")).defend(probs, z.float(), keys)
         l1 = (out - probs).abs().sum(1)
         # E[L1] ≤ ε per row; the sample mean of 800 independent coins stays within a few standard errors.
         se = l1.std().item() / len(l1) ** 0.5
@@ -99,7 +104,7 @@ def test_empirical_mean_l1_respects_epsilon(defenders: dict[str, Any]) -> None:
 def test_epsilon_zero_is_the_identity(defenders: dict[str, Any]) -> None:
     z = defenders["z_in"][:10]
     probs = torch.softmax(z, 1)
-    out = MemGuard(defenders["g"], MemGuardParams(epsilon=0, landing="crossed"), torch.device("cpu")).defend(
+    out = MemGuard(defenders["g"], official(epsilon=0), torch.device("cpu")).defend(
         probs, z.float(), keys_for(z.float())
     )
     assert torch.equal(out, probs)
@@ -112,7 +117,7 @@ def test_jacobian_reuse_changes_nothing(defenders: dict[str, Any]) -> None:
     shaped row subsets may round differently, e.g. with AVX-512 kernels.)"""
     rows = torch.cat([defenders["z_in"][:150], defenders["z_out"][:150]])  # 300 rows
     labels = torch.softmax(rows, 1).argmax(1)
-    mg = MemGuard(defenders["g"], MemGuardParams(schedule="sequential", landing="crossed"), torch.device("cpu"))
+    mg = MemGuard(defenders["g"], official(schedule="sequential"), torch.device("cpu"))
     mg.JACOBIAN_REUSE_ROWS = 10**9  # off
     plain = mg.phase_one(rows, labels)
     mg.JACOBIAN_REUSE_ROWS = 256
