@@ -63,12 +63,12 @@ class MemGuardParams(BaseModel):
     #: Rows (×7 rounds) up to which "auto" runs rounds side by side.
     parallel_max_rows: int = Field(64, ge=1)
     dtype: Literal["float32", "float64"] = "float32"
-    #: Where Phase I's noise lands [default ``boundary``: no worse than ``crossed`` in any view of the audit,
-    #: and it removes the flipped attacker's signal; docs/RESULTS.md]. ``crossed`` (the published algorithm): the first step past g's
+    #: Where Phase I's noise lands. ``crossed`` (the published algorithm): the first step past g's
     #: decision, which overshoots to the other side, so the released vector inverts g's verdict and an
     #: attacker who checks the orientation reads the inversion. ``boundary``: bisect the segment from the
     #: clean logits to that point down to g = 0.5 and release one end of the last bracket, the side drawn
-    #: from the row's keyed stream (docs/ALGORITHMS.md §2).
+    #: from the row's keyed stream (docs/ALGORITHMS.md §3). [default ``boundary``: no view of the audit is
+    #: worse than with ``crossed``, and the flipped attacker loses its signal; docs/RESULTS.md]
     landing: Literal["crossed", "boundary"] = "boundary"
     #: Bisection steps of ``boundary`` (the bracket shrinks 2^-steps of the segment).
     landing_steps: int = Field(24, ge=1, le=60)
