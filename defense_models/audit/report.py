@@ -126,8 +126,16 @@ def markdown(report: AuditReport) -> str:
         f"**Label-only floor: {floor:.4f}** = 0.5 + (train − test)/2: an attack that reads only whether the "
         "label is right reaches it, so no label-preserving defense can push the best attack below it.",
     ]
+    if u.ece is not None and u.nll is not None and u.top5_accuracy is not None:
+        lines.append(
+            f"Cost to users (evaluation non-members): top-5 accuracy {u.top5_accuracy:.4f} (undefended "
+            f"{u.undefended_top5_accuracy:.4f}); calibration error {u.ece:.4f} ({u.undefended_ece:.4f}); NLL "
+            f"{u.nll:.4f} ({u.undefended_nll:.4f})."
+        )
     if u.exact_repeats_identical is not None:
-        lines.append(f"Exact repeated queries answered identically: {u.exact_repeats_identical:.1%} of rows.")
+        near = "" if u.near_repeats_agree is None else (
+            f"; copies jittered by ±jitter answered within 1e-3 in L1 (the same draw): {u.near_repeats_agree:.1%}")
+        lines.append(f"Exact repeated queries answered identically: {u.exact_repeats_identical:.1%} of rows{near}.")
     lines += ["", "Attacker views:"] + [f"- `{v}`: {note}" for v, note in report.views.items()]
     lines += [
         "",
