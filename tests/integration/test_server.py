@@ -58,7 +58,7 @@ def test_demo_serves_location30_and_shuts_down_cleanly(tmp_path: Path) -> None:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(url, proc)
+        wait_ready(url, proc, timeout_s=300)  # the first start trains the demo bundle (~1 min alone on 2 cores)
         x = np.zeros((3, 446))
         x[:, :40] = 1
         body = post(url + "/predict", {"instances": x.tolist()})
