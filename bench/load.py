@@ -96,7 +96,7 @@ def bench_one(
     if result["non_2xx"]:
         raise RuntimeError(f"{name}: {int(result['non_2xx'])} non-2xx responses; the benchmark is invalid")
     print(
-        f"  {name:<28} {result['rps']:>9.0f} req/s   p50 {result['p50_ms']:6.2f} ms   p99 {result['p99_ms']:6.2f} ms"
+        f"  {name:<36} {result['rps']:>9.0f} req/s   p50 {result['p50_ms']:6.2f} ms   p99 {result['p99_ms']:6.2f} ms"
         f"   non-2xx {int(result['non_2xx'])}",
         flush=True,
     )

@@ -73,27 +73,30 @@ def main() -> None:
 
 
 VIEW_COLUMNS = ("shadow", "adaptive", "flipped", "known", "repeated", "reference")
+LABEL_LIRA = "reference/lira_label"
 
 
 def by_view(rows: list[dict[str, Any]]) -> None:
     """Per setting: the best confidence-based attack in each view (LiRA: "reference"), the worst of them next
-    to the floor, the largest TPR at 0.1% FPR, and what the released vectors cost users."""
+    to the floor, the largest TPR at 0.1% FPR of those attacks and of label-only LiRA (what the label alone
+    gives), and what the released vectors cost users."""
     print("| setting | floor | " + " | ".join("LiRA" if v == "reference" else v for v in VIEW_COLUMNS)
-          + " | worst − floor | max TPR@0.1% | top-5 acc. | ECE (undefended) | NLL (undefended) | near repeats | "
-          "mean L1 |")  # fmt: skip
+          + " | worst − floor | max TPR@0.1% (label-only LiRA) | top-5 acc. | ECE (undefended) | NLL (undefended) "
+          "| near repeats | mean L1 |")  # fmt: skip
     print("|---|---:|" + "---:|" * (len(VIEW_COLUMNS) + 7))
     for r in rows:
         a, u = r["attacks"], r["utility"] or {}
-        confidence = {k: v for k, v in a.items() if not k.endswith("/gap")}
+        confidence = {k: v for k, v in a.items() if not k.endswith("/gap") and k != LABEL_LIRA}
         best = {v: max((x["balanced_accuracy"] for k, x in confidence.items() if k.startswith(v + "/")), default=None)
                 for v in VIEW_COLUMNS}  # fmt: skip
         worst = max((b for b in best.values() if b is not None), default=r["label_only_floor"])
         tpr = max((x["tpr_at_01pct_fpr"] for x in confidence.values()), default=0.0)
+        label = f" ({a[LABEL_LIRA]['tpr_at_01pct_fpr']:.1%})" if LABEL_LIRA in a else ""
         cells = ["—" if best[v] is None else f"{best[v]:.3f}" for v in VIEW_COLUMNS]
         cost = (f"{u.get('top5_accuracy', 0):.3f} | {u.get('ece', 0):.3f} ({u.get('undefended_ece', 0):.3f}) | "
                 f"{u.get('nll', 0):.2f} ({u.get('undefended_nll', 0):.2f})")  # fmt: skip
         near = "—" if u.get("near_repeats_agree") is None else f"{u['near_repeats_agree']:.0%}"
-        tail = f" | {worst - r['label_only_floor']:+.3f} | {tpr:.1%} | {cost} | {near} | {r['mean_l1']:.3f} |"
+        tail = f" | {worst - r['label_only_floor']:+.3f} | {tpr:.1%}{label} | {cost} | {near} | {r['mean_l1']:.3f} |"
         print(f"| {r['setting']} | {r['label_only_floor']:.3f} | " + " | ".join(cells) + tail)
 
 

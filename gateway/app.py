@@ -162,6 +162,12 @@ def log_defense_quality(manifest: Manifest, name: str, params: dict[str, Any]) -
     if name == "none" or entry is None:
         return
     q = entry.quality
+    audited = next((r for r in manifest.self_audit if r.defense == name), None)
+    if q is None and audited is not None:  # no member classifier to gate (rank_template, hamp): the self-audit
+        floor = "unknown" if audited.label_only_floor is None else f"{audited.label_only_floor:.3f}"
+        log.info("defense %r: the offline self-audit's best confidence attack on held-out rows reached %.3f (%s; "
+                 "label-only floor %s)", name, audited.balanced_accuracy, audited.best_attack, floor)  # fmt: skip
+        return
     if q is None:
         log.warning("defense %r: the bundle records no quality measurement (written before the quality gate); "
                     "rebuild it to learn whether the defense perturbs anything", name)  # fmt: skip
