@@ -11,6 +11,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.errors import ServiceUnavailable
+from gateway.metrics import bearer_matches
 from gateway.schemas import dumps, parse_predict, read_json
 
 if TYPE_CHECKING:
@@ -99,8 +100,14 @@ async def readyz(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    registry = request.app.state.gateway.metrics.registry
-    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    """Only routed with ``GATEWAY_METRICS_PUBLIC=true``: per-row distortion metrics tell a client what happened
+    to its query, so by default they are served on the metrics port only (docs/API.md, Metrics)."""
+    state = request.app.state.gateway
+    token = state.settings.metrics_token
+    if not bearer_matches(request.headers.get("authorization", ""), token.get_secret_value().encode() if token
+                          else None):  # fmt: skip
+        return _json({"error": "/metrics needs Authorization: Bearer <GATEWAY_METRICS_TOKEN>"}, status=401)
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 # Plain Starlette routes: the handlers take a raw Request, so FastAPI's dependency machinery would
@@ -109,5 +116,5 @@ routes = [
     Route("/predict", predict, methods=["POST"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
-    Route("/metrics", metrics, methods=["GET"]),
 ]
+metrics_route = Route("/metrics", metrics, methods=["GET"])

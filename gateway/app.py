@@ -31,7 +31,7 @@ from gateway.batching import BatchQueue
 from gateway.defenses import Defense, create_defense
 from gateway.defenses.keyed import RowKeyer, key_context
 from gateway.errors import BundleError, GatewayError
-from gateway.metrics import GatewayMetrics
+from gateway.metrics import GatewayMetrics, start_metrics_server
 from gateway.pipeline import Pipeline
 from gateway.runner import CUDA, ModelRunner, OnnxRunner
 from gateway.settings import GatewaySettings
@@ -212,11 +212,17 @@ class GatewayRuntime:
                                    max_delay_s=settings.max_queue_delay_ms / 1000,
                                    max_queue_rows=settings.max_queue_rows, metrics=state.metrics)  # fmt: skip
         state.batcher.start()
-        if settings.metrics_port is not None:
-            from prometheus_client import start_http_server
-
-            self._metrics_server, _ = start_http_server(settings.metrics_port, addr=settings.host,
-                                                        registry=state.metrics.registry)  # fmt: skip
+        if settings.metrics_port:
+            token = settings.metrics_token.get_secret_value().encode() if settings.metrics_token else None
+            try:
+                self._metrics_server = start_metrics_server(state.metrics.registry, settings.host,
+                                                            settings.metrics_port, token)  # fmt: skip
+            except OSError as exc:
+                raise BundleError(f"cannot serve /metrics on {settings.host}:{settings.metrics_port} ({exc.strerror}); "
+                                  "set GATEWAY_METRICS_PORT to a free port, or 0 for none") from None  # fmt: skip
+            log.info("metrics on %s:%d/metrics%s; the public port %s", settings.host, settings.metrics_port,
+                     " (bearer token)" if token else "",
+                     "serves them too" if settings.metrics_public else "does not")  # fmt: skip
         # Everything allocated so far (torch, ORT, the app) lives until shutdown. Move it out of the
         # collector's reach: otherwise every full collection walks torch's object graph and stalls
         # the event loop for ~80 ms (measured: p99 85 ms -> 9 ms under load, docs/BENCHMARKS.md).
@@ -254,6 +260,7 @@ class GatewayRuntime:
             await state.batcher.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
+            self._metrics_server.server_close()
         if state.runner is not None:
             state.runner.close()
         gc.unfreeze()
@@ -300,9 +307,10 @@ def create_app(settings: GatewaySettings, *, runner_factory: RunnerFactory = def
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
         if exc.status_code == 404:
+            metrics_route = " and /metrics" if settings.metrics_public else " (metrics are on their own port)"
             message = (
-                f"no route {request.url.path}; the routes are /predict, /v2/models/{{model}}/infer, "
-                "/healthz, /readyz and /metrics"
+                f"no route {request.url.path[:64]}; the routes are /predict, /v2/models/{{model}}/infer, "
+                f"/healthz, /readyz{metrics_route}"
             )
         elif exc.status_code == 405:
             message = f"method {request.method} is not allowed on {request.url.path}"
@@ -315,7 +323,7 @@ def create_app(settings: GatewaySettings, *, runner_factory: RunnerFactory = def
 
     from gateway import api, oip
 
-    routes = [*api.routes, *oip.routes]
+    routes = [*api.routes, *oip.routes] + ([api.metrics_route] if settings.metrics_public else [])
     app.router.routes.extend(routes)
     app.add_middleware(_RequestTimer, metrics=metrics, templates={r.endpoint: r.path for r in routes})
     return app

@@ -6,6 +6,10 @@ name/version/provider). Never a request id, client id, input hash or a confidenc
 
 from __future__ import annotations
 
+import hmac
+import threading
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 #: 0.5 ms .. 5 s
@@ -94,3 +98,41 @@ class GatewayMetrics:
         self.label_changes.labels(defense)
         for outcome in self.OUTCOMES:
             self.defended_rows.labels(defense, outcome)
+
+
+# --- serving the registry ---------------------------------------------------------------------
+def bearer_matches(authorization: str, token: bytes | None) -> bool:
+    """``Authorization`` header value against the metrics token, in constant time (no token: always)."""
+    if token is None:
+        return True
+    scheme, _, presented = authorization.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(presented.strip().encode(), token)
+
+
+def _wsgi_app(registry: CollectorRegistry, token: bytes | None) -> Any:
+    from prometheus_client.exposition import make_wsgi_app
+
+    inner = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        if not bearer_matches(environ.get("HTTP_AUTHORIZATION", ""), token):
+            start_response("401 Unauthorized", [("Content-Type", "text/plain"), ("WWW-Authenticate", "Bearer")])
+            return [b"/metrics needs Authorization: Bearer <GATEWAY_METRICS_TOKEN>\n"]
+        return inner(environ, start_response)
+
+    return app
+
+
+def start_metrics_server(registry: CollectorRegistry, host: str, port: int, token: bytes | None) -> Any:
+    """/metrics on its own port, in a daemon thread (``shutdown()`` stops it); the request log stays silent."""
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    from prometheus_client.exposition import ThreadingWSGIServer
+
+    class _Quiet(WSGIRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = make_server(host, port, _wsgi_app(registry, token), ThreadingWSGIServer, handler_class=_Quiet)
+    threading.Thread(target=server.serve_forever, name="metrics-server", daemon=True).start()
+    return server

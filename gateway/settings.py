@@ -72,11 +72,19 @@ class GatewaySettings(BaseSettings):
     # --- network -------------------------------------------------------------------------
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    metrics_port: int | None = Field(
-        None,
-        ge=1,
+    metrics_port: int = Field(
+        9100,
+        ge=0,
         le=65535,
-        description="Serve /metrics on this separate port as well (e.g. for a NetworkPolicy).",
+        description="Serve /metrics on this separate port (bound to GATEWAY_HOST), for a scraper inside the "
+        "cluster; 0: no metrics port. Per-row distortion metrics tell a client what happened to its query, "
+        "so clients must not reach it (docs/API.md, Metrics).",
+    )
+    metrics_public: bool = Field(
+        False, description="Also serve /metrics on the public port. Only where clients cannot reach that port."
+    )
+    metrics_token: SecretStr | None = Field(
+        None, description="When set, /metrics (either port) needs `Authorization: Bearer <token>`."
     )
 
     # --- batching and limits ---------------------------------------------------------------

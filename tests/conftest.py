@@ -86,8 +86,10 @@ class FakeRunner:
 
 
 def make_settings(bundle: Path, **overrides: Any) -> GatewaySettings:
-    """Settings that ignore the caller's environment and .env file."""
-    return GatewaySettings(_env_file=None, artifacts=bundle, **overrides)  # type: ignore[call-arg]
+    """Settings that ignore the caller's .env file. The tests read metrics through the app itself (no metrics
+    port, /metrics on the app); tests/integration/test_metrics_exposure.py checks the production defaults."""
+    defaults: dict[str, Any] = {"metrics_port": 0, "metrics_public": True}
+    return GatewaySettings(_env_file=None, artifacts=bundle, **(defaults | overrides))  # type: ignore[call-arg]
 
 
 @asynccontextmanager

@@ -62,7 +62,8 @@ def test_compose_wires_gateway_upstream_and_monitoring() -> None:
     assert all(v.endswith(":ro") for v in gw["volumes"]) and gw["read_only"] is True
     prom = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     target = prom["scrape_configs"][0]["static_configs"][0]["targets"][0]
-    assert target == f"gateway:{env['GATEWAY_PORT']}"
+    assert target == f"gateway:{env['GATEWAY_METRICS_PORT']}"  # never the public port: metrics are per-row
+    assert gw["ports"] == [f"{env['GATEWAY_PORT']}:{env['GATEWAY_PORT']}"]  # only the public port is published
 
 
 def k8s_documents() -> list[dict]:
@@ -106,6 +107,10 @@ def test_kubernetes_manifests_fit_together() -> None:
     assert docs["ServiceMonitor"]["spec"]["selector"]["matchLabels"].items() <= labels.items()
     service_ports = {p["name"] for p in docs["Service"]["spec"]["ports"]}
     assert all(e["port"] in service_ports for e in docs["ServiceMonitor"]["spec"]["endpoints"])
+    policy = docs["NetworkPolicy"]["spec"]  # clients reach the http port; only the monitoring namespace /metrics
+    assert policy["podSelector"]["matchLabels"].items() <= labels.items()
+    allowed = {p["port"]: rule.get("from") for rule in policy["ingress"] for p in rule["ports"]}
+    assert allowed["http"] is None and allowed["metrics"] and "namespaceSelector" in allowed["metrics"][0]
     job = docs["Job"]["spec"]
     assert (
         job["completionMode"] == "Indexed"

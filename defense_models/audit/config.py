@@ -43,6 +43,9 @@ class AuditConfig:
     round_decimals: int = 2  # view "rounded"
     repeats: int = 5  # view "repeated": queries averaged per record
     jitter: float = 1e-4  # view "repeated": uniform input jitter making each copy a new query
+    #: The scraper attacker: this many members and non-members queried one at a time, reading /metrics on the
+    #: clients' port before and after each (0: off). It gets nothing unless that port serves the metrics.
+    metrics_probe_rows: int = 0
     shadow_epochs: int | None = None  # override the target recipe's epochs for the shadow model
     #: Where the shadow model's training data comes from (``attacker_data``: real, noisy, marginal,
     #: model) and the source's options (e.g. {"flip": 0.2}, {"max_queries": 100000}).

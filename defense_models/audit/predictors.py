@@ -72,6 +72,9 @@ class _InProcessClient:
     def post(self, path: str, json: Any) -> httpx.Response:
         return self._call(self._client.post(path, json=json))
 
+    def get(self, path: str) -> httpx.Response:
+        return self._call(self._client.get(path))
+
     def close(self) -> None:
         self._call(self._client.aclose())
         self._call(self._lifespan.__aexit__(None, None, None))
@@ -104,6 +107,7 @@ class GatewayPredictor:
         from gateway.app import create_app
         from gateway.settings import GatewaySettings
 
+        settings.setdefault("metrics_port", 0)  # no socket: the audit reads the public routes only
         config = GatewaySettings(_env_file=None, artifacts=Path(bundle_dir), **settings)
         client = _InProcessClient(create_app(config))
         return cls(client, f"gateway in-process ({config.defense})", closer=client.close,  # type: ignore[arg-type]
@@ -134,6 +138,11 @@ class GatewayPredictor:
             self.queries += len(rows)
             return np.asarray(r.json()["probabilities"], dtype=np.float64)
         raise PredictorError(f"{self.name} kept answering 429 after {self.max_retries} retries")
+
+    def scrape(self) -> tuple[int, str]:
+        """GET /metrics on the port clients use -> (status, body): what a client could read there."""
+        r = self._client.get("/metrics")
+        return r.status_code, r.text
 
     def close(self) -> None:
         if self._closer is not None:

@@ -9,7 +9,7 @@ from defense_models.audit.attacks.label_only import LABEL_ONLY_ATTACKS
 from defense_models.audit.attacks.lira import LabelLira, Lira, logit_confidence
 from defense_models.audit.config import AuditConfig
 from defense_models.audit.predictors import Predictor
-from defense_models.audit.schema import AttackResult
+from defense_models.audit.schema import AttackResult, MetricsProbe
 from defense_models.audit.scoring import accuracy, gap_floor, score_attack
 from defense_models.audit.views import Arrays, AttackerDefense, Predict, Sets, softmax_predict
 from defense_models.training.shadows import load_shadows
@@ -84,3 +84,50 @@ def lira(config: AuditConfig, sets: Sets, released: Arrays,
     calib = LabelLira.leave_one_out(np.stack(right), in_refs)
     out["lira_label"] = AttackResult(**score_attack(*pair, shadow=calib).as_dict(), reference_models=len(refs)), pair
     return out
+
+
+# --- the scraper attacker ------------------------------------------------------------------------------------
+L1_HISTOGRAM = "gateway_defense_l1_distortion"
+
+
+def _l1_buckets(text: str) -> dict[float, float]:
+    """Prometheus text -> {upper bound: cumulative count} of the L1 histogram (summed over defenses)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[float, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == L1_HISTOGRAM:
+            for sample in family.samples:
+                if sample.name.endswith("_bucket"):
+                    le = float(sample.labels["le"])
+                    out[le] = out.get(le, 0.0) + sample.value
+    return out
+
+
+def _landed(before: dict[float, float], after: dict[float, float]) -> float:
+    """The smallest upper bound whose count grew: the L1 bucket of the one row queried in between (0: none)."""
+    grew = [le for le in sorted(after) if after[le] > before.get(le, 0.0)]
+    return grew[0] if grew else 0.0
+
+
+def metrics_probe(config: AuditConfig, predictor: Predictor, sets: Sets) -> MetricsProbe:
+    """Play the client who scrapes /metrics around its own single-row queries (a membership oracle wherever
+    clients can read per-row distortion metrics). Scored at the best threshold on these rows, either orientation."""
+    scrape = getattr(predictor, "scrape", None)
+    status = scrape()[0] if scrape is not None else 404
+    if scrape is None or status != 200:
+        return MetricsProbe(status=status, reachable=False)
+    n = config.metrics_probe_rows
+    scores = []
+    for role in ("target_train", "eval_nonmember"):
+        landed = []
+        for x in sets.rows(role)[0][:n]:
+            before = _l1_buckets(scrape()[1])
+            predictor.predict(x[None, :])
+            landed.append(_landed(before, _l1_buckets(scrape()[1])))
+        scores.append(np.asarray(landed))
+    s = score_attack(scores[0], scores[1])
+    flip = s.auc < 0.5
+    best = score_attack(-scores[0], -scores[1]) if flip else s
+    return MetricsProbe(status=200, reachable=True, rows=n, auc=best.auc,
+                        balanced_accuracy=best.oracle_balanced_accuracy)  # fmt: skip

@@ -136,6 +136,12 @@ def markdown(report: AuditReport) -> str:
         near = "" if u.near_repeats_agree is None else (
             f"; copies jittered by ±jitter answered within 1e-3 in L1 (the same draw): {u.near_repeats_agree:.1%}")
         lines.append(f"Exact repeated queries answered identically: {u.exact_repeats_identical:.1%} of rows{near}.")
+    if (mp := report.metrics_probe) is not None:
+        lines.append(
+            f"Scraper attacker (/metrics on the clients' port around {mp.rows} single-row queries per side): "
+            + (f"AUC {mp.auc:.3f}, balanced accuracy {mp.balanced_accuracy:.3f} at its best threshold."
+               if mp.reachable else f"/metrics answered {mp.status}: nothing to read.")
+        )  # fmt: skip
     lines += ["", "Attacker views:"] + [f"- `{v}`: {note}" for v, note in report.views.items()]
     lines += [
         "",

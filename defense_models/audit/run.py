@@ -33,8 +33,8 @@ from defense_models.audit.attacks import available_attacks, create_attack, reads
 from defense_models.audit.attacks.label_only import LABEL_ONLY_ATTACKS
 from defense_models.audit.config import VIEWS, AuditConfig
 from defense_models.audit.predictors import GatewayPredictor, Predictor, RawOnnxPredictor
-from defense_models.audit.queries import label_only_attack, lira
-from defense_models.audit.schema import AttackerData, AttackResult, AuditReport, BestAttack, Summary
+from defense_models.audit.queries import label_only_attack, lira, metrics_probe
+from defense_models.audit.schema import AttackerData, AttackResult, AuditReport, BestAttack, MetricsProbe, Summary
 from defense_models.audit.scoring import (
     accuracy,
     auc,
@@ -78,6 +78,7 @@ class _Queried:
     repeats: tuple[float, float] | None  # share answered identically: exact repeats, jittered copies
     attacker: AttackerData
     results: dict[str, AttackResult] = field(default_factory=dict)
+    metrics_probe: MetricsProbe | None = None
     scores: dict[str, Arrays] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
 
@@ -184,6 +185,8 @@ def _query(config: AuditConfig, bundle: Bundle, sets: Sets, clean: Arrays, raw: 
         predict_shadow = softmax_predict(_shadow_model(bundle, sets, config))
         views = build_views(config, predictor, defend, sets, predict_shadow, released)
         queried = _Queried(released, views, repeats, attacker)
+        if config.metrics_probe_rows:
+            queried.metrics_probe = metrics_probe(config, predictor, sets)
         for name in config.label_only:
             if (done := label_only_attack(config, name, predictor, predict_shadow, sets, released)) is not None:
                 queried.results[f"label-only/{name}"], queried.scores[f"label-only/{name}"] = done
@@ -287,7 +290,7 @@ def _report(config: AuditConfig, bundle: Bundle, sets: Sets, clean: Arrays, q: _
         "attacks": q.results, "per_class_balanced_accuracy": per_class_acc, "summary": summarize(q.results, floor),
         "sets": {"members": len(y_in), "nonmembers": len(y_out), "shadow_in": len(sets.rows("shadow_in")[1]),
                  "shadow_out": len(sets.rows("shadow_out")[1])},
-        "seconds": round(seconds, 1),
+        "seconds": round(seconds, 1), "metrics_probe": q.metrics_probe,
     })  # fmt: skip
 
 

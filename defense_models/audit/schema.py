@@ -109,6 +109,16 @@ class Sets(_Record):
     shadow_out: int
 
 
+class MetricsProbe(_Record):
+    """The scraper attacker: /metrics read on the clients' port before and after each single-row query."""
+
+    status: int  # what GET /metrics answered there
+    reachable: bool
+    rows: int = 0  # members queried (as many non-members)
+    auc: float | None = None  # of the L1 bucket each query landed in, the better orientation
+    balanced_accuracy: float | None = None  # at the best threshold on these rows: the scraper's best case
+
+
 class AuditReport(_Record):
     schema_version: Literal[1] = 1  # SCHEMA_VERSION
     bundle: BundleRef
@@ -124,6 +134,7 @@ class AuditReport(_Record):
     summary: Summary
     sets: Sets
     seconds: float
+    metrics_probe: MetricsProbe | None = None
 
 
 class SweepRow(_Record):

@@ -49,6 +49,7 @@ def test_demo_serves_location30_and_shuts_down_cleanly(tmp_path: Path) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     env["GATEWAY_DEMO_CACHE"] = str(tmp_path / "cache")
+    env["GATEWAY_METRICS_PORT"] = str(metrics_port := free_port())
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway", "serve", "--demo", "--port", str(port)],
         env=env,
@@ -67,6 +68,11 @@ def test_demo_serves_location30_and_shuts_down_cleanly(tmp_path: Path) -> None:
         assert body["labels"] == p.argmax(1).tolist() and body["model"] == "location30-demo"
         meta = json.loads(urllib.request.urlopen(url + "/v2/models/location30-demo").read())
         assert meta["inputs"][0]["shape"] == [-1, 446]
+        with pytest.raises(urllib.error.HTTPError) as public:  # clients cannot read per-row metrics
+            urllib.request.urlopen(url + "/metrics")
+        assert public.value.code == 404
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as r:
+            assert b"gateway_request_duration_seconds_bucket" in r.read()
     finally:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
