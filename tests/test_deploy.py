@@ -90,7 +90,9 @@ def test_kubernetes_manifests_fit_together() -> None:
     assert gateway["restartPolicy"] == "Always"  # native sidecar
     assert gateway["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert gateway["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    assert gateway["startupProbe"]["httpGet"]["path"] == "/readyz"
+    # A native sidecar's startup probe gates the model server's start, and /readyz waits for the model server:
+    # startup must not wait for readiness, or the pod deadlocks.
+    assert gateway["startupProbe"]["httpGet"]["path"] == "/healthz"
     env = {e["name"]: e for e in gateway["env"]}
     assert set(env) <= {f"GATEWAY_{n.upper()}" for n in GatewaySettings.model_fields}
     assert "secretKeyRef" in env["GATEWAY_NOISE_SECRET"]["valueFrom"]
@@ -111,7 +113,21 @@ def test_kubernetes_manifests_fit_together() -> None:
     assert policy["podSelector"]["matchLabels"].items() <= labels.items()
     allowed = {p["port"]: rule.get("from") for rule in policy["ingress"] for p in rule["ports"]}
     assert allowed["http"] is None and allowed["metrics"] and "namespaceSelector" in allowed["metrics"][0]
+    # Termination: the model server stops first (its preStop holds it while the gateway drains), then the sidecar.
+    hold = model_server["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert hold >= gateway["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert pod["terminationGracePeriodSeconds"] > hold + gateway["lifecycle"]["preStop"]["sleep"]["seconds"]
     job = docs["Job"]["spec"]
+    for spec in (pod, job["template"]["spec"]):
+        assert spec["automountServiceAccountToken"] is False
+    assert docs["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    claims = {d["metadata"]["name"] for d in k8s_documents() if d["kind"] == "PersistentVolumeClaim"}
+    used = {v["persistentVolumeClaim"]["claimName"] for spec in (pod, job["template"]["spec"])
+            for v in spec["volumes"] if "persistentVolumeClaim" in v}  # fmt: skip
+    assert used <= claims, f"claims nothing defines: {used - claims}"
+    image = job["template"]["spec"]["containers"][0]["image"]
+    built = re.findall(r"-t (\S+) \.", (DEPLOY / "train.Dockerfile").read_text())
+    assert image in built, "the shadow Job's image must be the one deploy/train.Dockerfile builds"
     assert (
         job["completionMode"] == "Indexed"
         and "$JOB_COMPLETION_INDEX" in job["template"]["spec"]["containers"][0]["args"][0]
