@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gateway.errors import DefenseRejected, GatewayError, ServiceUnavailable, TooManyRequests
+from gateway.errors import DefenseRejected, GatewayError, InputOutOfRange, ServiceUnavailable, TooManyRequests
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline import BatchOutput
 
@@ -178,7 +178,12 @@ class BatchQueue:
             offset += item.n
             if item.future.done():
                 continue
-            if out.rejected[part].any():
+            if out.out_of_range is not None and out.out_of_range[part].any():
+                rows = np.flatnonzero(out.out_of_range[part])[:5].tolist()
+                _settle_error(item, InputOutOfRange(
+                    f"the model's output is not finite for row(s) {rows} of this request: their values are out of "
+                    "the range the model handles (e.g. ±3e38); send features scaled as in training"))  # fmt: skip
+            elif out.rejected[part].any():
                 _settle_error(
                     item,
                     DefenseRejected(

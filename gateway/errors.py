@@ -43,6 +43,12 @@ class Unauthorized(ClientError):
         super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
 
 
+class InputOutOfRange(ClientError):
+    """Finite inputs for which the model's output is not finite (e.g. every feature ±3e38)."""
+
+    status = 422
+
+
 class ModelNotFound(ClientError):
     status = 404
 

@@ -28,7 +28,8 @@ def _size_buckets(max_batch: int) -> tuple[float, ...]:
 
 
 class GatewayMetrics:
-    OUTCOMES = ("perturbed", "unchanged", "fallback")
+    #: ``out_of_range``: the model's output was not finite for a finite input (the request got 422).
+    OUTCOMES = ("perturbed", "unchanged", "fallback", "out_of_range")
 
     def __init__(self, *, max_batch_size: int, registry: CollectorRegistry | None = None) -> None:
         disable_created_metrics()  # type: ignore[no-untyped-call]  # no `_created` twin series: they double the scrape for nothing

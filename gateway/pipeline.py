@@ -29,7 +29,10 @@ log = logging.getLogger("gateway.pipeline")
 class BatchOutput:
     probabilities: np.ndarray  # [B, C] float64, defended (or the one-hot fallback)
     labels: np.ndarray  # [B] int64, argmax of the undefended vector
-    rejected: np.ndarray  # [B] bool: rows that must not be answered (their request gets 503)
+    rejected: np.ndarray  # [B] bool: rows that must not be answered (their request gets 503, or 422 below)
+    #: [B] bool: rows whose (finite, validated) input gave a non-finite model output: out of the model's range,
+    #: a client-side problem (422), not a defense fallback.
+    out_of_range: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -142,9 +145,9 @@ class Pipeline:
         released = torch.where(bad[:, None], one_hot(labels, self.classes), defended.released)  # [B, C]
         rejected = (bad & (self.on_defense_error == "reject")) | ~model_ok  # [B]
         out = BatchOutput(probabilities=released.cpu().numpy(), labels=labels.cpu().numpy(),
-                          rejected=rejected.cpu().numpy())  # fmt: skip
+                          rejected=rejected.cpu().numpy(), out_of_range=(~model_ok).cpu().numpy())  # fmt: skip
         l1 = (released - probs).abs().sum(dim=1).cpu().numpy()  # [B]
-        self._record(out, bad.cpu().numpy(), l1, int((defended.label_changed & model_ok).sum()))
+        self._record(out, (defended.bad & model_ok).cpu().numpy(), l1, int((defended.label_changed & model_ok).sum()))
         return out
 
     def _keys(self, x: np.ndarray, probs: torch.Tensor) -> torch.Tensor:
@@ -176,13 +179,16 @@ class Pipeline:
         return probs, logits_from_probs(probs).float(), model_ok
 
     def _record(self, out: BatchOutput, bad: np.ndarray, l1: np.ndarray, label_changes: int) -> None:
-        """Outcome counters, label changes and the L1 histogram for one batch (rejected rows: no L1)."""
+        """Outcome counters, label changes and the L1 histogram for one batch (rejected rows: no L1). ``bad``:
+        the defense's fallbacks; rows out of the model's range count as ``out_of_range``, not as fallbacks."""
         name, B = self.defense.name, len(bad)
-        n_bad = int(bad.sum())
-        n_perturbed = int(((l1 > 0) & ~bad).sum())
+        oor = out.out_of_range if out.out_of_range is not None else np.zeros(B, dtype=bool)
+        n_bad, n_oor = int(bad.sum()), int(oor.sum())
+        n_perturbed = int(((l1 > 0) & ~bad & ~oor).sum())
         self.metrics.defended_rows.labels(name, "fallback").inc(n_bad)
+        self.metrics.defended_rows.labels(name, "out_of_range").inc(n_oor)
         self.metrics.defended_rows.labels(name, "perturbed").inc(n_perturbed)
-        self.metrics.defended_rows.labels(name, "unchanged").inc(B - n_bad - n_perturbed)
+        self.metrics.defended_rows.labels(name, "unchanged").inc(B - n_bad - n_oor - n_perturbed)
         if label_changes:
             self.metrics.label_changes.labels(name).inc(label_changes)
         hist = self.metrics.l1_distortion.labels(name)

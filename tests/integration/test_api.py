@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gateway.defenses import register_defense, unregister_defense
 from tests.conftest import CLASSES, WIDTH, FakeRunner, make_settings, metric_value, rows, serving
 
 JSON = {"Content-Type": "application/json"}
@@ -244,12 +245,50 @@ async def test_model_failure_is_isolated_and_a_5xx(tiny_bundle: Path) -> None:
         assert bad.status_code == 500 and "model failed" in bad.json()["error"]
 
 
+class _Raises:
+    """A defense that fails on every batch."""
+
+    name = "test_raises"
+    randomized = False
+    l1_bound = 2.0
+
+    def params(self) -> dict[str, object]:
+        return {}
+
+    def defend(self, probs: object, logits: object, keys: object) -> object:
+        raise RuntimeError("boom")
+
+    @classmethod
+    def from_bundle(cls, bundle: object, overrides: object, device: object) -> _Raises:
+        return cls()
+
+
 async def test_fail_closed_reject_is_503_without_vectors(tiny_bundle: Path) -> None:
-    async with serving(make_settings(tiny_bundle), FakeRunner()) as (client, _):
-        x = rows(2)
-        x[1][0] = FakeRunner.NAN_ROW
-        r = await client.post("/predict", json={"instances": x})
-        assert r.status_code == 503 and set(r.json()) == {"error"} and "withheld" in r.json()["error"]
+    register_defense(_Raises)
+    try:
+        async with serving(make_settings(tiny_bundle, defense="test_raises"), FakeRunner()) as (client, _):
+            r = await client.post("/predict", json={"instances": rows(2)})
+            assert r.status_code == 503 and set(r.json()) == {"error"} and "withheld" in r.json()["error"]
+            text = (await client.get("/metrics")).text
+            assert metric_value(text, "gateway_defended_rows_total", defense="test_raises", outcome="fallback") == 2
+    finally:
+        unregister_defense("test_raises")
+
+
+@pytest.mark.parametrize("on_error", ["reject", "label_only"])
+async def test_inputs_the_model_overflows_on_get_422_not_a_fallback(tiny_bundle: Path, on_error: str) -> None:
+    """Finite inputs whose model output is not finite (e.g. every feature ±3e38) are the client's range problem."""
+    async with serving(make_settings(tiny_bundle, on_defense_error=on_error), FakeRunner()) as (client, _):
+        x = rows(3)
+        x[1][0] = FakeRunner.NAN_ROW  # the fake model returns NaN for this finite input
+        ok, bad = await asyncio.gather(client.post("/predict", json={"instances": rows(2, seed=9)}),
+                                       client.post("/predict", json={"instances": x}))  # fmt: skip
+        assert ok.status_code == 200
+        assert bad.status_code == 422 and set(bad.json()) == {"error"} and "[1]" in bad.json()["error"]
+        assert "out of the range" in bad.json()["error"]
+        text = (await client.get("/metrics")).text
+        assert metric_value(text, "gateway_defended_rows_total", defense="none", outcome="fallback") == 0
+        assert metric_value(text, "gateway_defended_rows_total", defense="none", outcome="out_of_range") == 1
 
 
 async def test_metrics_are_present_and_move(tiny_bundle: Path) -> None:
