@@ -43,6 +43,12 @@ class Unauthorized(ClientError):
         super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
 
 
+class ClientDisconnected(ClientError):
+    """The client closed the connection before its body arrived: nothing to answer (nginx's 499, for metrics)."""
+
+    status = 499
+
+
 class InputOutOfRange(ClientError):
     """Finite inputs for which the model's output is not finite (e.g. every feature ±3e38)."""
 

@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 import orjson
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
-from gateway.errors import ClientError, PayloadTooLarge, UnsupportedMediaType
+from gateway.errors import ClientDisconnected, ClientError, PayloadTooLarge, UnsupportedMediaType
 
 
 async def read_json(request: Request, max_bytes: int) -> Any:
@@ -35,10 +35,13 @@ async def read_json(request: Request, max_bytes: int) -> Any:
                 f"the body is {size} bytes; the limit is {max_bytes} bytes: send fewer rows per request"
             )
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_bytes:
-            raise PayloadTooLarge(f"the body exceeds the limit of {max_bytes} bytes: send fewer rows per request")
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_bytes:
+                raise PayloadTooLarge(f"the body exceeds the limit of {max_bytes} bytes: send fewer rows per request")
+    except ClientDisconnect:
+        raise ClientDisconnected("the client closed the connection before the body was complete") from None
     if not body:
         raise ClientError("the body is empty; send a JSON object")
     try:

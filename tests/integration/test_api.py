@@ -375,3 +375,31 @@ async def test_query_budget_is_per_client_and_429(tiny_bundle: Path) -> None:
         bad = await client.post("/predict", json={"instances": [[1.0]]}, headers=k1)
         assert bad.status_code == 400  # invalid requests are rejected before they cost budget
         assert (await client.post("/predict", json={"instances": rows(4)}, headers=k2)).status_code == 200
+
+
+async def test_a_client_leaving_mid_body_is_a_499(tiny_bundle: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A disconnect while the body streams in is neither a 500 nor a traceback: one 499 in the metrics."""
+    import logging
+
+    async with serving(make_settings(tiny_bundle), FakeRunner()) as (client, app):
+        messages = iter([{"type": "http.request", "body": b'{"instances": [[0.1, ', "more_body": True},
+                         {"type": "http.disconnect"}])  # fmt: skip
+        sent: list[dict[str, object]] = []
+
+        async def receive() -> dict[str, object]:
+            return next(messages)
+
+        async def send(message: dict[str, object]) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/predict", "raw_path": b"/predict", "query_string": b"",
+                 "root_path": "", "headers": [(b"content-type", b"application/json")],
+                 "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000)}  # fmt: skip
+        with caplog.at_level(logging.INFO):
+            await app(scope, receive, send)
+        assert sent[0]["status"] == 499
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+        text = (await client.get("/metrics")).text
+        assert metric_value(text, "gateway_request_duration_seconds_count", route="/predict", status="499") == 1
+        assert 'status="500"' not in text
