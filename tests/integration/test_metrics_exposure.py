@@ -34,7 +34,8 @@ def scrape(port: int, token: str | None = None) -> tuple[int, str]:
         with urllib.request.urlopen(req, timeout=5) as r:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
+        with exc:  # the error holds the response's socket: close it here, not at some later GC
+            return exc.code, exc.read().decode()
 
 
 async def test_by_default_metrics_live_on_their_own_port_only(defended_bundle: Path) -> None:

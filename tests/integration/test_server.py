@@ -71,6 +71,7 @@ def test_demo_serves_location30_and_shuts_down_cleanly(tmp_path: Path) -> None:
         with pytest.raises(urllib.error.HTTPError) as public:  # clients cannot read per-row metrics
             urllib.request.urlopen(url + "/metrics")
         assert public.value.code == 404
+        public.value.close()
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as r:
             assert b"gateway_request_duration_seconds_bucket" in r.read()
     finally:
