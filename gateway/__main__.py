@@ -6,7 +6,6 @@ CLI flags override ``GATEWAY_*`` variables, which override the defaults.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from typing import Any
 
@@ -17,6 +16,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from gateway.app import create_app
     from gateway.errors import BundleError
+    from gateway.logs import configure_logging
     from gateway.settings import GatewaySettings
 
     overrides: dict[str, Any] = {
@@ -36,7 +36,7 @@ def _serve(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"invalid configuration:\n{exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
     if settings.demo and settings.artifacts is None:
         from gateway.demo import ensure_demo_bundle
 
@@ -51,6 +51,7 @@ def _serve(args: argparse.Namespace) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        log_config=None,  # uvicorn's loggers propagate to the root handler (text or JSON lines)
         access_log=settings.access_log,
         timeout_graceful_shutdown=20,
     )

@@ -31,6 +31,7 @@ from gateway.batching import BatchQueue
 from gateway.defenses import Defense, create_defense
 from gateway.defenses.keyed import RowKeyer, key_context
 from gateway.errors import BundleError, GatewayError
+from gateway.logs import incoming_request_id, request_id
 from gateway.metrics import GatewayMetrics, start_metrics_server
 from gateway.pipeline import Pipeline
 from gateway.runner import CUDA, ModelRunner, OnnxRunner
@@ -128,7 +129,8 @@ def _warm_up(pipeline: Pipeline, width: int, max_batch: int) -> None:
 
 
 class _RequestTimer:
-    """Pure ASGI middleware: request latency by route template and status (bounded labels)."""
+    """Pure ASGI middleware: request latency by route template and status (bounded labels), and the request id
+    (the client's ``X-Request-ID`` if plain, else a fresh one), echoed on the response and set for log lines."""
 
     def __init__(self, app: ASGIApp, metrics: GatewayMetrics, templates: dict[Any, str]) -> None:
         self.app = app
@@ -141,16 +143,21 @@ class _RequestTimer:
             return
         start = time.perf_counter()
         status = 500
+        given = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), None)
+        rid = incoming_request_id(given)
+        token = request_id.set(rid)
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
             await send(message)
 
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
+            request_id.reset(token)
             route = scope.get("route")
             template = getattr(route, "path", None) or self.templates.get(scope.get("endpoint"), "unmatched")
             self.metrics.request_duration.labels(template, str(status)).observe(time.perf_counter() - start)
@@ -222,7 +229,7 @@ class GatewayRuntime:
                                   "set GATEWAY_METRICS_PORT to a free port, or 0 for none") from None  # fmt: skip
             log.info("metrics on %s:%d/metrics%s; the public port %s", settings.host, settings.metrics_port,
                      " (bearer token)" if token else "",
-                     "serves them too" if settings.metrics_public else "does not")  # fmt: skip
+                     "serves them too" if settings.metrics_public else "does not serve them")  # fmt: skip
         # Everything allocated so far (torch, ORT, the app) lives until shutdown. Move it out of the
         # collector's reach: otherwise every full collection walks torch's object graph and stalls
         # the event loop for ~80 ms (measured: p99 85 ms -> 9 ms under load, docs/BENCHMARKS.md).

@@ -10,7 +10,7 @@ import hmac
 import threading
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, disable_created_metrics
 
 #: 0.5 ms .. 5 s
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
@@ -34,6 +34,7 @@ class GatewayMetrics:
     def __init__(self, *, max_batch_size: int, registry: CollectorRegistry | None = None) -> None:
         disable_created_metrics()  # type: ignore[no-untyped-call]  # no `_created` twin series: they double the scrape for nothing
         self.registry = registry or CollectorRegistry()
+        ProcessCollector(registry=self.registry)  # process_*: RSS, CPU seconds, open file descriptors (Linux)
         r = self.registry
         self.request_duration = Histogram(
             "gateway_request_duration_seconds",

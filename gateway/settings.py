@@ -110,6 +110,9 @@ class GatewaySettings(BaseSettings):
     require_gpu: bool = Field(False, description="Stay not-ready unless ONNX Runtime runs on CUDA.")
     ort_intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0 = its default).")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text lines, or one JSON object per line (with the request id while serving one)."
+    )
     access_log: bool = Field(False, description="uvicorn access log (method, path, status; never bodies).")
 
     # --- secrets ---------------------------------------------------------------------------

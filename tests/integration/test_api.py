@@ -403,3 +403,19 @@ async def test_a_client_leaving_mid_body_is_a_499(tiny_bundle: Path, caplog: pyt
         text = (await client.get("/metrics")).text
         assert metric_value(text, "gateway_request_duration_seconds_count", route="/predict", status="499") == 1
         assert 'status="500"' not in text
+
+
+async def test_request_ids_are_echoed_or_made_and_process_metrics_exported(tiny_bundle: Path) -> None:
+    import sys
+
+    async with serving(make_settings(tiny_bundle), FakeRunner()) as (client, _):
+        given = await client.post("/predict", json={"instances": rows(1)}, headers={"X-Request-ID": "trace-42"})
+        assert given.headers["x-request-id"] == "trace-42"
+        made = await client.get("/healthz")
+        assert len(made.headers["x-request-id"]) == 32
+        unsafe = await client.get("/healthz", headers={"X-Request-ID": "x" * 500})
+        assert unsafe.headers["x-request-id"] != "x" * 500  # it would land in logs: replaced
+        error = await client.post("/predict", content=b"{", headers={**JSON, "X-Request-ID": "bad-body"})
+        assert error.status_code == 400 and error.headers["x-request-id"] == "bad-body"
+        if sys.platform == "linux":
+            assert metric_value((await client.get("/metrics")).text, "process_resident_memory_bytes") > 0
