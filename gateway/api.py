@@ -10,8 +10,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from gateway.auth import bearer_matches
 from gateway.errors import ServiceUnavailable
-from gateway.metrics import bearer_matches
 from gateway.schemas import dumps, parse_predict, read_json
 
 if TYPE_CHECKING:
@@ -103,9 +103,7 @@ async def metrics(request: Request) -> Response:
     """Only routed with ``GATEWAY_METRICS_PUBLIC=true``: per-row distortion metrics tell a client what happened
     to its query, so by default they are served on the metrics port only (docs/API.md, Metrics)."""
     state = request.app.state.gateway
-    token = state.settings.metrics_token
-    if not bearer_matches(request.headers.get("authorization", ""), token.get_secret_value().encode() if token
-                          else None):  # fmt: skip
+    if not bearer_matches(request.headers.get("authorization", ""), state.settings.metrics_token_bytes()):
         return _json({"error": "/metrics needs Authorization: Bearer <GATEWAY_METRICS_TOKEN>"}, status=401)
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

@@ -220,7 +220,7 @@ class GatewayRuntime:
                                    max_queue_rows=settings.max_queue_rows, metrics=state.metrics)  # fmt: skip
         state.batcher.start()
         if settings.metrics_port:
-            token = settings.metrics_token.get_secret_value().encode() if settings.metrics_token else None
+            token = settings.metrics_token_bytes()
             try:
                 self._metrics_server = start_metrics_server(state.metrics.registry, settings.host,
                                                             settings.metrics_port, token)  # fmt: skip

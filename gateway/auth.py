@@ -14,6 +14,28 @@ from starlette.requests import Request
 from gateway.errors import TooManyRequests, Unauthorized
 
 
+def bearer_token(authorization: str) -> bytes | None:
+    """The token of an ``Authorization: Bearer <token>`` header value, or None."""
+    scheme, _, token = authorization.partition(" ")
+    return token.strip().encode() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def matches_any(presented: bytes, keys: tuple[bytes, ...]) -> bool:
+    """Constant-time membership: compares against every key, so timing does not reveal which prefix matched."""
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(presented, key)
+    return matched
+
+
+def bearer_matches(authorization: str, token: bytes | None) -> bool:
+    """An ``Authorization`` header value against one token (no token configured: always)."""
+    if token is None:
+        return True
+    presented = bearer_token(authorization)
+    return presented is not None and matches_any(presented, (token,))
+
+
 class ApiKeyAuth:
     def __init__(self, keys: tuple[bytes, ...]) -> None:
         self._keys = keys
@@ -26,16 +48,10 @@ class ApiKeyAuth:
     def check(self, request: Request) -> None:
         if not self._keys:
             return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        presented = bearer_token(request.headers.get("authorization", ""))
+        if presented is None:
             raise Unauthorized("this route needs an API key: send `Authorization: Bearer <key>`")
-        presented = token.strip().encode()
-        # Compare against every key so timing does not reveal which prefix matched.
-        matched = False
-        for key in self._keys:
-            matched |= hmac.compare_digest(presented, key)
-        if not matched:
+        if not matches_any(presented, self._keys):
             raise Unauthorized("the API key was not recognised; check `Authorization: Bearer <key>`")
 
 

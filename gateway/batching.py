@@ -178,7 +178,7 @@ class BatchQueue:
             offset += item.n
             if item.future.done():
                 continue
-            if out.out_of_range is not None and out.out_of_range[part].any():
+            if out.out_of_range[part].any():
                 rows = np.flatnonzero(out.out_of_range[part])[:5].tolist()
                 _settle_error(item, InputOutOfRange(
                     f"the model's output is not finite for row(s) {rows} of this request: their values are out of "

@@ -6,11 +6,12 @@ name/version/provider). Never a request id, client id, input hash or a confidenc
 
 from __future__ import annotations
 
-import hmac
 import threading
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, disable_created_metrics
+
+from gateway.auth import bearer_matches
 
 #: 0.5 ms .. 5 s
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
@@ -103,14 +104,6 @@ class GatewayMetrics:
 
 
 # --- serving the registry ---------------------------------------------------------------------
-def bearer_matches(authorization: str, token: bytes | None) -> bool:
-    """``Authorization`` header value against the metrics token, in constant time (no token: always)."""
-    if token is None:
-        return True
-    scheme, _, presented = authorization.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(presented.strip().encode(), token)
-
-
 def _wsgi_app(registry: CollectorRegistry, token: bytes | None) -> Any:
     from prometheus_client.exposition import make_wsgi_app
 

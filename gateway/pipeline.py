@@ -32,7 +32,7 @@ class BatchOutput:
     rejected: np.ndarray  # [B] bool: rows that must not be answered (their request gets 503, or 422 below)
     #: [B] bool: rows whose (finite, validated) input gave a non-finite model output: out of the model's range,
     #: a client-side problem (422), not a defense fallback.
-    out_of_range: np.ndarray | None = None
+    out_of_range: np.ndarray
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -182,9 +182,8 @@ class Pipeline:
         """Outcome counters, label changes and the L1 histogram for one batch (rejected rows: no L1). ``bad``:
         the defense's fallbacks; rows out of the model's range count as ``out_of_range``, not as fallbacks."""
         name, B = self.defense.name, len(bad)
-        oor = out.out_of_range if out.out_of_range is not None else np.zeros(B, dtype=bool)
-        n_bad, n_oor = int(bad.sum()), int(oor.sum())
-        n_perturbed = int(((l1 > 0) & ~bad & ~oor).sum())
+        n_bad, n_oor = int(bad.sum()), int(out.out_of_range.sum())
+        n_perturbed = int(((l1 > 0) & ~bad & ~out.out_of_range).sum())
         self.metrics.defended_rows.labels(name, "fallback").inc(n_bad)
         self.metrics.defended_rows.labels(name, "out_of_range").inc(n_oor)
         self.metrics.defended_rows.labels(name, "perturbed").inc(n_perturbed)

@@ -192,6 +192,10 @@ class GatewaySettings(BaseSettings):
             keys += [line.strip() for line in self.api_keys_file.read_text().splitlines() if line.strip()]
         return tuple(k.encode() for k in keys)
 
+    def metrics_token_bytes(self) -> bytes | None:
+        """``metrics_token`` as bytes for constant-time comparison (None: /metrics needs no token)."""
+        return self.metrics_token.get_secret_value().encode() if self.metrics_token else None
+
     def uses_default_secret(self) -> bool:
         secret = self.noise_secret.get_secret_value()
         return secret in ("", DEFAULT_NOISE_SECRET)

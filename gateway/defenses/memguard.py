@@ -339,7 +339,7 @@ class MemGuard:
             return probs
         side = None
         if self.config.landing == "boundary":
-            side = row_uniforms(keys, 1, stream=LANDING_STREAM, device=self.device)[:, 0].to(self.device) < 0.5  # [B]
+            side = row_uniforms(keys, 1, stream=LANDING_STREAM, device=self.device)[:, 0] < 0.5  # [B]
         phase = self.phase_one(logits, labels, side)
         noisy, p = self.release_probability(probs, phase)
         u = torch.from_numpy(uniform_from_digest(keys.cpu().numpy())).to(p.device)  # [B] keyed coin

@@ -32,7 +32,8 @@ class Recorder:
         if self.poison is not None and (x[:, 0] == self.poison).any():
             raise RuntimeError("poison")
         ids = x[:, 0].astype(np.float64)
-        return BatchOutput(probabilities=ids[:, None], labels=ids.astype(np.int64), rejected=ids < 0)
+        return BatchOutput(probabilities=ids[:, None], labels=ids.astype(np.int64), rejected=ids < 0,
+                           out_of_range=np.zeros(len(ids), dtype=bool))  # fmt: skip
 
 
 def queue(fn: Recorder, *, size: int = 8, delay_ms: float = 5.0, max_rows: int = 1000) -> BatchQueue:

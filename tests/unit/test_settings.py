@@ -71,3 +71,10 @@ def test_env_example_lists_every_setting() -> None:
     text = (Path(__file__).parents[2] / "deploy" / "gateway.env.example").read_text()
     missing = [n for n in GatewaySettings.model_fields if f"GATEWAY_{n.upper()}=" not in text]
     assert not missing, f"add these to deploy/gateway.env.example: {missing}"
+
+
+def test_the_noise_key_grid_default_is_the_release_paths() -> None:
+    """Settings repeat the literal (importing keyed would import torch); the offline release path uses keyed's."""
+    from gateway.defenses.keyed import OUTPUT_KEY_GRID
+
+    assert GatewaySettings.model_fields["noise_key_grid"].default == OUTPUT_KEY_GRID
