@@ -14,13 +14,15 @@ coordinates (label last) on the target's logits z̃:
 * No noise when |g(s) − 0.5| ≤ 1e-5 already, or when the c3 = 0.1 round fails.
 * Coordinates are sorted once and never re-sorted inside the loop; the result is un-sorted.
 
-The rounds are deterministic and independent, so they may run side by side (7B rows at once,
-``schedule="parallel"``: lowest latency for small batches) or one after another on the rows
-whose previous round succeeded (``"sequential"``: fewer FLOPs for large batches, since rounds
-after a row's first failure never run). Both give the same answer; ``"auto"`` picks by batch
-size. Rows that finish leave the working set, so a batch costs what its rows actually need.
-Gradients are written out by hand (g is a ReLU MLP), which keeps one step to a handful of
-matmuls instead of an autograd graph.
+The rounds are deterministic and independent per row, so they may run side by side (7B entries at
+once, ``schedule="parallel"``) or one after another per row (``"sequential"``): a row whose round
+succeeds restarts from e = 0 in the next round at the next step, without waiting for the rest of the
+batch, and rounds after its first failure never run. Both give the same answer. Sequential does 3-4x
+less work (most rows fail one round, which costs the full 299 steps, and in parallel every row runs all
+seven) for ~1.2x the steps; ``"auto"`` runs sequentially on CPU, and side by side on a GPU for batches up
+to ``parallel_max_rows``. Rows that finish leave the working set, so a batch costs what its rows actually
+need. Gradients are written out by hand (g is a ReLU MLP) into tensors allocated once per working set,
+which keeps one step to a handful of matmuls and elementwise passes instead of an autograd graph.
 
 **Phase II** [``evaluate_nn_attack.py``; paper §4]: with d = ‖s′ − s‖₁, release s′ with
 probability p = min(ε/d, 1) if the noise moves g towards 0.5 (|g(s) − 0.5| > |g(s′) − 0.5|),
@@ -60,7 +62,7 @@ class MemGuardParams(BaseModel):
     max_iterations: int = Field(300, ge=2)
     step_size: float = Field(0.1, gt=0)
     schedule: Literal["auto", "parallel", "sequential"] = "auto"
-    #: Rows (×7 rounds) up to which "auto" runs rounds side by side.
+    #: Rows (×7 rounds) up to which "auto" runs rounds side by side on a GPU (never on CPU).
     parallel_max_rows: int = Field(64, ge=1)
     dtype: Literal["float32", "float64"] = "float32"
     #: Where Phase I's noise lands. ``crossed`` (the published algorithm): the first step past g's
@@ -86,10 +88,15 @@ class PhaseOne:
 
 
 class _G:
-    """g's weights as plain tensors, with a batched forward/backward (ReLU MLP)."""
+    """g's weights as plain tensors, with a batched forward/backward (ReLU MLP).
+
+    ``forward`` and ``input_grad`` write into preallocated tensors when given them (``Buffers``): Phase I
+    runs them hundreds of times on the same working set, where allocation and the per-op cost, not the
+    FLOPs, decide the time of a small batch."""
 
     def __init__(self, layers: list[tuple[torch.Tensor, torch.Tensor]], log_floor: float = 0.0) -> None:
         self.layers = layers
+        self.transposed = [W.t().contiguous() for W, _ in layers]  # [in, out]: no transpose per call
         self.log_floor = log_floor  # > 0: the first layer reads log(s + log_floor)
         self.bits = [bit_weights(W.shape[0], W.device, W.dtype) for W, _ in layers[:-1]]
 
@@ -100,14 +107,14 @@ class _G:
         """dL/ds [N, C] from dL/d(first layer input) [N, C]: itself, or divided by s + floor (in place)."""
         return grad_x.div_(s + self.log_floor) if self.log_floor > 0 else grad_x
 
-    def forward(self, s: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(self, s: torch.Tensor, out: Buffers | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """s [N, C] -> (h [N], hidden activations [a1 [N,256], a2 [N,128], a3 [N,64]])."""
+        outs = out.acts if out is not None else [None] * len(self.layers)  # [a1, a2, a3, h [N, 1]]
         acts, x = [], torch.log(s + self.log_floor) if self.log_floor > 0 else s
-        for W, b in self.layers[:-1]:
-            x = torch.addmm(b, x, W.t()).clamp_min_(0)  # ReLU in place: one pass fewer over [N, width]
+        for (_, b), Wt, o in zip(self.layers[:-1], self.transposed, outs, strict=False):
+            x = torch.addmm(b, x, Wt, out=o).clamp_min_(0)  # ReLU in place: one pass fewer over [N, width]
             acts.append(x)
-        W, b = self.layers[-1]
-        return torch.addmm(b, x, W.t())[:, 0], acts
+        return torch.addmm(self.layers[-1][1], x, self.transposed[-1], out=outs[-1])[:, 0], acts
 
     def jacobian(self, masks: list[torch.Tensor]) -> torch.Tensor:
         """∂h/∂x [N, C] (x: the first layer's input, s or log(s + floor); ``chain`` makes it ∂h/∂s) from the
@@ -121,14 +128,29 @@ class _G:
             g = (g @ W).mul_(m)  # [N, in]
         return g @ self.layers[0][0]  # [N, C]
 
-    def input_grad(self, dh: torch.Tensor, acts: list[torch.Tensor]) -> torch.Tensor:
+    def input_grad(self, dh: torch.Tensor, acts: list[torch.Tensor], out: Buffers | None = None) -> torch.Tensor:
         """dL/dx [N, C] (the first layer's input; ``chain`` makes it dL/ds) given dL/dh [N] and the activations."""
-        W_out, _ = self.layers[-1]
-        g = dh[:, None] * W_out  # [N, 64]
-        for (W, _), a in zip(reversed(self.layers[:-1]), reversed(acts), strict=True):
-            # ReLU' as one fused pass, in place (g is always a fresh product here); [N, in]
-            g = torch.ops.aten.threshold_backward.grad_input(g, a, 0, grad_input=g) @ W
+        outs = out.grads if out is not None else [None] * len(self.layers)  # [[N,64], [N,128], [N,256], [N,C]]
+        g = torch.mul(dh[:, None], self.layers[-1][0], out=outs[0])  # [N, 64]
+        for (W, _), a, o in zip(reversed(self.layers[:-1]), reversed(acts), outs[1:], strict=True):
+            # ReLU' as one fused pass, in place (g is this step's own product); [N, in]
+            g = torch.mm(torch.ops.aten.threshold_backward.grad_input(g, a, 0, grad_input=g), W, out=o)
         return g
+
+
+#: Phase I's Jacobian reuse on CPU: (∂h/∂s per working row [n, C], the ReLU patterns it belongs to [n, 20],
+#: whether reuse still pays in this round).
+ReuseState = tuple[torch.Tensor | None, torch.Tensor | None, bool]
+
+
+class Buffers:
+    """The per-step tensors of a working set of n rows, allocated once per working set."""
+
+    def __init__(self, g: _G, n: int, like: torch.Tensor) -> None:
+        C = like.shape[1]
+        self.s, self.diff, self.norm = like.new_empty(n, C), like.new_empty(n, C), like.new_empty(n, 1)
+        self.acts = [like.new_empty(n, W.shape[0]) for W, _ in g.layers]  # a1, a2, a3, h [n, 1]
+        self.grads = [like.new_empty(n, W.shape[1]) for W, _ in reversed(g.layers)]  # dL/d(input of each layer)
 
 
 @register_defense
@@ -192,29 +214,16 @@ class MemGuard:
         steps = torch.zeros(R, B, dtype=torch.int64, device=self.device)
         success = torch.zeros(R, B, dtype=torch.bool, device=self.device)
         final = zs[None].expand(R, B, C).clone()  # [R, B, C] z̃ + e per round
+        idx = (~skip).nonzero()[:, 0]  # [b] rows that need noise
         work = 0
-        if B:
-            sequential = p.schedule == "sequential" or (p.schedule == "auto" and B > p.parallel_max_rows)
-            if sequential:
-                alive = ~skip
-                for r in range(R):
-                    idx = alive.nonzero()[:, 0]
-                    if idx.numel() == 0:
-                        break
-                    c3 = torch.full((idx.numel(),), C3_SCHEDULE[r], device=self.device, dtype=self.dtype)
-                    x, n, ok, w = self._descend(zs[idx], ss[idx], h0[idx], c3)
-                    final[r, idx], steps[r, idx], success[r, idx] = x, n, ok
-                    work += w
-                    alive = torch.zeros_like(alive).index_fill_(0, idx[ok], True)
+        if idx.numel():
+            if self._side_by_side(B):
+                ids = idx.repeat(R)  # [R·b] entry -> row: every round at once
+                first = torch.arange(R, device=self.device).repeat_interleave(idx.numel())
+                work = self._descend(zs, ss, h0, ids, first, False, (final, steps, success))
             else:
-                idx = (~skip).nonzero()[:, 0]  # [b]
-                if idx.numel():
-                    b = idx.numel()
-                    c3 = torch.tensor(C3_SCHEDULE, device=self.device, dtype=self.dtype).repeat_interleave(b)
-                    x, n, ok, w = self._descend(zs[idx].repeat(R, 1), ss[idx].repeat(R, 1), h0[idx].repeat(R), c3)
-                    final[:, idx], steps[:, idx], success[:, idx] = x.view(R, b, C), n.view(R, b), ok.view(R, b)
-                    work += w
-
+                first = torch.zeros_like(idx)
+                work = self._descend(zs, ss, h0, idx, first, True, (final, steps, success))
         # The unbroken run of successes from round 0; keep its last round (official rule).
         rounds_ok = success.to(torch.int64).cumprod(dim=0).sum(dim=0)  # [B] 0..R
         has_noise = rounds_ok > 0
@@ -228,78 +237,133 @@ class MemGuard:
         noisy = torch.empty_like(chosen).scatter_(1, perm, chosen)  # un-sort: noisy[perm] = chosen
         return PhaseOne(noisy, has_noise, rounds_ok, steps, success, h0, work)
 
-    def _descend(
-        self, zs: torch.Tensor, ss: torch.Tensor, h0: torch.Tensor, c3: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """One c3 round for N rows: zs, ss [N, C], h0 [N], c3 [N] -> (z̃+e [N, C], steps [N], success [N], work)."""
+    def _side_by_side(self, rows: int) -> bool:
+        """Whether Phase I runs its seven rounds at once (one entry per row and round) for this batch."""
         p = self.config
-        N = zs.shape[0]
-        out_x = zs.clone()
-        out_steps = torch.zeros(N, dtype=torch.int64, device=zs.device)
-        out_ok = torch.zeros(N, dtype=torch.bool, device=zs.device)
-        ids = torch.arange(N, device=zs.device)  # working set -> row
-        live = torch.ones(N, dtype=torch.bool, device=zs.device)  # working rows still descending
-        n_live = N
-        x, s_ref, h_ref, c3w = zs.clone(), ss, h0, c3
+        if p.schedule != "auto":
+            return p.schedule == "parallel"
+        # On CPU every row-step costs time, and most rounds after a row's first failure never need to run:
+        # rounds one after another per row do 3-4x less work for the same answer, at ~1.2x the steps.
+        return self.device.type != "cpu" and rows <= p.parallel_max_rows
+
+    def _descend(
+        self,
+        zs: torch.Tensor,
+        ss: torch.Tensor,
+        h0: torch.Tensor,
+        ids: torch.Tensor,
+        first: torch.Tensor,
+        advance: bool,
+        out: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    ) -> int:
+        """Phase I rounds for a working set of entries; returns the row-steps taken.
+
+        zs, ss [B, C], h0 [B]: the batch's sorted logits, s̃ and g's clean logit; ids [n]: each entry's row;
+        first [n]: its round. With ``advance`` an entry whose round succeeds restarts from e = 0 in the next
+        round at the next step, so each row runs its rounds one after another without waiting for the
+        batch's slowest row. Fills out = (final [R, B, C], steps [R, B], success [R, B]) per (round, row).
+        """
+        p = self.config
+        final, out_steps, out_ok = out
+        c3_of = torch.tensor(C3_SCHEDULE, device=zs.device, dtype=zs.dtype)  # [R]
+        last_round = len(C3_SCHEDULE) - 1
+        rnd = first.clone()  # [n] each entry's current round
+        t = torch.zeros_like(ids)  # [n] steps taken in its round
+        live = torch.ones_like(ids, dtype=torch.bool)  # [n] entries still descending
+        x, s_ref, h_ref, c3w = zs[ids], ss[ids], h0[ids], c3_of[rnd][:, None]  # x [n, C] is this loop's own
+        n_live = ids.numel()
+        buf = Buffers(self.g, n_live, x)
         J: torch.Tensor | None = None  # [n, C] ∂h/∂s per working row, for the reuse on CPU
         sig: torch.Tensor | None = None  # [n, 20] the ReLU patterns J belongs to
         reuse = zs.device.type == "cpu"
-        work = 0
-        max_steps = p.max_iterations - 1
-        for it in range(max_steps + 1):
-            s = torch.softmax(x, dim=1)  # [n, C]
-            h, acts = self.g.forward(s)  # [n]
+        work, max_steps, tiny = 0, p.max_iterations - 1, torch.finfo(x.dtype).tiny
+        while True:
+            s = torch.softmax(x, dim=1, out=buf.s)  # [n, C]
+            h, acts = self.g.forward(s, buf)  # [n]
             top_other = x[:, :-1].amax(dim=1)  # [n] max over j < C-1 (its index only for hinge rows, below)
-            if it > 0:
-                label_ok = x[:, -1] > top_other  # [n] strict maximum
-                reached = label_ok & (h * h_ref <= 0)
-                done = (reached | (it == max_steps)) & live
-                if bool(done.any()):
-                    gone = ids[done]
-                    out_x[gone], out_steps[gone], out_ok[gone] = x[done], it, reached[done]
-                    live &= ~done
-                    n_live -= int(done.sum())
-                    if n_live == 0:
-                        break
-                    # Compact once an eighth of the working set has finished: finished rows cost
-                    # compute until then, but copying every working tensor each time a row ends costs more.
-                    if n_live <= live.numel() * 7 // 8:
-                        keep = live
-                        ids, x, s, h, s_ref, h_ref, c3w, top_other, live = (
-                            t[keep] for t in (ids, x, s, h, s_ref, h_ref, c3w, top_other, live)
-                        )
-                        acts = [a[keep] for a in acts]
-                        J, sig = (None, None) if J is None or sig is None else (J[keep], sig[keep])
+            # A round always takes its first step, then stops once the label is a strict maximum and h has
+            # reached or crossed 0, or after max_steps. (At step 0, x = z̃ and h·h0 = h0² > 0: rows with
+            # |h0| that small were skipped, so the first step needs no test of its own.)
+            reached = (x[:, -1] > top_other) & (h * h_ref <= 0)  # [n]
+            done = (reached | (t == max_steps)) & live
+            restart: torch.Tensor | None = None  # [n] bool: entries that begin their next round
+            if bool(done.any()):
+                gone = done.nonzero()[:, 0]
+                r_gone, row = rnd[gone], ids[gone]
+                final[r_gone, row], out_steps[r_gone, row], out_ok[r_gone, row] = x[gone], t[gone], reached[gone]
+                if advance:
+                    restart = done & reached & (rnd < last_round)
+                    rnd = rnd + restart
+                    c3w = c3_of[rnd][:, None]
+                    done &= ~restart
+                live &= ~done
+                n_live -= int(done.sum())
+                if n_live == 0:
+                    break
+                # Compact once an eighth of the working set has finished: finished rows cost
+                # compute until then, but copying every working tensor each time a row ends costs more.
+                if n_live <= live.numel() * 7 // 8:
+                    keep = live
+                    ids, x, s, h, s_ref, h_ref, c3w, top_other, live, rnd, t = (
+                        v[keep] for v in (ids, x, s, h, s_ref, h_ref, c3w, top_other, live, rnd, t)
+                    )
+                    restart = None if restart is None else restart[keep]
+                    acts = [a[keep] for a in acts]
+                    J, sig = (None, None) if J is None or sig is None else (J[keep], sig[keep])
+                    buf = Buffers(self.g, n_live, x)
             work += n_live  # steps the rows need; rows awaiting compaction are not counted
-            # dL/ds: c1·sign(h)·∂h/∂s + c3·sign(s − s̃)
-            dh = C1 * torch.sign(h)  # [n] ±1 (0 only where h = 0)
-            if reuse and x.shape[0] >= self.JACOBIAN_REUSE_ROWS:
-                masks = [a.sign_() for a in acts]  # ReLU outputs ≥ 0 -> masks in {0, 1}, in place (acts are done)
-                new_sig = signature(masks, self.g.bits)
-                rows = None if J is None else changed_rows(new_sig, sig, self.JACOBIAN_REUSE_MAX_CHANGED)
-                if J is None or rows is None:
-                    # Most patterns change at every step: the bookkeeping cannot pay off in this round.
-                    reuse = J is None
-                    J = self.g.jacobian(masks)
-                elif rows.numel():
-                    J.index_copy_(0, rows, self.g.jacobian([m.index_select(0, rows) for m in masks]))
-                sig, grad_h = new_sig, self.g.chain(J * dh[:, None], s)
-            else:
-                J = sig = None
-                grad_h = self.g.chain(self.g.input_grad(dh, acts), s)
-            gs = grad_h.addcmul_(c3w[:, None], (s - s_ref).sign_())  # in place: fresh tensors, fewer allocations
-            gx = torch._softmax_backward_data(gs, s, 1, s.dtype)  # softmax backward, fused: s·(gs − Σ gs·s) [n, C]
-            # c2·ReLU(max_{j<C-1} x_j − x_{C-1}): gradient +c2 at the argmax (first maximal index, as
-            # max(dim) picks), −c2 at the label; only rows whose label is not ahead have one.
-            hinged = (top_other > x[:, -1]).nonzero()[:, 0]  # [m]
-            if hinged.numel():
-                arg_other = x[hinged, :-1].argmax(dim=1)  # [m]
-                gx.index_put_((hinged, arg_other), gx.new_full((hinged.numel(),), C2), accumulate=True)
-                gx[hinged, -1] -= C2
-            norm = gx.norm(dim=1, keepdim=True)  # [n, 1]
-            scale = torch.where(norm > 0, p.step_size / norm, torch.zeros_like(norm)) * live[:, None]  # [n, 1]
-            x = x.addcmul_(gx, scale, value=-1.0)  # x is this loop's own (a clone, or a compacted copy)
-        return out_x, out_steps, out_ok, work
+            gx, (J, sig, reuse) = self._gradient(x, s, h, acts, s_ref, c3w, top_other, buf, (J, sig, reuse))
+            # Normalized step; a zero gradient (norm clamped to the smallest normal) moves nothing. Finished
+            # rows awaiting compaction move too: their result is recorded and `live` keeps them out.
+            norm = torch.linalg.vector_norm(gx, dim=1, keepdim=True, out=buf.norm).clamp_min_(tiny)  # [n, 1]
+            x.addcdiv_(gx, norm, value=-p.step_size)
+            t += 1
+            if restart is not None and bool(restart.any()):  # back to e = 0; the first step comes next
+                x[restart], t[restart] = zs[ids[restart]], 0
+        return work
+
+    def _gradient(
+        self,
+        x: torch.Tensor,
+        s: torch.Tensor,
+        h: torch.Tensor,
+        acts: list[torch.Tensor],
+        s_ref: torch.Tensor,
+        c3w: torch.Tensor,
+        top_other: torch.Tensor,
+        buf: Buffers,
+        reuse_state: ReuseState,
+    ) -> tuple[torch.Tensor, ReuseState]:
+        """∇_x L [n, C] at x (s = softmax(x), g's h and activations there; c3w [n, 1]), and the Jacobian
+        reuse state (J [n, C], the patterns it belongs to [n, 20], whether reuse still pays) for the next step."""
+        J, sig, reuse = reuse_state
+        # dL/ds: c1·sign(h)·∂h/∂s + c3·sign(s − s̃)
+        dh = torch.sign(h).mul_(C1)  # [n] ±1 (0 only where h = 0)
+        if reuse and x.shape[0] >= self.JACOBIAN_REUSE_ROWS:
+            masks = [a.sign_() for a in acts]  # ReLU outputs ≥ 0 -> masks in {0, 1}, in place (acts are done)
+            new_sig = signature(masks, self.g.bits)
+            rows = None if J is None else changed_rows(new_sig, sig, self.JACOBIAN_REUSE_MAX_CHANGED)
+            if J is None or rows is None:
+                # Most patterns change at every step: the bookkeeping cannot pay off in this round.
+                reuse = J is None
+                J = self.g.jacobian(masks)
+            elif rows.numel():
+                J.index_copy_(0, rows, self.g.jacobian([m.index_select(0, rows) for m in masks]))
+            sig, grad_h = new_sig, self.g.chain(J * dh[:, None], s)
+        else:
+            J = sig = None
+            grad_h = self.g.chain(self.g.input_grad(dh, acts, buf), s)
+        gs = grad_h.addcmul_(c3w, torch.sub(s, s_ref, out=buf.diff).sign_())  # in place: grad_h is this step's
+        gx = torch._softmax_backward_data(gs, s, 1, s.dtype)  # softmax backward, fused: s·(gs − Σ gs·s) [n, C]
+        # c2·ReLU(max_{j<C-1} x_j − x_{C-1}): gradient +c2 at the argmax (first maximal index, as max(dim)
+        # picks), −c2 at the label; only rows whose label is not ahead have one.
+        hinged = top_other > x[:, -1]  # [n]
+        if bool(hinged.any()):
+            rows_h = hinged.nonzero()[:, 0]  # [m]
+            arg_other = x[rows_h, :-1].argmax(dim=1)  # [m]
+            gx.index_put_((rows_h, arg_other), gx.new_full((rows_h.numel(),), C2), accumulate=True)
+            gx[rows_h, -1] -= C2
+        return gx, (J, sig, reuse)
 
     def _land(self, zs: torch.Tensor, crossed: torch.Tensor, h0: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
         """zs, crossed [n, C] sorted clean and Phase I logits, h0 [n], side [n] bool -> points on the segment
