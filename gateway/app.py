@@ -36,6 +36,7 @@ from gateway.metrics import GatewayMetrics, start_metrics_server
 from gateway.pipeline import Pipeline
 from gateway.runner import CUDA, ModelRunner, OnnxRunner
 from gateway.settings import GatewaySettings
+from gateway.threads import apply_torch_threads
 
 log = logging.getLogger("gateway")
 
@@ -83,7 +84,8 @@ def default_runner(bundle: Bundle, settings: GatewaySettings) -> ModelRunner:
         bundle.model_path,
         input_name=m.input.name,
         output_name=m.output.name,
-        intra_op_threads=settings.ort_intra_op_threads,
+        intra_op_threads=settings.threads.ort_intra_op_threads,
+        allow_spinning=settings.threads.ort_spinning,
     )
 
 
@@ -92,6 +94,7 @@ def _build(state: GatewayState, runner_factory: RunnerFactory) -> Pipeline:
     assert settings.artifacts is not None
     bundle = load_bundle(settings.artifacts)
     manifest = bundle.manifest
+    apply_torch_threads(settings.threads)
     runner = runner_factory(bundle, settings)
     device = torch.device("cuda") if runner.provider == CUDA and torch.cuda.is_available() else torch.device("cpu")
     defense = create_defense(settings.defense, bundle, dict(settings.defense_params), device)
@@ -217,7 +220,8 @@ class GatewayRuntime:
             log.warning("warm-up through the upstream failed (%s); not ready until it answers", type(exc).__name__)
         state.batcher = BatchQueue(pipeline, max_batch_size=settings.max_batch_size,
                                    max_delay_s=settings.max_queue_delay_ms / 1000,
-                                   max_queue_rows=settings.max_queue_rows, metrics=state.metrics)  # fmt: skip
+                                   max_queue_rows=settings.max_queue_rows, metrics=state.metrics,
+                                   fill_wait=settings.batch_fill_wait)  # fmt: skip
         state.batcher.start()
         if settings.metrics_port:
             token = settings.metrics_token_bytes()
@@ -250,6 +254,7 @@ class GatewayRuntime:
                  m.input.width, m.output.classes, m.output.kind, runner.provider, defense.name,
                  defense.params())  # fmt: skip
         log_defense_quality(m, defense.name, defense.params())
+        log.info("threads: %s", state.settings.threads.describe())
         if defense.randomized:
             key = state.settings.noise_key
             log.info("randomness keyed per row by its %s", f"clean output on a {state.settings.noise_key_grid:g} "

@@ -4,8 +4,12 @@ Contract (cf. ray-project/ray ``serve/batching.py``):
 
 * ``submit(rows[n, D])`` is called with rows that are already validated; it returns a future
   that settles with exactly those ``n`` rows of output, in order.
-* A batch flushes when it holds ``max_batch_size`` rows or when its oldest request has waited
-  ``max_delay_s``. A request larger than ``max_batch_size`` runs as a batch of its own.
+* A batch flushes when it holds ``max_batch_size`` rows, or as many rows as the previous batch, or when
+  its oldest request has waited ``max_delay_s`` or ``fill_wait`` × the recent time to process a batch,
+  whichever is longer. With a fast pipeline that is ``max_delay_s``; with a slow defense (MemGuard: ~100 ms
+  a batch) the queue waits a few ms for the clients it just answered to come back, so batches stay full
+  instead of alternating between a few early rows and the rest. A request larger than
+  ``max_batch_size`` runs as a batch of its own.
 * The queue is bounded in rows; beyond it ``submit`` raises ``TooManyRequests`` (429).
 * Requests whose client went away (cancelled futures) are dropped before their batch runs.
 * If a batch call raises, every request in it is retried alone, so one poisonous request
@@ -60,10 +64,14 @@ class BatchQueue:
         max_delay_s: float,
         max_queue_rows: int,
         metrics: GatewayMetrics,
+        fill_wait: float = 0.0,
     ) -> None:
         self._process = process
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
+        self.fill_wait = fill_wait
+        self._batch_s = 0.0  # moving average of the seconds one batch takes to process
+        self._fill_rows = max_batch_size  # rows of the previous batch: a full queue flushes at once
         self.max_queue_rows = max_queue_rows
         self._metrics = metrics
         self._pending: collections.deque[_Item] = collections.deque()
@@ -115,8 +123,8 @@ class BatchQueue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            deadline = self._pending[0].enqueued + self.max_delay_s
-            while self._pending_rows < self.max_batch_size and not self._closing:
+            deadline = self._pending[0].enqueued + max(self.max_delay_s, self.fill_wait * self._batch_s)
+            while self._pending_rows < self._fill_rows and not self._closing:
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0:
                     break
@@ -127,7 +135,11 @@ class BatchQueue:
                     break
             batch = self._take()
             if batch:
+                start = time.perf_counter()
                 await self._run(loop, batch)
+                took = time.perf_counter() - start
+                self._batch_s = took if not self._batch_s else self._batch_s + 0.2 * (took - self._batch_s)
+                self._fill_rows = min(self.max_batch_size, sum(it.n for it in batch))
 
     def _take(self) -> list[_Item]:
         """Pop requests (skipping cancelled ones) up to max_batch_size rows; at least one."""

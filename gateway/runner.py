@@ -46,6 +46,7 @@ class OnnxRunner:
         output_name: str,
         prefer_cuda: bool = True,
         intra_op_threads: int = 0,
+        allow_spinning: bool = True,
     ) -> None:
         import onnxruntime as ort  # deferred: importing ORT costs ~100 ms
 
@@ -53,6 +54,9 @@ class OnnxRunner:
         if intra_op_threads:
             options.intra_op_num_threads = intra_op_threads
         options.log_severity_level = 3
+        # Spinning keeps intra-op threads busy-waiting after each run: fast back-to-back runs, but it takes the
+        # core a CPU defense needs next (gateway/threads.py).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
         wanted = ([CUDA] if prefer_cuda and CUDA in ort.get_available_providers() else []) + [CPU]
         previous = 2  # ORT's default severity (warning)
         ort.set_default_logger_severity(4)  # FATAL only: the CUDA probe's load error is expected on CPU hosts

@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from gateway.threads import ThreadPlan, plan_threads
+
 #: The placeholder secret. Accepted only in demo/development mode: with a known secret an
 #: attacker could recompute every keyed coin and strip the noise.
 DEFAULT_NOISE_SECRET = "insecure-development-secret"
@@ -92,6 +94,13 @@ class GatewaySettings(BaseSettings):
     max_queue_delay_ms: float = Field(
         1.0, ge=0, description="How long the first queued row waits for batch-mates before a flush."
     )
+    batch_fill_wait: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="With a slow pipeline, the first queued row may wait up to this fraction of a batch's recent "
+        "processing time for batch-mates (if longer than GATEWAY_MAX_QUEUE_DELAY_MS); 0: off.",
+    )
     max_queue_rows: int = Field(4096, ge=1, description="Rows waiting at most; beyond it requests get 429.")
     max_batch_rows: int = Field(1024, ge=1, description="Rows one request may carry.")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Largest request body accepted.")
@@ -109,6 +118,14 @@ class GatewaySettings(BaseSettings):
     # --- runtime ---------------------------------------------------------------------------
     require_gpu: bool = Field(False, description="Stay not-ready unless ONNX Runtime runs on CUDA.")
     ort_intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0 = its default).")
+    ort_allow_spinning: bool | None = Field(
+        None,
+        description="Whether ONNX Runtime's intra-op threads spin-wait after a run; default: only with "
+        "defense=none (spinning takes the core a CPU defense runs on next).",
+    )
+    torch_threads: int = Field(
+        0, ge=0, description="Torch intra-op threads for the defense (0 = 1: measured fastest, docs/BENCHMARKS.md)."
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = Field(
         "text", description="text lines, or one JSON object per line (with the request id while serving one)."
@@ -179,6 +196,12 @@ class GatewaySettings(BaseSettings):
     def development(self) -> bool:
         """Demo mode is the only development mode: it permits the default noise secret."""
         return self.demo
+
+    @cached_property
+    def threads(self) -> ThreadPlan:
+        """Thread placement with its defaults resolved (gateway/threads.py)."""
+        return plan_threads(torch_threads=self.torch_threads, ort_intra_op_threads=self.ort_intra_op_threads,
+                            ort_allow_spinning=self.ort_allow_spinning, defense=self.defense)  # fmt: skip
 
     @cached_property
     def proxy_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:

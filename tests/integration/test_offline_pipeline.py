@@ -61,8 +61,13 @@ async def test_train_export_serve_matches_torch(tabular: Path, tmp_path: Path, q
     bundle = load_bundle(tmp_path / "bundle")
     m = bundle.manifest
     assert (m.name, m.input.width, m.output.classes, m.output.kind) == ("mine-demo", 12, 4, "logits")
-    assert {"model.onnx", "memguard_g.safetensors", "aeppt_substitute.safetensors", "rank_template.safetensors",
-            "split.npz"} == set(m.files)
+    assert {
+        "model.onnx",
+        "memguard_g.safetensors",
+        "aeppt_substitute.safetensors",
+        "rank_template.safetensors",
+        "split.npz",
+    } == set(m.files)
     assert set(m.defenses) == {"none", "memguard", "aeppt", "rank_template", "hamp"}
     t = m.training
     assert t is not None and t.split is not None and t.dataset is not None and t.accuracy.train is not None

@@ -35,6 +35,12 @@ def test_runner_matches_torch(tiny_bundle: Path) -> None:
     assert runner.run(x[:0]).shape == (0, want.shape[1])
 
 
+def test_spinning_setting_reaches_the_session(tiny_bundle: Path) -> None:
+    for allow, want in ((False, "0"), (True, "1")):
+        options = make_runner(tiny_bundle, allow_spinning=allow)._session.get_session_options()
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == want
+
+
 def test_cpu_only_when_cuda_not_preferred(tiny_bundle: Path) -> None:
     assert make_runner(tiny_bundle, prefer_cuda=False).provider == CPU
 

@@ -36,13 +36,16 @@ class Recorder:
                            out_of_range=np.zeros(len(ids), dtype=bool))  # fmt: skip
 
 
-def queue(fn: Recorder, *, size: int = 8, delay_ms: float = 5.0, max_rows: int = 1000) -> BatchQueue:
+def queue(
+    fn: Recorder, *, size: int = 8, delay_ms: float = 5.0, max_rows: int = 1000, fill_wait: float = 0.0
+) -> BatchQueue:
     q = BatchQueue(
         fn,
         max_batch_size=size,
         max_delay_s=delay_ms / 1000,
         max_queue_rows=max_rows,
         metrics=GatewayMetrics(max_batch_size=size),
+        fill_wait=fill_wait,
     )
     q.start()
     return q
@@ -71,6 +74,24 @@ async def test_deadline_flush_sends_a_partial_batch() -> None:
     assert time.perf_counter() - start >= 0.025
     assert fn.batches == [[7]] and out.labels.tolist() == [7]
     await q.close()
+
+
+async def test_a_slow_pipeline_waits_for_the_clients_it_answered() -> None:
+    """Closed-loop clients after a slow batch come back a few ms apart: with ``fill_wait`` the next batch waits
+    for them (up to fill_wait × the batch time, or until it holds as many rows as the previous batch) instead of
+    flushing the early ones alone after ``max_delay``."""
+    for fill_wait, want in ((0.0, [[0, 1, 2, 3], [10, 11], [12, 13]]), (0.5, [[0, 1, 2, 3], [10, 11, 12, 13]])):
+        fn = Recorder(delay_s=0.2)
+        q = queue(fn, size=64, delay_ms=1, fill_wait=fill_wait)
+        await asyncio.gather(*(q.submit(req(i)) for i in range(4)))  # one batch of 4 (the 1 ms deadline)
+
+        async def later(q: BatchQueue, i: float) -> None:
+            await asyncio.sleep(0.03)
+            await q.submit(req(i))
+
+        await asyncio.gather(q.submit(req(10)), q.submit(req(11)), later(q, 12), later(q, 13))
+        assert fn.batches == want, fill_wait
+        await q.close()
 
 
 async def test_rows_come_back_to_their_request_in_order() -> None:

@@ -78,3 +78,13 @@ def test_the_noise_key_grid_default_is_the_release_paths() -> None:
     from gateway.defenses.keyed import OUTPUT_KEY_GRID
 
     assert GatewaySettings.model_fields["noise_key_grid"].default == OUTPUT_KEY_GRID
+
+
+def test_thread_placement_defaults(tmp_path: Path) -> None:
+    """One torch thread; ORT spins only when no defense computes after it; explicit settings win."""
+    plain, guarded = build(artifacts=tmp_path), build(artifacts=tmp_path, defense="memguard")
+    assert (plain.threads.torch_threads, plain.threads.ort_spinning) == (1, True)
+    assert (guarded.threads.torch_threads, guarded.threads.ort_spinning) == (1, False)
+    forced = build(artifacts=tmp_path, defense="memguard", ort_allow_spinning=True, torch_threads=3)
+    assert (forced.threads.torch_threads, forced.threads.ort_spinning) == (3, True)
+    assert "spinning on" in forced.threads.describe()
