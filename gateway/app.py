@@ -84,8 +84,8 @@ def default_runner(bundle: Bundle, settings: GatewaySettings) -> ModelRunner:
         bundle.model_path,
         input_name=m.input.name,
         output_name=m.output.name,
-        intra_op_threads=settings.threads.ort_intra_op_threads,
-        allow_spinning=settings.threads.ort_spinning,
+        intra_op_threads=settings.threads().ort_intra_op_threads,
+        allow_spinning=settings.threads().ort_spinning,
     )
 
 
@@ -94,7 +94,7 @@ def _build(state: GatewayState, runner_factory: RunnerFactory) -> Pipeline:
     assert settings.artifacts is not None
     bundle = load_bundle(settings.artifacts)
     manifest = bundle.manifest
-    apply_torch_threads(settings.threads)
+    apply_torch_threads(settings.threads())
     runner = runner_factory(bundle, settings)
     device = torch.device("cuda") if runner.provider == CUDA and torch.cuda.is_available() else torch.device("cpu")
     defense = create_defense(settings.defense, bundle, dict(settings.defense_params), device)
@@ -254,7 +254,7 @@ class GatewayRuntime:
                  m.input.width, m.output.classes, m.output.kind, runner.provider, defense.name,
                  defense.params())  # fmt: skip
         log_defense_quality(m, defense.name, defense.params())
-        log.info("threads: %s", state.settings.threads.describe())
+        log.info("threads: %s", state.settings.threads().describe())
         if defense.randomized:
             key = state.settings.noise_key
             log.info("randomness keyed per row by its %s", f"clean output on a {state.settings.noise_key_grid:g} "

@@ -4,12 +4,12 @@ Contract (cf. ray-project/ray ``serve/batching.py``):
 
 * ``submit(rows[n, D])`` is called with rows that are already validated; it returns a future
   that settles with exactly those ``n`` rows of output, in order.
-* A batch flushes when it holds ``max_batch_size`` rows, or as many rows as the previous batch, or when
-  its oldest request has waited ``max_delay_s`` or ``fill_wait`` × the recent time to process a batch,
-  whichever is longer. With a fast pipeline that is ``max_delay_s``; with a slow defense (MemGuard: ~100 ms
-  a batch) the queue waits a few ms for the clients it just answered to come back, so batches stay full
-  instead of alternating between a few early rows and the rest. A request larger than
-  ``max_batch_size`` runs as a batch of its own.
+* A batch flushes when it holds ``max_batch_size`` rows or when its oldest request has waited
+  ``max_delay_s``. A slow pipeline (``fill_wait`` × the recent time to process a batch is longer than
+  ``max_delay_s``; MemGuard takes ~100 ms a batch) waits that long instead, or until the queue holds
+  as many rows as the previous batch: the clients it just answered come back a few ms apart, and
+  batches stay full instead of alternating between a few early rows and the rest. A request larger
+  than ``max_batch_size`` runs as a batch of its own.
 * The queue is bounded in rows; beyond it ``submit`` raises ``TooManyRequests`` (429).
 * Requests whose client went away (cancelled futures) are dropped before their batch runs.
 * If a batch call raises, every request in it is retried alone, so one poisonous request
@@ -123,8 +123,11 @@ class BatchQueue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            deadline = self._pending[0].enqueued + max(self.max_delay_s, self.fill_wait * self._batch_s)
-            while self._pending_rows < self._fill_rows and not self._closing:
+            # A slow pipeline waits longer for batch-mates, but no longer than for as many rows as last time.
+            slow = self.fill_wait * self._batch_s > self.max_delay_s
+            deadline = self._pending[0].enqueued + (self.fill_wait * self._batch_s if slow else self.max_delay_s)
+            target = self._fill_rows if slow else self.max_batch_size
+            while self._pending_rows < target and not self._closing:
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0:
                     break

@@ -120,8 +120,8 @@ class GatewaySettings(BaseSettings):
     ort_intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0 = its default).")
     ort_allow_spinning: bool | None = Field(
         None,
-        description="Whether ONNX Runtime's intra-op threads spin-wait after a run; default: only with "
-        "defense=none (spinning takes the core a CPU defense runs on next).",
+        description="Whether ONNX Runtime's intra-op threads spin-wait after a run; default: yes, except before "
+        "a defense with long batches (MemGuard): spinning takes the core it runs on next.",
     )
     torch_threads: int = Field(
         0, ge=0, description="Torch intra-op threads for the defense (0 = 1: measured fastest, docs/BENCHMARKS.md)."
@@ -197,9 +197,8 @@ class GatewaySettings(BaseSettings):
         """Demo mode is the only development mode: it permits the default noise secret."""
         return self.demo
 
-    @cached_property
     def threads(self) -> ThreadPlan:
-        """Thread placement with its defaults resolved (gateway/threads.py)."""
+        """Thread placement with its defaults resolved (gateway/threads.py; looks up the defense's class)."""
         return plan_threads(torch_threads=self.torch_threads, ort_intra_op_threads=self.ort_intra_op_threads,
                             ort_allow_spinning=self.ort_allow_spinning, defense=self.defense)  # fmt: skip
 

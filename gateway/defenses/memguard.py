@@ -157,6 +157,8 @@ class Buffers:
 class MemGuard:
     name: ClassVar[str] = "memguard"
     randomized: ClassVar[bool] = True
+    #: Tens of ms of CPU per batch (gateway/threads.py: ONNX Runtime stops spin-waiting before it).
+    long_batches: ClassVar[bool] = True
     #: Per row the released vector may be anywhere on the simplex; ε bounds the *expected* L1.
     l1_bound = 2.0
     #: On CPU, working sets of at least this many rows keep each row's ∂h/∂s (it depends on g's ReLU

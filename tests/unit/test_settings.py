@@ -81,10 +81,10 @@ def test_the_noise_key_grid_default_is_the_release_paths() -> None:
 
 
 def test_thread_placement_defaults(tmp_path: Path) -> None:
-    """One torch thread; ORT spins only when no defense computes after it; explicit settings win."""
-    plain, guarded = build(artifacts=tmp_path), build(artifacts=tmp_path, defense="memguard")
-    assert (plain.threads.torch_threads, plain.threads.ort_spinning) == (1, True)
-    assert (guarded.threads.torch_threads, guarded.threads.ort_spinning) == (1, False)
-    forced = build(artifacts=tmp_path, defense="memguard", ort_allow_spinning=True, torch_threads=3)
-    assert (forced.threads.torch_threads, forced.threads.ort_spinning) == (3, True)
-    assert "spinning on" in forced.threads.describe()
+    """One torch thread; ORT stops spinning only before a defense with long batches; explicit settings win."""
+    plans = {d: build(artifacts=tmp_path, defense=d).threads() for d in ("none", "aeppt", "memguard")}
+    assert {d: (p.torch_threads, p.ort_spinning) for d, p in plans.items()} == {
+        "none": (1, True), "aeppt": (1, True), "memguard": (1, False)}  # fmt: skip
+    forced = build(artifacts=tmp_path, defense="memguard", ort_allow_spinning=True, torch_threads=3).threads()
+    assert (forced.torch_threads, forced.ort_spinning) == (3, True)
+    assert "spinning on" in forced.describe()
