@@ -48,8 +48,13 @@ def main() -> int:
         runs.append(
             (
                 f"advreg λ={lam:g}",
-                TrainConfig(replacement="advreg", advreg=adv, advreg_follow_recipe=follow, progress=False,
-                            allow_weak_defense=True),
+                TrainConfig(
+                    replacement="advreg",
+                    advreg=adv,
+                    advreg_follow_recipe=follow,
+                    progress=False,
+                    allow_weak_defense=True,
+                ),
             )
         )
     rows = []

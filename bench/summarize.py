@@ -46,8 +46,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep", type=Path)
     parser.add_argument("--extra", type=Path, action="append", default=[])
-    parser.add_argument("--by-view", action="store_true",
-                        help="a column per attacker view (its best confidence-based attack) and the cost to users")
+    parser.add_argument(
+        "--by-view",
+        action="store_true",
+        help="a column per attacker view (its best confidence-based attack) and the cost to users",
+    )
     args = parser.parse_args()
     rows = [r.model_dump() for r in read(Sweep, args.sweep).rows]
     for extra in args.extra:

@@ -32,6 +32,7 @@ bits of its HMAC digest), so a repeated query gets the same answer and averaging
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -43,7 +44,8 @@ from gateway.defenses._masks import bit_weights, changed_rows, signature
 from gateway.defenses.classifier import MemGuardClassifier, load_weights
 from gateway.defenses.keyed import row_uniforms, uniform_from_digest
 
-#: Official constants [code defense_framework.py]: c1 finds g = 0.5, c2 keeps the label.
+#: Official constants [code defense_framework.py]: c1 finds g = 0.5 (the step's gradient takes c1 = 1 as
+#: written), c2 keeps the label.
 C1, C2 = 1.0, 10.0
 #: c3 schedule: 0.1 ×10 up to 1e5 — seven rounds.
 C3_SCHEDULE = (0.1, 1.0, 10.0, 100.0, 1_000.0, 10_000.0, 100_000.0)
@@ -143,6 +145,51 @@ class _G:
 ReuseState = tuple[torch.Tensor | None, torch.Tensor | None, bool]
 
 
+@dataclass
+class _Entries:
+    """Phase I's working set: one entry per (row, round) in flight, all [n] or [n, C]."""
+
+    ids: torch.Tensor  # [n] batch row
+    rnd: torch.Tensor  # [n] round
+    started: torch.Tensor  # [n] step of the loop at which its round began (far future once finished)
+    x: torch.Tensor  # [n, C] z̃ + e, this loop's own copy
+    s_ref: torch.Tensor  # [n, C] s̃
+    h_ref: torch.Tensor  # [n] g's clean logit h0 (NaN once finished)
+    c3w: torch.Tensor  # [n, 1] the round's c3
+    live: torch.Tensor  # [n] bool
+    n_live: int
+
+    #: "Never": the start step of a finished entry, so its round never times out.
+    NEVER: ClassVar[int] = 2**62
+
+    @classmethod
+    def start(cls, ids: torch.Tensor, rnd: torch.Tensor, zs: torch.Tensor, ss: torch.Tensor, h0: torch.Tensor,
+              c3_of: torch.Tensor) -> _Entries:  # fmt: skip
+        live = torch.ones_like(ids, dtype=torch.bool)
+        return cls(ids, rnd, torch.zeros_like(ids), zs[ids], ss[ids], h0[ids], c3_of[rnd][:, None], live, ids.numel())
+
+    @property
+    def n(self) -> int:
+        return int(self.ids.numel())
+
+    def retire(self, gone: torch.Tensor) -> None:
+        """Entries [n] bool that stop: never reach nor time out again, and leave at the next compaction."""
+        gone = gone & self.live
+        self.live = self.live & ~gone
+        self.n_live -= int(gone.sum())
+        self.h_ref = self.h_ref.masked_fill(gone, float("nan"))
+        self.started = self.started.masked_fill(gone, self.NEVER)
+
+    def keep(self, mask: torch.Tensor) -> _Entries:
+        return _Entries(self.ids[mask], self.rnd[mask], self.started[mask], self.x[mask], self.s_ref[mask],
+                        self.h_ref[mask], self.c3w[mask], self.live[mask], self.n_live)  # fmt: skip
+
+
+def _keep_reuse(state: ReuseState, keep: torch.Tensor) -> ReuseState:
+    J, sig, on = state
+    return (None, None, on) if J is None or sig is None else (J[keep], sig[keep], on)
+
+
 class Buffers:
     """The per-step tensors of a working set of n rows, allocated once per working set."""
 
@@ -174,6 +221,7 @@ class MemGuard:
         self.device = device
         self.dtype = torch.float32 if params.dtype == "float32" else torch.float64
         self.g = _G(g.weights(device, self.dtype), float(g.log_floor))
+        self.c3_of = torch.tensor(C3_SCHEDULE, device=device, dtype=self.dtype)  # [R]
         self.classes = g.classes
 
     @classmethod
@@ -217,15 +265,7 @@ class MemGuard:
         success = torch.zeros(R, B, dtype=torch.bool, device=self.device)
         final = zs[None].expand(R, B, C).clone()  # [R, B, C] z̃ + e per round
         idx = (~skip).nonzero()[:, 0]  # [b] rows that need noise
-        work = 0
-        if idx.numel():
-            if self._side_by_side(B):
-                ids = idx.repeat(R)  # [R·b] entry -> row: every round at once
-                first = torch.arange(R, device=self.device).repeat_interleave(idx.numel())
-                work = self._descend(zs, ss, h0, ids, first, False, (final, steps, success))
-            else:
-                first = torch.zeros_like(idx)
-                work = self._descend(zs, ss, h0, idx, first, True, (final, steps, success))
+        work = self._descend(zs, ss, h0, idx, self._window(B), (final, steps, success)) if idx.numel() else 0
         # The unbroken run of successes from round 0; keep its last round (official rule).
         rounds_ok = success.to(torch.int64).cumprod(dim=0).sum(dim=0)  # [B] 0..R
         has_noise = rounds_ok > 0
@@ -239,90 +279,97 @@ class MemGuard:
         noisy = torch.empty_like(chosen).scatter_(1, perm, chosen)  # un-sort: noisy[perm] = chosen
         return PhaseOne(noisy, has_noise, rounds_ok, steps, success, h0, work)
 
-    def _side_by_side(self, rows: int) -> bool:
-        """Whether Phase I runs its seven rounds at once (one entry per row and round) for this batch."""
+    def _window(self, rows: int) -> int:
+        """How many rounds of a row are in flight at once: 7 (side by side) or 1 (one after another)."""
         p = self.config
+        R = len(C3_SCHEDULE)
         if p.schedule != "auto":
-            return p.schedule == "parallel"
+            return R if p.schedule == "parallel" else 1
         # On CPU every row-step costs time, and most rounds after a row's first failure never need to run:
         # rounds one after another per row do 3-4x less work for the same answer, at ~1.2x the steps.
-        return self.device.type != "cpu" and rows <= p.parallel_max_rows
+        return R if self.device.type != "cpu" and rows <= p.parallel_max_rows else 1
 
     def _descend(
         self,
         zs: torch.Tensor,
         ss: torch.Tensor,
         h0: torch.Tensor,
-        ids: torch.Tensor,
-        first: torch.Tensor,
-        advance: bool,
+        rows: torch.Tensor,
+        window: int,
         out: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     ) -> int:
-        """Phase I rounds for a working set of entries; returns the row-steps taken.
+        """Phase I rounds of the batch rows ``rows`` [b], ``window`` rounds of a row in flight at once; returns
+        the row-steps taken. zs, ss [B, C], h0 [B]: the batch's sorted logits, s̃ and g's clean logit.
 
-        zs, ss [B, C], h0 [B]: the batch's sorted logits, s̃ and g's clean logit; ids [n]: each entry's row;
-        first [n]: its round. With ``advance`` an entry whose round succeeds restarts from e = 0 in the next
-        round at the next step, so each row runs its rounds one after another without waiting for the
-        batch's slowest row. Fills out = (final [R, B, C], steps [R, B], success [R, B]) per (round, row).
+        An entry runs one (row, round). When its round succeeds it restarts from e = 0 at round + window at
+        the next step (if that round exists and no earlier round of its row failed), so a row never waits for
+        the batch's slowest row; when a round fails, the row's later rounds stop (they cannot matter). Fills
+        out = (final [R, B, C], steps [R, B], success [R, B]) per (round, row) that finished.
         """
-        p = self.config
-        final, out_steps, out_ok = out
-        c3_of = torch.tensor(C3_SCHEDULE, device=zs.device, dtype=zs.dtype)  # [R]
-        last_round = len(C3_SCHEDULE) - 1
-        rnd = first.clone()  # [n] each entry's current round
-        t = torch.zeros_like(ids)  # [n] steps taken in its round
-        live = torch.ones_like(ids, dtype=torch.bool)  # [n] entries still descending
-        x, s_ref, h_ref, c3w = zs[ids], ss[ids], h0[ids], c3_of[rnd][:, None]  # x [n, C] is this loop's own
-        n_live = ids.numel()
-        buf = Buffers(self.g, n_live, x)
-        J: torch.Tensor | None = None  # [n, C] ∂h/∂s per working row, for the reuse on CPU
-        sig: torch.Tensor | None = None  # [n, 20] the ReLU patterns J belongs to
-        reuse = zs.device.type == "cpu"
-        work, max_steps, tiny = 0, p.max_iterations - 1, torch.finfo(x.dtype).tiny
-        while True:
-            s = torch.softmax(x, dim=1, out=buf.s)  # [n, C]
+        R, b = len(C3_SCHEDULE), rows.numel()
+        first = torch.arange(window, device=zs.device).repeat_interleave(b)  # [W·b]
+        e = _Entries.start(rows.repeat(window), first, zs, ss, h0, self.c3_of)
+        fail_at = torch.full((zs.shape[0],), R, dtype=torch.int64, device=zs.device)  # [B] first failed round
+        buf = Buffers(self.g, e.n, zs)
+        reuse: ReuseState = (None, None, zs.device.type == "cpu")
+        work, max_steps, tiny, zero = 0, self.config.max_iterations - 1, torch.finfo(zs.dtype).tiny, zs.new_zeros(())
+        for it in itertools.count():
+            s = torch.softmax(e.x, dim=1, out=buf.s)  # [n, C]
             h, acts = self.g.forward(s, buf)  # [n]
-            top_other = x[:, :-1].amax(dim=1)  # [n] max over j < C-1 (its index only for hinge rows, below)
+            margin = e.x[:, -1] - e.x[:, :-1].amax(dim=1)  # [n] label minus the largest other logit
             # A round always takes its first step, then stops once the label is a strict maximum and h has
             # reached or crossed 0, or after max_steps. (At step 0, x = z̃ and h·h0 = h0² > 0: rows with
-            # |h0| that small were skipped, so the first step needs no test of its own.)
-            reached = (x[:, -1] > top_other) & (h * h_ref <= 0)  # [n]
-            done = (reached | (t == max_steps)) & live
-            restart: torch.Tensor | None = None  # [n] bool: entries that begin their next round
-            if bool(done.any()):
-                gone = done.nonzero()[:, 0]
-                r_gone, row = rnd[gone], ids[gone]
-                final[r_gone, row], out_steps[r_gone, row], out_ok[r_gone, row] = x[gone], t[gone], reached[gone]
-                if advance:
-                    restart = done & reached & (rnd < last_round)
-                    rnd = rnd + restart
-                    c3w = c3_of[rnd][:, None]
-                    done &= ~restart
-                live &= ~done
-                n_live -= int(done.sum())
-                if n_live == 0:
-                    break
-                # Compact once an eighth of the working set has finished: finished rows cost
-                # compute until then, but copying every working tensor each time a row ends costs more.
-                if n_live <= live.numel() * 7 // 8:
-                    keep = live
-                    ids, x, s, h, s_ref, h_ref, c3w, top_other, live, rnd, t = (
-                        v[keep] for v in (ids, x, s, h, s_ref, h_ref, c3w, top_other, live, rnd, t)
-                    )
-                    restart = None if restart is None else restart[keep]
-                    acts = [a[keep] for a in acts]
-                    J, sig = (None, None) if J is None or sig is None else (J[keep], sig[keep])
-                    buf = Buffers(self.g, n_live, x)
-            work += n_live  # steps the rows need; rows awaiting compaction are not counted
-            gx, (J, sig, reuse) = self._gradient(x, s, h, acts, s_ref, c3w, top_other, buf, (J, sig, reuse))
-            # Normalized step; a zero gradient (norm clamped to the smallest normal) moves nothing. Finished
-            # rows awaiting compaction move too: their result is recorded and `live` keeps them out.
+            # |h0| that small were skipped, so the first step needs no test of its own.) Finished entries
+            # awaiting compaction have h_ref = NaN and a start in the far future: they never finish again.
+            reached = (margin > 0) & (torch.mul(h, e.h_ref) <= zero)  # [n]
+            done = reached | e.started.eq(it - max_steps)
+            hinged = margin < 0  # [n] rows whose label is not ahead: the c2 term has a gradient
+            restart, any_hinged = None, False
+            if bool((done | hinged).any()):  # one sync for both (rare) events
+                if bool(done.any()):
+                    restart = self._finish(e, done, reached, it, window, fail_at, out)
+                    if e.n_live == 0:
+                        break
+                    if e.n_live <= e.n * 7 // 8:  # compact once an eighth finished: copying costs more per row
+                        keep = e.live
+                        e, s, h, hinged, restart = e.keep(keep), s[keep], h[keep], hinged[keep], restart[keep]
+                        acts, reuse = [a[keep] for a in acts], _keep_reuse(reuse, keep)
+                        buf = Buffers(self.g, e.n, zs)
+                any_hinged = bool(hinged.any())
+            work += e.n_live  # steps the rows need; rows awaiting compaction are not counted
+            gx, reuse = self._gradient(e.x, s, h, acts, e.s_ref, e.c3w, hinged if any_hinged else None, buf, reuse)
+            # Normalized step; a zero gradient (norm clamped to the smallest normal) moves nothing.
             norm = torch.linalg.vector_norm(gx, dim=1, keepdim=True, out=buf.norm).clamp_min_(tiny)  # [n, 1]
-            x.addcdiv_(gx, norm, value=-p.step_size)
-            t += 1
+            e.x.addcdiv_(gx, norm, value=-self.config.step_size)
             if restart is not None and bool(restart.any()):  # back to e = 0; the first step comes next
-                x[restart], t[restart] = zs[ids[restart]], 0
+                e.x[restart] = zs[e.ids[restart]]
         return work
+
+    def _finish(
+        self,
+        e: _Entries,
+        done: torch.Tensor,
+        reached: torch.Tensor,
+        it: int,
+        window: int,
+        fail_at: torch.Tensor,
+        out: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """Record the entries whose round ended at step ``it`` (done [n]); restart the successful ones at their
+        next round and retire the rest, and every entry of a later round than a failed one. -> restart [n]."""
+        final, out_steps, out_ok = out
+        gone = done.nonzero()[:, 0]
+        r_gone, row, ok = e.rnd[gone], e.ids[gone], reached[gone]
+        final[r_gone, row], out_steps[r_gone, row], out_ok[r_gone, row] = e.x[gone], it - e.started[gone], ok
+        fail_at.scatter_reduce_(0, row[~ok], r_gone[~ok], "amin")
+        limit = fail_at[e.ids]  # [n]
+        nxt = e.rnd + window
+        restart = done & reached & (nxt < limit)
+        e.retire((done & ~restart) | (e.live & (e.rnd > limit)))
+        e.rnd = torch.where(restart, nxt, e.rnd)
+        e.c3w = self.c3_of[e.rnd.clamp_max(len(C3_SCHEDULE) - 1)][:, None]
+        e.started = torch.where(restart, it + 1, e.started)
+        return restart
 
     def _gradient(
         self,
@@ -332,15 +379,16 @@ class MemGuard:
         acts: list[torch.Tensor],
         s_ref: torch.Tensor,
         c3w: torch.Tensor,
-        top_other: torch.Tensor,
+        hinged: torch.Tensor | None,
         buf: Buffers,
         reuse_state: ReuseState,
     ) -> tuple[torch.Tensor, ReuseState]:
-        """∇_x L [n, C] at x (s = softmax(x), g's h and activations there; c3w [n, 1]), and the Jacobian
-        reuse state (J [n, C], the patterns it belongs to [n, 20], whether reuse still pays) for the next step."""
+        """∇_x L [n, C] at x (s = softmax(x), g's h and activations there; c3w [n, 1]; hinged [n] bool: rows
+        whose label is not ahead, None when there are none), and the Jacobian reuse state (J [n, C], the
+        patterns it belongs to [n, 20], whether reuse still pays) for the next step."""
         J, sig, reuse = reuse_state
-        # dL/ds: c1·sign(h)·∂h/∂s + c3·sign(s − s̃)
-        dh = torch.sign(h).mul_(C1)  # [n] ±1 (0 only where h = 0)
+        # dL/ds: c1·sign(h)·∂h/∂s + c3·sign(s − s̃), with c1 = 1
+        dh = torch.sign(h)  # [n] ±1 (0 only where h = 0)
         if reuse and x.shape[0] >= self.JACOBIAN_REUSE_ROWS:
             masks = [a.sign_() for a in acts]  # ReLU outputs ≥ 0 -> masks in {0, 1}, in place (acts are done)
             new_sig = signature(masks, self.g.bits)
@@ -359,8 +407,7 @@ class MemGuard:
         gx = torch._softmax_backward_data(gs, s, 1, s.dtype)  # softmax backward, fused: s·(gs − Σ gs·s) [n, C]
         # c2·ReLU(max_{j<C-1} x_j − x_{C-1}): gradient +c2 at the argmax (first maximal index, as max(dim)
         # picks), −c2 at the label; only rows whose label is not ahead have one.
-        hinged = top_other > x[:, -1]  # [n]
-        if bool(hinged.any()):
+        if hinged is not None:
             rows_h = hinged.nonzero()[:, 0]  # [m]
             arg_other = x[rows_h, :-1].argmax(dim=1)  # [m]
             gx.index_put_((rows_h, arg_other), gx.new_full((rows_h.numel(),), C2), accumulate=True)

@@ -60,6 +60,28 @@ def test_parallel_and_sequential_schedules_agree(defenders: dict[str, Any], rows
     assert seq.row_iterations <= par.row_iterations  # sequential never runs rounds after a failure
 
 
+def test_every_window_of_rounds_in_flight_agrees(defenders: dict[str, Any], rows: torch.Tensor) -> None:
+    """Rounds in flight per row: 1 (sequential), 7 (parallel), and the windows between, where a row's later
+    rounds start as earlier ones succeed and stop once one fails: same kept round, same noise."""
+    labels = torch.softmax(rows, 1).argmax(1)
+    mg = MemGuard(defenders["g"], official(), torch.device("cpu"))
+    runs = {}
+    for window in (1, 2, 3, 7):
+        mg._window = lambda rows, w=window: w  # type: ignore[method-assign]
+        runs[window] = mg.phase_one(rows, labels)
+    for window, run in runs.items():
+        assert torch.equal(run.rounds_ok, runs[1].rounds_ok), window
+        torch.testing.assert_close(run.noisy_logits, runs[1].noisy_logits, rtol=0, atol=1e-5)
+    assert runs[1].row_iterations < runs[2].row_iterations < runs[7].row_iterations
+
+
+def test_auto_schedule_runs_rounds_one_after_another_on_cpu(defenders: dict[str, Any]) -> None:
+    mg = MemGuard(defenders["g"], official(), torch.device("cpu"))
+    assert mg._window(1) == mg._window(512) == 1
+    mg.device = torch.device("cuda")  # only the choice reads it here
+    assert (mg._window(8), mg._window(65)) == (7, 1)
+
+
 def test_batched_equals_one_row_at_a_time(defenders: dict[str, Any], rows: torch.Tensor) -> None:
     mg = MemGuard(defenders["g"], official(), torch.device("cpu"))
     probs = torch.softmax(rows, 1)
