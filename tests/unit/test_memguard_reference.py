@@ -51,6 +51,18 @@ def test_phase_one_matches_the_serial_reference(defenders: dict[str, Any], rows:
     assert batched.has_noise.any() and (batched.rounds_ok > 1).any()  # the test exercises real noise
 
 
+def test_a_single_row_in_numpy_matches_the_serial_reference(defenders: dict[str, Any], rows: torch.Tensor) -> None:
+    """A batch with one row to protect takes the NumPy loop on CPU (``_descend_row``): same rounds, same steps."""
+    mg = MemGuard(defenders["g"], official(dtype="float64"), torch.device("cpu"))
+    labels = torch.softmax(rows, 1).argmax(1)
+    for i in range(rows.shape[0]):
+        alone = mg.phase_one(rows[i : i + 1], labels[i : i + 1])
+        ref = reference_row(defenders["g"], rows[i], int(labels[i]))
+        ran = len(ref.steps)
+        assert alone.steps[:ran, 0].tolist() == ref.steps and alone.success[:ran, 0].tolist() == ref.success, i
+        assert (alone.noisy_logits[0] - ref.noisy_logits).abs().max().item() <= 1e-8, i
+
+
 def test_parallel_and_sequential_schedules_agree(defenders: dict[str, Any], rows: torch.Tensor) -> None:
     labels = torch.softmax(rows, 1).argmax(1)
     par = MemGuard(defenders["g"], official(schedule="parallel"), torch.device("cpu")).phase_one(rows, labels)
