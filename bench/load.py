@@ -142,7 +142,7 @@ def request_rows(bundle: Path, manifest: dict[str, Any], n: int) -> np.ndarray:
         data = load_dataset(manifest["training"]["config"]["dataset"])
         split = np.load(bundle / "split.npz")
         idx = np.concatenate([split["target_train"][: n // 2], split["eval_nonmember"][: n - n // 2]])
-        rows: np.ndarray = data.X[idx]
+        rows: np.ndarray = data.X[np.random.default_rng(0).permutation(idx)]  # members and non-members mixed
         if rows.shape == (n, width):
             return rows
     except Exception as exc:  # a bring-your-own bundle: no dataset to draw from

@@ -80,6 +80,11 @@ class MemGuardParams(BaseModel):
     landing: Literal["crossed", "boundary"] = "boundary"
     #: Bisection steps of ``boundary`` (the bracket shrinks 2^-steps of the segment).
     landing_steps: int = Field(24, ge=1, le=60)
+    #: A faster schedule (not the published one): at most this many steps in every round after the first. A
+    #: later round that needs more counts as failed, so the row keeps an earlier round's noise (a smaller c3:
+    #: more distortion, the same target g = 0.5). Most rows fail one round, which costs the full 299 steps;
+    #: this caps it. None: the official schedule. [audited: docs/RESULTS.md, "A faster MemGuard schedule"]
+    later_round_steps: int | None = Field(None, ge=1)
 
 
 @dataclass
@@ -155,7 +160,8 @@ class _Entries:
 
     ids: torch.Tensor  # [n] batch row
     rnd: torch.Tensor  # [n] round
-    started: torch.Tensor  # [n] step of the loop at which its round began (far future once finished)
+    started: torch.Tensor  # [n] step of the loop at which its round began
+    deadline: torch.Tensor  # [n] step at which its round times out (far future once finished)
     x: torch.Tensor  # [n, C] z̃ + e, this loop's own copy
     s_ref: torch.Tensor  # [n, C] s̃
     h_ref: torch.Tensor  # [n] g's clean logit h0 (NaN once finished)
@@ -163,14 +169,16 @@ class _Entries:
     live: torch.Tensor  # [n] bool
     n_live: int
 
-    #: "Never": the start step of a finished entry, so its round never times out.
+    #: The deadline of a finished entry: its round never times out.
     NEVER: ClassVar[int] = 2**62
 
     @classmethod
     def start(cls, ids: torch.Tensor, rnd: torch.Tensor, zs: torch.Tensor, ss: torch.Tensor, h0: torch.Tensor,
-              c3_of: torch.Tensor) -> _Entries:  # fmt: skip
+              c3_of: torch.Tensor, limits: torch.Tensor) -> _Entries:  # fmt: skip
+        """limits [R]: the most steps each round may take."""
         live = torch.ones_like(ids, dtype=torch.bool)
-        return cls(ids, rnd, torch.zeros_like(ids), zs[ids], ss[ids], h0[ids], c3_of[rnd][:, None], live, ids.numel())
+        return cls(ids, rnd, torch.zeros_like(ids), limits[rnd], zs[ids], ss[ids], h0[ids], c3_of[rnd][:, None], live,
+                   ids.numel())  # fmt: skip
 
     @property
     def n(self) -> int:
@@ -182,11 +190,11 @@ class _Entries:
         self.live = self.live & ~gone
         self.n_live -= int(gone.sum())
         self.h_ref = self.h_ref.masked_fill(gone, float("nan"))
-        self.started = self.started.masked_fill(gone, self.NEVER)
+        self.deadline = self.deadline.masked_fill(gone, self.NEVER)
 
     def keep(self, mask: torch.Tensor) -> _Entries:
-        return _Entries(self.ids[mask], self.rnd[mask], self.started[mask], self.x[mask], self.s_ref[mask],
-                        self.h_ref[mask], self.c3w[mask], self.live[mask], self.n_live)  # fmt: skip
+        return _Entries(self.ids[mask], self.rnd[mask], self.started[mask], self.deadline[mask], self.x[mask],
+                        self.s_ref[mask], self.h_ref[mask], self.c3w[mask], self.live[mask], self.n_live)  # fmt: skip
 
 
 def _keep_reuse(state: ReuseState, keep: torch.Tensor) -> ReuseState:
@@ -256,6 +264,9 @@ class MemGuard:
         self.dtype = torch.float32 if params.dtype == "float32" else torch.float64
         self.g = _G(g.weights(device, self.dtype), float(g.log_floor))
         self.c3_of = torch.tensor(C3_SCHEDULE, device=device, dtype=self.dtype)  # [R]
+        most, later = params.max_iterations - 1, params.later_round_steps
+        limits = [most] + [most if later is None else min(most, later)] * (len(C3_SCHEDULE) - 1)
+        self.round_steps = torch.tensor(limits, device=device)  # [R] the most steps each round may take
         self._numpy_g = _NumpyG(self.g) if device.type == "cpu" else None
         self.classes = g.classes
 
@@ -347,21 +358,21 @@ class MemGuard:
         """
         R, b = len(C3_SCHEDULE), rows.numel()
         first = torch.arange(window, device=zs.device).repeat_interleave(b)  # [W·b]
-        e = _Entries.start(rows.repeat(window), first, zs, ss, h0, self.c3_of)
+        e = _Entries.start(rows.repeat(window), first, zs, ss, h0, self.c3_of, self.round_steps)
         fail_at = torch.full((zs.shape[0],), R, dtype=torch.int64, device=zs.device)  # [B] first failed round
         buf = Buffers(self.g, e.n, zs)
         reuse: ReuseState = (None, None, zs.device.type == "cpu")
-        work, max_steps, tiny, zero = 0, self.config.max_iterations - 1, torch.finfo(zs.dtype).tiny, zs.new_zeros(())
+        work, tiny, zero = 0, torch.finfo(zs.dtype).tiny, zs.new_zeros(())
         for it in itertools.count():
             s = torch.softmax(e.x, dim=1, out=buf.s)  # [n, C]
             h, acts = self.g.forward(s, buf)  # [n]
             margin = e.x[:, -1] - e.x[:, :-1].amax(dim=1)  # [n] label minus the largest other logit
             # A round always takes its first step, then stops once the label is a strict maximum and h has
-            # reached or crossed 0, or after max_steps. (At step 0, x = z̃ and h·h0 = h0² > 0: rows with
+            # reached or crossed 0, or after its round's step limit. (At step 0, x = z̃ and h·h0 = h0² > 0: rows with
             # |h0| that small were skipped, so the first step needs no test of its own.) Finished entries
             # awaiting compaction have h_ref = NaN and a start in the far future: they never finish again.
             reached = (margin > 0) & (torch.mul(h, e.h_ref) <= zero)  # [n]
-            done = reached | e.started.eq(it - max_steps)
+            done = reached | e.deadline.eq(it)
             hinged = margin < 0  # [n] rows whose label is not ahead: the c2 term has a gradient
             restart, any_hinged = None, False
             if bool((done | hinged).any()):  # one sync for both (rare) events
@@ -392,10 +403,10 @@ class MemGuard:
         # s̃ from this softmax, not torch's: at e = 0 each round's first step must see s − s̃ = 0 exactly (an ulp
         # of difference would give the c3 term a sign there, and a different trajectory).
         s_ref = _softmax_np(z)
-        max_steps, step = self.config.max_iterations - 1, self.config.step_size
+        step = self.config.step_size
         tiny, work = np.finfo(z.dtype).tiny, 0
         for r, c3 in enumerate(C3_SCHEDULE):
-            x = z.copy()
+            x, max_steps = z.copy(), int(self.round_steps[r])
             for t in range(max_steps + 1):
                 s = _softmax_np(x)
                 h, acts = g.forward(s)
@@ -441,6 +452,7 @@ class MemGuard:
         e.rnd = torch.where(restart, nxt, e.rnd)
         e.c3w = self.c3_of[e.rnd.clamp_max(len(C3_SCHEDULE) - 1)][:, None]
         e.started = torch.where(restart, it + 1, e.started)
+        e.deadline = torch.where(restart, it + 1 + self.round_steps[e.rnd.clamp_max(len(C3_SCHEDULE) - 1)], e.deadline)
         return restart
 
     def _gradient(

@@ -87,6 +87,23 @@ def test_every_window_of_rounds_in_flight_agrees(defenders: dict[str, Any], rows
     assert runs[1].row_iterations < runs[2].row_iterations < runs[7].row_iterations
 
 
+def test_later_round_steps_caps_the_rounds_after_the_first(defenders: dict[str, Any], rows: torch.Tensor) -> None:
+    """The faster schedule: every round after the first stops after K steps (counted as failed), so rows keep
+    the same or an earlier round; K ≥ 299 is the official schedule; single rows (NumPy) and batches agree."""
+    labels = torch.softmax(rows, 1).argmax(1)
+    official_run = MemGuard(defenders["g"], official(), torch.device("cpu")).phase_one(rows, labels)
+    same = MemGuard(defenders["g"], official(later_round_steps=299), torch.device("cpu")).phase_one(rows, labels)
+    assert torch.equal(same.steps, official_run.steps) and torch.equal(same.rounds_ok, official_run.rounds_ok)
+    fast = MemGuard(defenders["g"], official(later_round_steps=20), torch.device("cpu"))
+    run = fast.phase_one(rows, labels)
+    assert torch.equal(run.steps[0], official_run.steps[0]) and torch.equal(run.success[0], official_run.success[0])
+    assert (run.steps[1:] <= 20).all() and (run.rounds_ok <= official_run.rounds_ok).all()
+    assert run.row_iterations < official_run.row_iterations
+    for i in range(4):
+        alone = fast.phase_one(rows[i : i + 1], labels[i : i + 1])
+        assert torch.equal(alone.steps[:, 0], run.steps[:, i]) and alone.rounds_ok[0] == run.rounds_ok[i]
+
+
 def test_auto_schedule_runs_rounds_one_after_another_on_cpu(defenders: dict[str, Any]) -> None:
     mg = MemGuard(defenders["g"], official(), torch.device("cpu"))
     assert mg._window(1) == mg._window(512) == 1
