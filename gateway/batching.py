@@ -6,10 +6,10 @@ Contract (cf. ray-project/ray ``serve/batching.py``):
   that settles with exactly those ``n`` rows of output, in order.
 * A batch flushes when it holds ``max_batch_size`` rows or when its oldest request has waited
   ``max_delay_s``. A slow pipeline (``fill_wait`` × the recent time to process a batch is longer than
-  ``max_delay_s``; MemGuard takes ~100 ms a batch) waits that long instead, or until the queue holds
-  as many rows as the previous batch: the clients it just answered come back a few ms apart, and
-  batches stay full instead of alternating between a few early rows and the rest. A request larger
-  than ``max_batch_size`` runs as a batch of its own.
+  ``max_delay_s``; MemGuard takes ~100 ms a batch) waits that long for batch-mates instead, or until the
+  queue also holds as many rows as the previous batch: the clients it just answered come back a few ms
+  apart, and batches stay full instead of alternating between two halves of the clients (``_flush_rule``).
+  A request larger than ``max_batch_size`` runs as a batch of its own.
 * The queue is bounded in rows; beyond it ``submit`` raises ``TooManyRequests`` (429).
 * Requests whose client went away (cancelled futures) are dropped before their batch runs.
 * If a batch call raises, every request in it is retried alone, so one poisonous request
@@ -71,7 +71,7 @@ class BatchQueue:
         self.max_delay_s = max_delay_s
         self.fill_wait = fill_wait
         self._batch_s = 0.0  # moving average of the seconds one batch takes to process
-        self._fill_rows = max_batch_size  # rows of the previous batch: a full queue flushes at once
+        self._answered = 0  # rows of the previous batch: their clients may come back for the next one
         self.max_queue_rows = max_queue_rows
         self._metrics = metrics
         self._pending: collections.deque[_Item] = collections.deque()
@@ -123,10 +123,7 @@ class BatchQueue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            # A slow pipeline waits longer for batch-mates, but no longer than for as many rows as last time.
-            slow = self.fill_wait * self._batch_s > self.max_delay_s
-            deadline = self._pending[0].enqueued + (self.fill_wait * self._batch_s if slow else self.max_delay_s)
-            target = self._fill_rows if slow else self.max_batch_size
+            deadline, target = self._flush_rule()
             while self._pending_rows < target and not self._closing:
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0:
@@ -142,7 +139,19 @@ class BatchQueue:
                 await self._run(loop, batch)
                 took = time.perf_counter() - start
                 self._batch_s = took if not self._batch_s else self._batch_s + 0.2 * (took - self._batch_s)
-                self._fill_rows = min(self.max_batch_size, sum(it.n for it in batch))
+                self._answered = sum(it.n for it in batch)
+
+    def _flush_rule(self) -> tuple[float, int]:
+        """(deadline, rows) of the batch being formed: it flushes at whichever comes first.
+
+        A fast pipeline: the oldest row's enqueue time + ``max_delay_s``, or a full batch. A slow one (``fill_wait``
+        × its recent batch time is longer): that long from now, or once the queue also holds the rows whose
+        clients were just answered. Counting from the oldest row instead would flush at once the rows that
+        queued while the last batch ran, and two halves of the clients would alternate for good."""
+        wait = self.fill_wait * self._batch_s
+        if wait <= self.max_delay_s:
+            return self._pending[0].enqueued + self.max_delay_s, self.max_batch_size
+        return time.perf_counter() + wait, min(self.max_batch_size, self._pending_rows + self._answered)
 
     def _take(self) -> list[_Item]:
         """Pop requests (skipping cancelled ones) up to max_batch_size rows; at least one."""

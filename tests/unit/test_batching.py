@@ -94,6 +94,24 @@ async def test_a_slow_pipeline_waits_for_the_clients_it_answered() -> None:
         await q.close()
 
 
+async def test_two_halves_of_closed_loop_clients_merge_into_one_batch() -> None:
+    """Clients that resubmit as soon as they are answered, in two groups out of step: the group that queued
+    while a slow batch ran must not flush alone (it would alternate with the other group for good); the next
+    batch waits for the clients just answered too."""
+    fn = Recorder(delay_s=0.05)
+    q = queue(fn, size=64, delay_ms=1, fill_wait=0.5)
+
+    async def client(i: int, start_s: float) -> None:
+        await asyncio.sleep(start_s)
+        for _ in range(5):
+            await q.submit(req(i))
+
+    await asyncio.gather(*(client(i, 0.0) for i in range(4)), *(client(i, 0.01) for i in range(4, 8)))
+    sizes = [len(b) for b in fn.batches]
+    assert sizes[:3] == [4, 8, 8], sizes  # out of step for the first batch only
+    await q.close()
+
+
 async def test_rows_come_back_to_their_request_in_order() -> None:
     fn = Recorder()
     q = queue(fn, size=16, delay_ms=20)
