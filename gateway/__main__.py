@@ -6,6 +6,7 @@ CLI flags override ``GATEWAY_*`` variables, which override the defaults.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import Any
 
@@ -46,16 +47,38 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 1
     app = create_app(settings)
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         log_config=None,  # uvicorn's loggers propagate to the root handler (text or JSON lines)
         access_log=settings.access_log,
-        timeout_graceful_shutdown=20,
+        timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s + DRAIN_MARGIN_S),
     )
+    draining_server(config, app.state.gateway).run()
     return 0
+
+
+#: Seconds between the drain deadline (queued requests get 503) and the server's hard limit: the batch running
+#: at the deadline finishes and its answers go out.
+DRAIN_MARGIN_S = 5.0
+
+
+def draining_server(config: Any, state: Any) -> Any:
+    """A uvicorn server whose first SIGTERM (or SIGINT) also starts the gateway's drain on the serving loop
+    (``GatewayState.begin_drain``): readiness turns false at once, and queued work meets the drain deadline.
+    uvicorn alone would only tell the app at lifespan shutdown, after its own graceful limit has cut
+    connections."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if not self.should_exit and state.loop is not None:
+                state.loop.call_soon_threadsafe(state.begin_drain)
+            super().handle_exit(sig, frame)
+
+    return Server(config)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,7 @@ from starlette.routing import Route
 
 from gateway.auth import bearer_matches
 from gateway.errors import ServiceUnavailable
-from gateway.schemas import dumps, parse_predict, read_json
+from gateway.schemas import client_gone, dumps, parse_predict, read_json
 
 if TYPE_CHECKING:
     from gateway.app import GatewayState
@@ -65,7 +65,8 @@ def serving_state(request: Request) -> Serving:
     state: GatewayState = request.app.state.gateway
     state.auth.check(request)
     if state.batcher is None or state.bundle is None or state.defense is None or state.draining:
-        raise ServiceUnavailable("the gateway is not ready (loading or draining); retry shortly")
+        raise ServiceUnavailable("the gateway is not ready (loading or draining); retry shortly",
+                                 headers={"Retry-After": "1"})  # fmt: skip
     return Serving(state, state.bundle.manifest, state.batcher, state.defense)
 
 
@@ -75,7 +76,7 @@ async def predict(request: Request) -> Response:
     body = await read_json(request, settings.max_body_bytes)
     x = parse_predict(body, width=manifest.input.width, max_rows=settings.max_batch_rows)
     charge_budget(s.state, request, x.shape[0])
-    out = await s.batcher.submit(x)
+    out = await s.batcher.submit(x, gone=lambda: client_gone(request))
     return _json(
         {
             "probabilities": out.probabilities,

@@ -56,6 +56,20 @@ class GatewayState:
     ready: bool = False
     draining: bool = False
     upstream_ok: bool = True
+    loop: asyncio.AbstractEventLoop | None = None  # the serving loop, for signal handlers
+
+    def begin_drain(self) -> None:
+        """SIGTERM, on the serving loop: not ready from now on, and requests still queued after
+        ``GATEWAY_DRAIN_TIMEOUT_S`` get 503 with Retry-After (an ingress retries them on another replica), so
+        every accepted request has its answer before the server's graceful-shutdown limit."""
+        if self.draining:
+            return
+        self.draining = True
+        self.metrics.ready.set(0)
+        log.info("draining: not ready; queued requests not started within %.0f s get 503",
+                 self.settings.drain_timeout_s)  # fmt: skip
+        if self.batcher is not None:
+            self.batcher.refuse_after(self.settings.drain_timeout_s)
 
     @property
     def gpu_ok(self) -> bool:
@@ -211,6 +225,7 @@ class GatewayRuntime:
     async def start(self) -> None:
         """Bundle → runner → defense → pipeline → warm-up → batch queue → ready."""
         state, settings = self.state, self.state.settings
+        state.loop = asyncio.get_running_loop()
         pipeline = await asyncio.to_thread(_build, state, self.runner_factory)
         self._announce()
         try:

@@ -11,7 +11,8 @@ Contract (cf. ray-project/ray ``serve/batching.py``):
   apart, and batches stay full instead of alternating between two halves of the clients (``_flush_rule``).
   A request larger than ``max_batch_size`` runs as a batch of its own.
 * The queue is bounded in rows; beyond it ``submit`` raises ``TooManyRequests`` (429).
-* Requests whose client went away (cancelled futures) are dropped before their batch runs.
+* Requests whose client went away (``submit(..., gone=)`` completed, or the waiter was cancelled) are
+  dropped before their batch runs: a burst of abandoned requests costs no model or defense time.
 * If a batch call raises, every request in it is retried alone, so one poisonous request
   never fails its batch-mates; a request that fails alone gets a 500.
 * Every waiter is settled: with a result, an error, or on ``close`` after the queue drains.
@@ -25,13 +26,20 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from gateway.errors import DefenseRejected, GatewayError, InputOutOfRange, ServiceUnavailable, TooManyRequests
+from gateway.errors import (
+    ClientDisconnected,
+    DefenseRejected,
+    GatewayError,
+    InputOutOfRange,
+    ServiceUnavailable,
+    TooManyRequests,
+)
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline import BatchOutput
 
@@ -78,6 +86,7 @@ class BatchQueue:
         self._pending_rows = 0
         self._wakeup = asyncio.Event()
         self._closing = False
+        self._refusing = False  # past the drain deadline: nothing new is queued
         self._task: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-batch")
 
@@ -95,10 +104,25 @@ class BatchQueue:
             self._task = None
         self._executor.shutdown(wait=True)
 
+    def refuse_after(self, seconds: float) -> None:
+        """Drain under a deadline: after ``seconds``, every request still queued (not in a running batch) and
+        every new one gets 503 with Retry-After instead of waiting past the shutdown limit."""
+        asyncio.get_running_loop().call_later(seconds, self._refuse)
+
+    def _refuse(self) -> None:
+        self._refusing = True
+        while self._pending:
+            item = self._pending.popleft()
+            _settle_error(item, _draining())
+        self._pending_rows = 0
+        self._metrics.queue_depth.set(0)
+
     # --- producer side ---------------------------------------------------------------------
-    async def submit(self, rows: np.ndarray) -> RequestOutput:
-        if self._closing:
-            raise ServiceUnavailable("the gateway is shutting down; retry on another replica")
+    async def submit(self, rows: np.ndarray, gone: Callable[[], Awaitable[object]] | None = None) -> RequestOutput:
+        """Queue validated rows; their output. ``gone()`` completes if the client disconnects: its rows are then
+        dropped before their batch runs (or their answer discarded) and ``ClientDisconnected`` is raised."""
+        if self._closing or self._refusing:
+            raise _draining()
         n = int(rows.shape[0])
         if self._pending_rows + n > self.max_queue_rows:
             raise TooManyRequests(
@@ -111,7 +135,7 @@ class BatchQueue:
         self._pending_rows += n
         self._metrics.queue_depth.set(self._pending_rows)
         self._wakeup.set()
-        return await item.future
+        return await (item.future if gone is None else _unless_gone(item.future, gone))
 
     # --- consumer side ---------------------------------------------------------------------
     async def _loop(self) -> None:
@@ -217,6 +241,25 @@ class BatchQueue:
                 )
             else:
                 item.future.set_result(RequestOutput(probabilities=out.probabilities[part], labels=out.labels[part]))
+
+
+async def _unless_gone(future: asyncio.Future[RequestOutput], gone: Callable[[], Awaitable[object]]) -> RequestOutput:
+    watcher = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait((future, watcher), return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        future.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if future.done():
+        return future.result()
+    future.cancel()  # ``_take`` skips it; a batch already running discards its rows' answer
+    raise ClientDisconnected("the client closed the connection while its request was queued")
+
+
+def _draining() -> ServiceUnavailable:
+    return ServiceUnavailable("the gateway is shutting down; retry on another replica", headers={"Retry-After": "1"})
 
 
 def _settle_error(item: _Item, exc: Exception) -> None:

@@ -12,7 +12,7 @@ from starlette.routing import Route
 from gateway import __version__
 from gateway.api import _json, charge_budget, check_readiness, serving_state
 from gateway.errors import ModelNotFound
-from gateway.schemas import parse_oip_infer, read_json
+from gateway.schemas import client_gone, parse_oip_infer, read_json
 
 if TYPE_CHECKING:
     from gateway.app import GatewayState
@@ -80,7 +80,7 @@ async def _infer(request: Request, model: str, version: str | None) -> Response:
     x, request_id = parse_oip_infer(body, input_name=m.input.name, width=m.input.width,
                                     max_rows=settings.max_batch_rows)  # fmt: skip
     charge_budget(s.state, request, x.shape[0])
-    out = await s.batcher.submit(x)
+    out = await s.batcher.submit(x, gone=lambda: client_gone(request))
     B, C = out.probabilities.shape
     response = {
         "model_name": m.name,

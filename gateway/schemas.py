@@ -7,6 +7,7 @@ message says what to fix; none echoes the submitted values.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import numpy as np
@@ -14,6 +15,17 @@ import orjson
 from starlette.requests import ClientDisconnect, Request
 
 from gateway.errors import ClientDisconnected, ClientError, PayloadTooLarge, UnsupportedMediaType
+
+
+async def client_gone(request: Request) -> None:
+    """Returns once the client has disconnected; await it only after the body was read (the ASGI server then
+    has nothing but the disconnect to deliver)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+        if not message.get("body") and not message.get("more_body"):
+            await asyncio.Event().wait()  # a server that repeats empty bodies reports no disconnect: never
 
 
 async def read_json(request: Request, max_bytes: int) -> Any:

@@ -115,6 +115,13 @@ class GatewaySettings(BaseSettings):
         "when keying query budgets by address; empty: the peer's address.",
     )
 
+    drain_timeout_s: float = Field(
+        20.0,
+        gt=0,
+        description="On SIGTERM, requests still queued this long after it get 503 with Retry-After; the server "
+        "closes connections by this + 5 s. Keep it under terminationGracePeriodSeconds minus the preStop sleeps.",
+    )
+
     # --- runtime ---------------------------------------------------------------------------
     require_gpu: bool = Field(False, description="Stay not-ready unless ONNX Runtime runs on CUDA.")
     ort_intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0 = its default).")

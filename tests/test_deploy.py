@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from gateway.__main__ import DRAIN_MARGIN_S
 from gateway.metrics import GatewayMetrics
 from gateway.settings import GatewaySettings
 
@@ -117,6 +118,11 @@ def test_kubernetes_manifests_fit_together() -> None:
     hold = model_server["lifecycle"]["preStop"]["sleep"]["seconds"]
     assert hold >= gateway["lifecycle"]["preStop"]["sleep"]["seconds"]
     assert pod["terminationGracePeriodSeconds"] > hold + gateway["lifecycle"]["preStop"]["sleep"]["seconds"]
+    # ... and the gateway's drain deadline, plus the server's margin, fits in what is left of the grace period
+    # (5 s kept for the model server's own exit), so no accepted request is cut off without an answer.
+    drain = float(env["GATEWAY_DRAIN_TIMEOUT_S"]["value"]) + DRAIN_MARGIN_S
+    gateway_hold = gateway["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert hold + 5 + gateway_hold + drain <= pod["terminationGracePeriodSeconds"]
     job = docs["Job"]["spec"]
     for spec in (pod, job["template"]["spec"]):
         assert spec["automountServiceAccountToken"] is False

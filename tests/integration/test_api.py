@@ -351,7 +351,8 @@ async def test_shutdown_drains_and_readiness_reports_it(tiny_bundle: Path) -> No
         await asyncio.sleep(0.01)
     state = app_ref["app"].state.gateway
     assert state.draining and state.not_ready_reason() is not None and runner.closed
-    assert all(t.result().status_code == 200 for t in inflight)
+    answers = await asyncio.wait_for(asyncio.gather(*inflight), 5)  # every in-flight request is answered
+    assert all(r.status_code == 200 for r in answers)
 
 
 async def test_fresh_tokens_do_not_bypass_the_budget_without_keys(tiny_bundle: Path) -> None:
@@ -403,6 +404,63 @@ async def test_a_client_leaving_mid_body_is_a_499(tiny_bundle: Path, caplog: pyt
         text = (await client.get("/metrics")).text
         assert metric_value(text, "gateway_request_duration_seconds_count", route="/predict", status="499") == 1
         assert 'status="500"' not in text
+
+
+async def test_a_client_that_leaves_while_queued_costs_no_model_time(tiny_bundle: Path) -> None:
+    """Its rows are dropped before their batch runs (a burst of abandoned requests must not stall the worker),
+    and it counts as a 499."""
+    runner = FakeRunner(delay_s=0.3)
+    async with serving(make_settings(tiny_bundle), runner) as (client, app):
+        warm = len(runner.batches)
+        first = asyncio.create_task(client.post("/predict", json={"instances": rows(2)}))  # holds the worker
+        await asyncio.sleep(0.1)
+        left = asyncio.Event()
+        body = json.dumps({"instances": rows(3)}).encode()
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+        sent: list[dict[str, object]] = []
+
+        async def receive() -> dict[str, object]:
+            if messages:
+                return messages.pop()
+            await left.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, object]) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/predict", "raw_path": b"/predict", "query_string": b"",
+                 "root_path": "", "headers": [(b"content-type", b"application/json")],
+                 "client": ("127.0.0.1", 5001), "server": ("127.0.0.1", 8000)}  # fmt: skip
+        gone = asyncio.create_task(app(scope, receive, send))
+        await asyncio.sleep(0.05)
+        left.set()
+        await gone
+        assert sent[0]["status"] == 499
+        assert (await first).status_code == 200
+        assert (await client.post("/predict", json={"instances": rows(4)})).status_code == 200
+        assert runner.batches[warm:] == [2, 4]  # the 3 rows never reached the model
+        text = (await client.get("/metrics")).text
+        assert metric_value(text, "gateway_request_duration_seconds_count", route="/predict", status="499") == 1
+
+
+async def test_drain_answers_every_request_before_its_deadline(tiny_bundle: Path) -> None:
+    """SIGTERM's drain: readiness is 503 at once; the running batch finishes (200); requests still queued at
+    GATEWAY_DRAIN_TIMEOUT_S, and new ones, get 503 with Retry-After, so an ingress retries them elsewhere."""
+    runner = FakeRunner(delay_s=0.4)
+    async with serving(make_settings(tiny_bundle, drain_timeout_s=0.2, max_batch_size=2), runner) as (client, app):
+        running = asyncio.create_task(client.post("/predict", json={"instances": rows(2)}))
+        await asyncio.sleep(0.1)
+        queued = [asyncio.create_task(client.post("/predict", json={"instances": rows(2)})) for _ in range(3)]
+        await asyncio.sleep(0.02)
+        app.state.gateway.begin_drain()
+        assert (await client.get("/readyz")).status_code == 503
+        late = await client.post("/predict", json={"instances": rows(1)})
+        assert late.status_code == 503 and late.headers["retry-after"] == "1"
+        answers = await asyncio.gather(*queued)
+        assert [r.status_code for r in answers] == [503, 503, 503]
+        assert all(r.headers["retry-after"] == "1" and "shutting down" in r.json()["error"] for r in answers)
+        assert (await running).status_code == 200
 
 
 async def test_request_ids_are_echoed_or_made_and_process_metrics_exported(tiny_bundle: Path) -> None:

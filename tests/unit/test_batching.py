@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from gateway.batching import BatchQueue
-from gateway.errors import DefenseRejected, GatewayError, ServiceUnavailable, TooManyRequests
+from gateway.errors import ClientDisconnected, DefenseRejected, GatewayError, ServiceUnavailable, TooManyRequests
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline import BatchOutput
 
@@ -109,6 +109,23 @@ async def test_two_halves_of_closed_loop_clients_merge_into_one_batch() -> None:
     await asyncio.gather(*(client(i, 0.0) for i in range(4)), *(client(i, 0.01) for i in range(4, 8)))
     sizes = [len(b) for b in fn.batches]
     assert sizes[:3] == [4, 8, 8], sizes  # out of step for the first batch only
+    await q.close()
+
+
+async def test_a_request_whose_client_left_is_dropped_before_its_batch_runs() -> None:
+    fn = Recorder(delay_s=0.2)
+    q = queue(fn, size=1, delay_ms=0)  # one request per batch
+    first = asyncio.create_task(q.submit(req(1)))  # holds the worker for 0.2 s
+    await asyncio.sleep(0.05)
+    left = asyncio.Event()
+    second = asyncio.create_task(q.submit(req(2), gone=left.wait))
+    third = asyncio.create_task(q.submit(req(3), gone=asyncio.Event().wait))  # stays connected
+    await asyncio.sleep(0.02)
+    left.set()
+    with pytest.raises(ClientDisconnected):
+        await second
+    assert (await first).labels.tolist() == [1] and (await third).labels.tolist() == [3]
+    assert fn.batches == [[1], [3]]  # request 2 never reached the model
     await q.close()
 
 
