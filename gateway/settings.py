@@ -67,7 +67,12 @@ class GatewaySettings(BaseSettings):
     upstream_output_kind: Literal["logits", "probabilities"] | None = Field(
         None, description="What the upstream returns; default: the manifest's output kind."
     )
-    upstream_timeout_s: float = Field(5.0, gt=0, description="Per-attempt timeout of an upstream call.")
+    upstream_timeout_s: float = Field(
+        5.0, gt=0, description="Per-attempt deadline of an upstream call: connect, send and the whole answer."
+    )
+    upstream_deadline_s: float | None = Field(
+        None, gt=0, description="All attempts and backoffs of one upstream call; default: the timeout × (retries + 1)."
+    )
     upstream_retries: int = Field(2, ge=0, le=10, description="Retries on connection errors, timeouts and 502/503/504.")
     upstream_max_connections: int = Field(32, ge=1, description="Pooled connections to the upstream.")
 

@@ -47,6 +47,8 @@ class UpstreamRunner:
         self.output_field = settings.upstream_output_field or ("predictions" if self.protocol == "json" else None)
         self.retries = settings.upstream_retries
         self.backoff_s = 0.05
+        self.timeout_s = settings.upstream_timeout_s  # per attempt: connect, send and the whole answer
+        self.deadline_s = settings.upstream_deadline_s or settings.upstream_timeout_s * (settings.upstream_retries + 1)
         path = f"/v2/models/{self.model}/infer" if self.protocol == "oip" else ""
         self.endpoint = self.base + path if self.protocol == "oip" else self.base
         self._client = httpx.Client(
@@ -57,18 +59,25 @@ class UpstreamRunner:
 
     # --- the ModelRunner protocol --------------------------------------------------------------
     def run(self, x: np.ndarray) -> np.ndarray:
-        """x[B, D] float32 -> upstream outputs [B, C] float32, or UpstreamError / UpstreamTimeout."""
+        """x[B, D] float32 -> upstream outputs [B, C] float32, or UpstreamError / UpstreamTimeout.
+
+        Each attempt has ``timeout_s`` for everything (a body trickling in byte by byte is cut off too), and all
+        attempts with their backoffs ``deadline_s``: the single batch worker is never held longer."""
         body = orjson.dumps(self._request(x), option=orjson.OPT_SERIALIZE_NUMPY)
         last: Exception = UpstreamError("the upstream model server was not called")
+        overall = time.monotonic() + self.deadline_s
         for attempt in range(self.retries + 1):
             if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+                time.sleep(min(self.backoff_s * 2 ** (attempt - 1), max(overall - time.monotonic(), 0)))
+            budget = min(self.timeout_s, overall - time.monotonic())
+            if budget <= 0:
+                break
             try:
-                response = self._client.post(self.endpoint, content=body, headers={"Content-Type": "application/json"})
+                response = self._post(body, budget)
             except httpx.TimeoutException:
                 last = UpstreamTimeout(
                     f"the upstream model server did not answer within the timeout ({attempt + 1} attempts); "
-                    "check it or raise GATEWAY_UPSTREAM_TIMEOUT_S"
+                    "check it or raise GATEWAY_UPSTREAM_TIMEOUT_S (per attempt) / GATEWAY_UPSTREAM_DEADLINE_S"
                 )
                 continue
             except httpx.TransportError as exc:
@@ -85,6 +94,18 @@ class UpstreamRunner:
             return self._outputs(response.content, x.shape[0])
         log.warning("upstream failed: %s", type(last).__name__)
         raise last
+
+    def _post(self, body: bytes, budget_s: float) -> httpx.Response:
+        """One attempt, over within ``budget_s`` (httpx's timeouts bound each read; this bounds their sum)."""
+        deadline = time.monotonic() + budget_s
+        headers = {"Content-Type": "application/json"}
+        with self._client.stream("POST", self.endpoint, content=body, headers=headers, timeout=budget_s) as r:
+            chunks = []
+            for chunk in r.iter_raw():
+                chunks.append(chunk)
+                if time.monotonic() > deadline:
+                    raise httpx.ReadTimeout("the answer did not arrive within the attempt's deadline")
+            return httpx.Response(r.status_code, content=b"".join(chunks))
 
     def probe(self) -> bool:
         """One-row call: is the upstream answering correctly right now?"""

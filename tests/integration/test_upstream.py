@@ -26,6 +26,7 @@ class Upstream:
         self.fail_first = 0
         self.calls = 0
         self.delay_s = 0.0
+        self.trickle = False  # answer headers, then one byte every 0.1 s (for at most 5 s)
         self.lock = threading.Lock()
 
     def answer(self, path: str, body: dict[str, Any]) -> tuple[int, bytes]:
@@ -74,6 +75,20 @@ def upstream() -> Iterator[tuple[Upstream, str]]:
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if fake.trickle:
+                with fake.lock:
+                    fake.calls += 1
+                self.send_response(200)
+                self.send_header("Content-Length", "1000")
+                self.end_headers()
+                for _ in range(50):
+                    try:
+                        self.wfile.write(b" ")
+                        self.wfile.flush()
+                    except OSError:
+                        return
+                    time.sleep(0.1)
+                return
             status, payload = fake.answer(self.path, body)
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
@@ -166,6 +181,24 @@ async def test_slow_upstream_is_504_after_bounded_retries(tiny_bundle: Path, ups
         assert r.status_code == 504 and "GATEWAY_UPSTREAM_TIMEOUT_S" in r.json()["error"]
         assert fake.calls - calls == 2 and time.perf_counter() - start < 3  # two attempts, then give up
         fake.delay_s = 0.0
+
+
+async def test_a_trickling_upstream_meets_the_attempt_and_overall_deadlines(tiny_bundle: Path, upstream: Any) -> None:
+    """An upstream sending its body a byte at a time never times out a read: the per-attempt deadline cuts each
+    attempt off, and the overall deadline stops the retries, so the batch worker is held ~1 s, not 5 s × 3."""
+    fake, url = upstream
+    settings = make_settings(tiny_bundle, upstream_url=url, upstream_timeout_s=0.4, upstream_retries=5,
+                             upstream_deadline_s=1.0)  # fmt: skip
+    async with serving(settings) as (client, _):
+        fake.trickle = True
+        calls = fake.calls
+        start = time.perf_counter()
+        r = await client.post("/predict", json={"instances": rows(1)})
+        took = time.perf_counter() - start
+        assert r.status_code == 504 and "GATEWAY_UPSTREAM_DEADLINE_S" in r.json()["error"]
+        assert took < 2.0 and 2 <= fake.calls - calls <= 3, (took, fake.calls - calls)
+        fake.trickle = False
+        assert (await client.post("/predict", json={"instances": rows(1)})).status_code == 200
 
 
 async def test_unreachable_upstream_is_not_ready_until_it_answers(tiny_bundle: Path, upstream: Any) -> None:
