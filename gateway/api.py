@@ -28,14 +28,14 @@ def _json(obj: object, status: int = 200) -> Response:
 async def check_readiness(state: GatewayState) -> str | None:
     """Why the gateway is not ready (None when it is), for every readiness route.
 
-    In proxy mode, while the upstream is marked down, each check probes it again. The
-    ``gateway_ready`` gauge follows the answer.
+    In proxy mode the upstream is down once its last call failed (a batch's, after the retries, or a probe's),
+    and while it is, each check probes it again (one short probe shared by concurrent checks, so a check
+    answers within a second). The ``gateway_ready`` gauge follows the answer.
     """
-    probe = getattr(state.runner, "probe", None)
-    if not state.upstream_ok and probe is not None and state.ready:
-        import asyncio
-
-        state.upstream_ok = await asyncio.to_thread(probe)
+    if state.ready and getattr(state.runner, "failing_since", None) is not None:
+        state.upstream_ok = await state.probe_upstream()
+    elif state.ready:
+        state.upstream_ok = True
     reason: str | None = state.not_ready_reason()
     state.metrics.ready.set(0 if reason else 1)
     return reason

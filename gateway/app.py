@@ -57,6 +57,16 @@ class GatewayState:
     draining: bool = False
     upstream_ok: bool = True
     loop: asyncio.AbstractEventLoop | None = None  # the serving loop, for signal handlers
+    probing: asyncio.Future[bool] | None = None  # the upstream probe in flight (proxy mode), shared by checks
+
+    async def probe_upstream(self) -> bool:
+        """Proxy mode: one short probe of the upstream (<= 1 s), shared by every readiness check meanwhile."""
+        probe = getattr(self.runner, "probe", None)
+        if probe is None:
+            return True
+        if self.probing is None or self.probing.done():
+            self.probing = asyncio.ensure_future(asyncio.to_thread(probe))
+        return await asyncio.shield(self.probing)
 
     def begin_drain(self) -> None:
         """SIGTERM, on the serving loop: not ready from now on, and requests still queued after
@@ -228,11 +238,18 @@ class GatewayRuntime:
         state.loop = asyncio.get_running_loop()
         pipeline = await asyncio.to_thread(_build, state, self.runner_factory)
         self._announce()
-        try:
-            await asyncio.to_thread(_warm_up, pipeline, _width(state), settings.max_batch_size)
-        except GatewayError as exc:  # proxy mode: the upstream may start after us; readiness re-probes it
-            state.upstream_ok = False
-            log.warning("warm-up through the upstream failed (%s); not ready until it answers", type(exc).__name__)
+        # Proxy mode: a short probe first (the upstream may start after us, or hang), so the port is bound within
+        # a second whatever the upstream does; readiness probes it again until it answers.
+        state.upstream_ok = await state.probe_upstream()
+        if not state.upstream_ok:
+            log.warning("the upstream model server does not answer yet; not ready until it does (warm-up skipped)")
+        else:
+            try:
+                await asyncio.to_thread(_warm_up, pipeline, _width(state), settings.max_batch_size)
+            except GatewayError as exc:
+                state.upstream_ok = False
+                log.warning("warm-up through the upstream failed (%s); not ready until it answers",
+                            type(exc).__name__)  # fmt: skip
         state.batcher = BatchQueue(pipeline, max_batch_size=settings.max_batch_size,
                                    max_delay_s=settings.max_queue_delay_ms / 1000,
                                    max_queue_rows=settings.max_queue_rows, metrics=state.metrics,

@@ -30,6 +30,8 @@ from gateway.settings import GatewaySettings
 log = logging.getLogger("gateway.upstream")
 
 RETRYABLE_STATUS = frozenset({502, 503, 504})
+#: One attempt of a readiness probe or of the startup check: a probe must answer within a second.
+PROBE_BUDGET_S = 0.8
 
 
 class UpstreamRunner:
@@ -49,6 +51,9 @@ class UpstreamRunner:
         self.backoff_s = 0.05
         self.timeout_s = settings.upstream_timeout_s  # per attempt: connect, send and the whole answer
         self.deadline_s = settings.upstream_deadline_s or settings.upstream_timeout_s * (settings.upstream_retries + 1)
+        #: Monotonic time of the first failed call of the current run of failures; None while calls succeed.
+        #: Readiness reads it: a gateway whose upstream is failing is not ready.
+        self.failing_since: float | None = None
         path = f"/v2/models/{self.model}/infer" if self.protocol == "oip" else ""
         self.endpoint = self.base + path if self.protocol == "oip" else self.base
         self._client = httpx.Client(
@@ -63,13 +68,25 @@ class UpstreamRunner:
 
         Each attempt has ``timeout_s`` for everything (a body trickling in byte by byte is cut off too), and all
         attempts with their backoffs ``deadline_s``: the single batch worker is never held longer."""
+        return self._call(x, self.timeout_s, self.deadline_s, self.retries)
+
+    def _call(self, x: np.ndarray, timeout_s: float, deadline_s: float, retries: int) -> np.ndarray:
+        try:
+            out = self._attempts(x, timeout_s, deadline_s, retries)
+        except (UpstreamError, UpstreamTimeout):
+            self.failing_since = self.failing_since or time.monotonic()
+            raise
+        self.failing_since = None
+        return out
+
+    def _attempts(self, x: np.ndarray, timeout_s: float, deadline_s: float, retries: int) -> np.ndarray:
         body = orjson.dumps(self._request(x), option=orjson.OPT_SERIALIZE_NUMPY)
         last: Exception = UpstreamError("the upstream model server was not called")
-        overall = time.monotonic() + self.deadline_s
-        for attempt in range(self.retries + 1):
+        overall = time.monotonic() + deadline_s
+        for attempt in range(retries + 1):
             if attempt:
                 time.sleep(min(self.backoff_s * 2 ** (attempt - 1), max(overall - time.monotonic(), 0)))
-            budget = min(self.timeout_s, overall - time.monotonic())
+            budget = min(timeout_s, overall - time.monotonic())
             if budget <= 0:
                 break
             try:
@@ -108,9 +125,9 @@ class UpstreamRunner:
             return httpx.Response(r.status_code, content=b"".join(chunks))
 
     def probe(self) -> bool:
-        """One-row call: is the upstream answering correctly right now?"""
+        """One-row call, one attempt, ``PROBE_BUDGET_S`` at most: is the upstream answering correctly now?"""
         try:
-            self.run(np.zeros((1, self.width), dtype=np.float32))
+            self._call(np.zeros((1, self.width), dtype=np.float32), PROBE_BUDGET_S, PROBE_BUDGET_S, 0)
         except (UpstreamError, UpstreamTimeout):
             return False
         return True

@@ -90,11 +90,14 @@ def upstream() -> Iterator[tuple[Upstream, str]]:
                     time.sleep(0.1)
                 return
             status, payload = fake.answer(self.path, body)
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+            except OSError:  # the gateway gave up on a slow answer and closed the connection
+                pass
 
         def log_message(self, *args: Any) -> None:
             pass
@@ -216,3 +219,31 @@ async def test_unreachable_upstream_is_not_ready_until_it_answers(tiny_bundle: P
     async with serving(dead) as (client, _):
         r = await client.post("/predict", json={"instances": rows(1)})
         assert r.status_code == 502 and "GATEWAY_UPSTREAM_URL" in r.json()["error"]
+
+
+async def test_readiness_follows_the_upstreams_recent_failures(tiny_bundle: Path, upstream: Any) -> None:
+    """Ready at first; not ready once a batch's upstream call failed (after its retries), and each probe answers
+    within a second; ready again once the upstream answers."""
+    fake, url = upstream
+    async with serving(make_settings(tiny_bundle, upstream_url=url, upstream_retries=0)) as (client, _):
+        assert (await client.get("/readyz")).status_code == 200
+        fake.mode = "500"
+        assert (await client.post("/predict", json={"instances": rows(1)})).status_code == 502
+        start = time.perf_counter()
+        r = await client.get("/readyz")
+        assert r.status_code == 503 and "upstream" in r.json()["error"] and time.perf_counter() - start < 1
+        fake.mode = "ok"
+        assert (await client.get("/readyz")).status_code == 200
+
+
+async def test_a_hanging_upstream_delays_neither_startup_nor_probes(tiny_bundle: Path, upstream: Any) -> None:
+    fake, url = upstream
+    fake.delay_s = 3.0
+    start = time.perf_counter()
+    settings = make_settings(tiny_bundle, upstream_url=url, upstream_timeout_s=5.0, upstream_retries=2)
+    async with serving(settings) as (client, _):
+        assert time.perf_counter() - start < 2.5  # up and bound within a probe's budget (plus the app's startup)
+        probe = time.perf_counter()
+        r = await client.get("/readyz")
+        assert r.status_code == 503 and time.perf_counter() - probe < 1.5
+        fake.delay_s = 0.0
