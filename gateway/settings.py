@@ -100,7 +100,7 @@ class GatewaySettings(BaseSettings):
         1.0, ge=0, description="How long the first queued row waits for batch-mates before a flush."
     )
     batch_fill_wait: float = Field(
-        0.1,
+        0.03,
         ge=0,
         le=1,
         description="With a slow pipeline, the first queued row may wait up to this fraction of a batch's recent "
