@@ -378,6 +378,14 @@ async def test_query_budget_is_per_client_and_429(tiny_bundle: Path) -> None:
         assert (await client.post("/predict", json={"instances": rows(4)}, headers=k2)).status_code == 200
 
 
+def raw_predict_scope(client_port: int) -> dict[str, object]:
+    """An ASGI scope for POST /predict, for tests that drive the app's receive and send by hand."""
+    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+            "path": "/predict", "raw_path": b"/predict", "query_string": b"", "root_path": "",
+            "headers": [(b"content-type", b"application/json")], "client": ("127.0.0.1", client_port),
+            "server": ("127.0.0.1", 8000)}  # fmt: skip
+
+
 async def test_a_client_leaving_mid_body_is_a_499(tiny_bundle: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A disconnect while the body streams in is neither a 500 nor a traceback: one 499 in the metrics."""
     import logging
@@ -393,10 +401,7 @@ async def test_a_client_leaving_mid_body_is_a_499(tiny_bundle: Path, caplog: pyt
         async def send(message: dict[str, object]) -> None:
             sent.append(message)
 
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-                 "scheme": "http", "path": "/predict", "raw_path": b"/predict", "query_string": b"",
-                 "root_path": "", "headers": [(b"content-type", b"application/json")],
-                 "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000)}  # fmt: skip
+        scope = raw_predict_scope(5000)
         with caplog.at_level(logging.INFO):
             await app(scope, receive, send)
         assert sent[0]["status"] == 499
@@ -428,10 +433,7 @@ async def test_a_client_that_leaves_while_queued_costs_no_model_time(tiny_bundle
         async def send(message: dict[str, object]) -> None:
             sent.append(message)
 
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-                 "scheme": "http", "path": "/predict", "raw_path": b"/predict", "query_string": b"",
-                 "root_path": "", "headers": [(b"content-type", b"application/json")],
-                 "client": ("127.0.0.1", 5001), "server": ("127.0.0.1", 8000)}  # fmt: skip
+        scope = raw_predict_scope(5001)
         gone = asyncio.create_task(app(scope, receive, send))
         await asyncio.sleep(0.05)
         left.set()
