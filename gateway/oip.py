@@ -1,10 +1,12 @@
-"""Open Inference Protocol V2 (JSON): health, server and model metadata, infer."""
+"""Open Inference Protocol V2: health, server and model metadata, infer (JSON, and the binary tensor data
+extension that Triton's clients use by default)."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -12,7 +14,7 @@ from starlette.routing import Route
 from gateway import __version__
 from gateway.api import _json, charge_budget, check_readiness, serving_state
 from gateway.errors import ModelNotFound
-from gateway.schemas import client_gone, parse_oip_infer, read_json
+from gateway.schemas import client_gone, dumps, oip_requested_outputs, parse_oip_infer, read_oip
 
 if TYPE_CHECKING:
     from gateway.app import GatewayState
@@ -34,7 +36,7 @@ def _short(name: str, limit: int = 64) -> str:
 
 
 async def server_metadata(request: Request) -> Response:
-    return _json({"name": "mi-gateway", "version": __version__, "extensions": []})
+    return _json({"name": "mi-gateway", "version": __version__, "extensions": ["binary_tensor_data"]})
 
 
 async def live(request: Request) -> Response:
@@ -76,24 +78,36 @@ async def _infer(request: Request, model: str, version: str | None) -> Response:
     s = serving_state(request)
     _check_model(s.state, model, version)
     m, settings = s.manifest, s.state.settings
-    body = await read_json(request, settings.max_body_bytes)
+    body, binary = await read_oip(request, settings.max_body_bytes)
     x, request_id = parse_oip_infer(body, input_name=m.input.name, width=m.input.width,
-                                    max_rows=settings.max_batch_rows)  # fmt: skip
+                                    max_rows=settings.max_batch_rows, binary=binary)  # fmt: skip
+    wanted = oip_requested_outputs(body)
     charge_budget(s.state, request, x.shape[0])
     out = await s.batcher.submit(x, gone=lambda: client_gone(request))
     B, C = out.probabilities.shape
-    response = {
-        "model_name": m.name,
-        "model_version": m.version,
-        "outputs": [
-            {"name": "probabilities", "shape": [B, C], "datatype": "FP32", "data": out.probabilities.ravel()},
-            {"name": "labels", "shape": [B], "datatype": "INT64", "data": out.labels},
-        ],
-        "parameters": {"defense": s.defense.name},
+    tensors: dict[str, tuple[str, list[int], np.ndarray]] = {
+        "probabilities": ("FP32", [B, C], out.probabilities),  # float64 in JSON (no precision lost), FP32 in binary
+        "labels": ("INT64", [B], out.labels),
     }
+    response: dict[str, Any] = {"model_name": m.name, "model_version": m.version, "outputs": [],
+                                "parameters": {"defense": s.defense.name}}  # fmt: skip
     if request_id is not None:
         response["id"] = request_id
-    return _json(response)
+    blobs = []
+    for name, as_binary in wanted.items():
+        datatype, shape, values = tensors[name]
+        entry: dict[str, Any] = {"name": name, "shape": shape, "datatype": datatype}
+        if as_binary:  # the binary tensor data extension: raw little-endian bytes after the JSON header
+            blobs.append(values.astype("<f4" if datatype == "FP32" else "<i8").tobytes())
+            entry["parameters"] = {"binary_data_size": len(blobs[-1])}
+        else:
+            entry["data"] = values.ravel()
+        response["outputs"].append(entry)
+    if not blobs:
+        return _json(response)
+    header = dumps(response)
+    return Response(header + b"".join(blobs), media_type="application/octet-stream",
+                    headers={"Inference-Header-Content-Length": str(len(header))})  # fmt: skip
 
 
 Handler = Callable[[Request, str, str | None], Awaitable[Response]]

@@ -28,14 +28,37 @@ async def client_gone(request: Request) -> None:
             await asyncio.Event().wait()  # a server that repeats empty bodies reports no disconnect: never
 
 
-async def read_json(request: Request, max_bytes: int) -> Any:
-    """Content type (415), size (413) and syntax (400) checks; returns the parsed JSON."""
+async def read_json(request: Request, max_bytes: int, *, missing_type_ok: bool = False) -> Any:
+    """Content type (415), size (413) and syntax (400) checks; returns the parsed JSON. ``missing_type_ok``: a
+    request without a Content-Type is read as JSON (OIP clients such as tritonclient send none)."""
     content_type = request.headers.get("content-type", "")
-    if content_type.split(";", 1)[0].strip().lower() != "application/json":
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media != "application/json" and not (missing_type_ok and not media):
         raise UnsupportedMediaType(
             f"expected Content-Type: application/json, got {content_type[:60]!r}; "
             "send the body as JSON with that header"
         )
+    return parse_json(await read_body(request, max_bytes))
+
+
+async def read_oip(request: Request, max_bytes: int) -> tuple[Any, bytes]:
+    """An OIP V2 infer body -> (JSON header, binary tensor data). Plain JSON (a missing Content-Type included),
+    or the binary tensor extension: ``Inference-Header-Content-Length`` bytes of JSON, then raw tensor bytes."""
+    header = request.headers.get("inference-header-content-length")
+    if header is None:
+        return await read_json(request, max_bytes, missing_type_ok=True), b""
+    raw = await read_body(request, max_bytes)
+    try:
+        n = int(header)
+    except ValueError:
+        raise ClientError("the Inference-Header-Content-Length header is not an integer") from None
+    if not 0 < n <= len(raw):
+        raise ClientError(f"Inference-Header-Content-Length is {n} but the body has {len(raw)} bytes")
+    return parse_json(raw[:n]), raw[n:]
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The raw body, with the size (413), disconnect (499) and emptiness (400) checks."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -56,6 +79,10 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         raise ClientDisconnected("the client closed the connection before the body was complete") from None
     if not body:
         raise ClientError("the body is empty; send a JSON object")
+    return bytes(body)
+
+
+def parse_json(body: bytes) -> Any:
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -126,8 +153,19 @@ def parse_predict(body: Any, *, width: int, max_rows: int) -> np.ndarray:
     return as_matrix(body["instances"], width=width, max_rows=max_rows, field="instances")
 
 
-def parse_oip_infer(body: Any, *, input_name: str, width: int, max_rows: int) -> tuple[np.ndarray, Any]:
-    """OIP V2 infer request -> (x[B, D], request id or None)."""
+#: OIP V2 input datatypes the gateway accepts, each cast to float32, with their little-endian binary layout.
+OIP_INPUT_TYPES = {
+    "FP32": "<f4", "FP64": "<f8", "FP16": "<f2", "INT8": "i1", "INT16": "<i2", "INT32": "<i4", "INT64": "<i8",
+    "UINT8": "u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8", "BOOL": "?",
+}  # fmt: skip
+#: The infer response's outputs, in order.
+OIP_OUTPUTS = ("probabilities", "labels")
+
+
+def parse_oip_infer(
+    body: Any, *, input_name: str, width: int, max_rows: int, binary: bytes = b""
+) -> tuple[np.ndarray, Any]:
+    """OIP V2 infer request (its JSON, and the binary tensor data after it if any) -> (x[B, D], request id)."""
     if not isinstance(body, dict) or not isinstance(body.get("inputs"), list):
         raise ClientError('the body must be an OIP V2 request {"inputs": [{"name", "shape", "datatype", "data"}]}')
     inputs = body["inputs"]
@@ -136,8 +174,10 @@ def parse_oip_infer(body: Any, *, input_name: str, width: int, max_rows: int) ->
     tensor = inputs[0]
     if tensor.get("name") != input_name:
         raise ClientError(f"unknown input {tensor.get('name')!r}; this model's input is {input_name!r}")
-    if tensor.get("datatype") != "FP32":
-        raise ClientError(f"input datatype must be FP32, got {tensor.get('datatype')!r}")
+    datatype = tensor.get("datatype")
+    if datatype not in OIP_INPUT_TYPES:
+        raise ClientError(f"input datatype {datatype!r} is not supported; send one of {sorted(OIP_INPUT_TYPES)} "
+                          "(cast to FP32)")  # fmt: skip
     shape = tensor.get("shape")
     if (
         not isinstance(shape, list)
@@ -149,7 +189,18 @@ def parse_oip_infer(body: Any, *, input_name: str, width: int, max_rows: int) ->
         raise PayloadTooLarge(f"the input has {shape[0]} rows; the limit is {max_rows} per request: split the request")
     if shape[1] != width:
         raise ClientError(f"input shape must be [B, {width}] (the model's input width), got {shape}")
+    params = tensor.get("parameters")
+    size = params.get("binary_data_size") if isinstance(params, dict) else None
+    if size is not None:
+        return _binary_tensor(binary, size, OIP_INPUT_TYPES[datatype], (shape[0], shape[1])), body.get("id")
+    if binary:
+        raise ClientError("binary data follows the JSON header, but the input has no `binary_data_size` parameter")
     data = tensor.get("data")
+    if datatype == "BOOL" and isinstance(data, list):
+        data = np.asarray(data, dtype=object)
+        if not all(isinstance(v, bool) for v in data.ravel()):
+            raise ClientError("a BOOL input's `data` must hold only true and false")
+        data = data.astype(np.uint8).tolist()
     if isinstance(data, list) and data and isinstance(data[0], list):
         x = as_matrix(data, width=width, max_rows=max_rows, field="data")
         if x.shape[0] != shape[0]:
@@ -157,6 +208,43 @@ def parse_oip_infer(body: Any, *, input_name: str, width: int, max_rows: int) ->
     else:
         x = as_matrix(data, width=width, max_rows=max_rows, field="data", shape=(shape[0], shape[1]))
     return x, body.get("id")
+
+
+def _binary_tensor(binary: bytes, size: Any, dtype: str, shape: tuple[int, int]) -> np.ndarray:
+    """The binary tensor extension's raw bytes -> validated float32 [B, D]."""
+    itemsize = np.dtype(dtype).itemsize
+    want = shape[0] * shape[1] * itemsize
+    if not isinstance(size, int) or isinstance(size, bool) or size != want or size != len(binary):
+        raise ClientError(f"binary_data_size is {size!r} and {len(binary)} bytes follow the header; shape "
+                          f"{list(shape)} needs {want}")  # fmt: skip
+    if shape[0] == 0:
+        raise ClientError("`data` is empty; send at least one row")
+    raw = np.frombuffer(binary, dtype=dtype).reshape(shape)
+    with np.errstate(over="ignore", invalid="ignore"):
+        x = raw.astype(np.float32)
+    finite = np.isfinite(x).all(axis=1)
+    if not finite.all():
+        raise ClientError(f"row {int(np.argmin(finite))} has a non-finite value or one outside the float32 range")
+    return np.ascontiguousarray(x)
+
+
+def oip_requested_outputs(body: dict[str, Any]) -> dict[str, bool]:
+    """Which outputs an infer request asked for, each with whether it wants binary data (the extension)."""
+    params = body.get("parameters")
+    default = bool(params.get("binary_data_output", False)) if isinstance(params, dict) else False
+    requested = body.get("outputs")
+    if requested is None:
+        return dict.fromkeys(OIP_OUTPUTS, default)
+    if not isinstance(requested, list) or not all(isinstance(o, dict) for o in requested) or not requested:
+        raise ClientError('`outputs` must be a non-empty list of {"name": ...} objects')
+    wanted: dict[str, bool] = {}
+    for o in requested:
+        name = o.get("name")
+        if name not in OIP_OUTPUTS:
+            raise ClientError(f"unknown output {str(name)[:64]!r}; this model returns {list(OIP_OUTPUTS)}")
+        p = o.get("parameters")
+        wanted[name] = bool(p.get("binary_data", default)) if isinstance(p, dict) else default
+    return wanted
 
 
 def dumps(obj: Any) -> bytes:

@@ -181,7 +181,7 @@ async def test_oip_v2_routes(tiny_bundle: Path) -> None:
     ("mutate", "status", "fragment"),
     [
         (lambda b: b["inputs"][0].update(name="x"), 400, "model's input is 'input'"),
-        (lambda b: b["inputs"][0].update(datatype="FP64"), 400, "FP32"),
+        (lambda b: b["inputs"][0].update(datatype="BYTES"), 400, "not supported"),
         (lambda b: b["inputs"][0].update(shape=[1, WIDTH]), 400, "needs"),
         (lambda b: b["inputs"][0].update(shape=[2, WIDTH + 1]), 400, f"[B, {WIDTH}]"),
         (lambda b: b["inputs"][0].update(shape="2x8"), 400, "shape"),
@@ -376,6 +376,33 @@ async def test_query_budget_is_per_client_and_429(tiny_bundle: Path) -> None:
         bad = await client.post("/predict", json={"instances": [[1.0]]}, headers=k1)
         assert bad.status_code == 400  # invalid requests are rejected before they cost budget
         assert (await client.post("/predict", json={"instances": rows(4)}, headers=k2)).status_code == 200
+
+
+async def test_oip_binary_and_untyped_bodies_are_checked(tiny_bundle: Path) -> None:
+    """The binary tensor extension's framing is validated (400s naming the fault); a body without a Content-Type
+    is JSON on OIP routes (tritonclient sends none) but still a 415 on /predict."""
+    x = np.random.default_rng(0).random((2, WIDTH)).astype(np.float32)
+
+    def binary_request(size: int, header_extra: int = 0, blob: bytes | None = None) -> tuple[bytes, dict[str, str]]:
+        head = json.dumps({"inputs": [{"name": "input", "shape": [2, WIDTH], "datatype": "FP32",
+                                       "parameters": {"binary_data_size": size}}]}).encode()  # fmt: skip
+        data = x.tobytes() if blob is None else blob
+        return head + data, {"Inference-Header-Content-Length": str(len(head) + header_extra)}
+
+    async with serving(make_settings(tiny_bundle), FakeRunner()) as (client, _):
+        body, headers = binary_request(x.nbytes)
+        ok = await client.post("/v2/models/tiny/infer", content=body, headers=headers)
+        assert ok.status_code == 200 and ok.json()["outputs"][1]["data"] == (x @ FakeRunner().W).argmax(1).tolist()
+        for args, fragment in [((x.nbytes - 4,), "binary_data_size"), ((x.nbytes, 10**6), "Inference-Header"),
+                               ((x.nbytes, 0, x.tobytes()[:-4]), "binary_data_size")]:  # fmt: skip
+            body, headers = binary_request(*args)  # type: ignore[arg-type]
+            r = await client.post("/v2/models/tiny/infer", content=body, headers=headers)
+            assert r.status_code == 400 and fragment in r.json()["error"], r.text
+        plain = json.dumps({"inputs": [{"name": "input", "shape": [2, WIDTH], "datatype": "FP32",
+                                        "data": x.ravel().tolist()}]}).encode()  # fmt: skip
+        assert (await client.post("/v2/models/tiny/infer", content=plain)).status_code == 200
+        untyped = await client.post("/predict", content=json.dumps({"instances": x.tolist()}).encode())
+        assert untyped.status_code == 415
 
 
 def raw_predict_scope(client_port: int) -> dict[str, object]:
