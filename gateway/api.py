@@ -100,6 +100,14 @@ async def readyz(request: Request) -> Response:
     return _json({"status": "ready", "provider": state.runner.provider, "defense": state.defense.name})
 
 
+async def openapi(request: Request) -> Response:
+    """The OpenAPI document (gateway/openapi.py), for clients and fuzzers; 503 until the bundle is loaded."""
+    document = request.app.state.gateway.openapi
+    if document is None:
+        return _json({"error": "the model and defense are still loading"}, status=503)
+    return Response(document, media_type="application/json")
+
+
 async def metrics(request: Request) -> Response:
     """Only routed with ``GATEWAY_METRICS_PUBLIC=true``: per-row distortion metrics tell a client what happened
     to its query, so by default they are served on the metrics port only (docs/API.md, Metrics)."""
@@ -115,5 +123,6 @@ routes = [
     Route("/predict", predict, methods=["POST"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
+    Route("/openapi.json", openapi, methods=["GET"]),
 ]
 metrics_route = Route("/metrics", metrics, methods=["GET"])

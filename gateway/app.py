@@ -33,8 +33,10 @@ from gateway.defenses.keyed import RowKeyer, key_context
 from gateway.errors import BundleError, GatewayError
 from gateway.logs import incoming_request_id, request_id
 from gateway.metrics import GatewayMetrics, start_metrics_server
+from gateway.openapi import openapi_document
 from gateway.pipeline import Pipeline
 from gateway.runner import CUDA, ModelRunner, OnnxRunner
+from gateway.schemas import dumps
 from gateway.settings import GatewaySettings
 from gateway.threads import apply_torch_threads
 
@@ -58,6 +60,7 @@ class GatewayState:
     upstream_ok: bool = True
     loop: asyncio.AbstractEventLoop | None = None  # the serving loop, for signal handlers
     probing: asyncio.Future[bool] | None = None  # the upstream probe in flight (proxy mode), shared by checks
+    openapi: bytes | None = None  # GET /openapi.json, built once the bundle is loaded
 
     async def probe_upstream(self) -> bool:
         """Proxy mode: one short probe of the upstream (<= 1 s), shared by every readiness check meanwhile."""
@@ -132,6 +135,7 @@ def _build(state: GatewayState, runner_factory: RunnerFactory) -> Pipeline:
         context = key_context(manifest.version, defense.name, defense.params())
         keyer = RowKeyer(settings.noise_secret.get_secret_value().encode(), context)
     state.bundle, state.runner, state.defense = bundle, runner, defense
+    state.openapi = dumps(openapi_document(manifest, max_rows=settings.max_batch_rows))
     return Pipeline(
         runner,
         defense,

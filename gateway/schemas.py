@@ -87,11 +87,18 @@ def parse_json(body: bytes) -> Any:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise ClientError(f"malformed JSON: {exc}") from None
-    # NumPy reads a boolean next to numbers as 1.0 or 0.0; refuse it instead. Only bodies that contain a
-    # JSON boolean at all are walked, so ordinary requests pay one byte search.
-    if (b"true" in body or b"false" in body) and _mixes_booleans(parsed):
-        raise ClientError("an array mixes booleans with numbers; send numbers only (e.g. 1 and 0)")
+    # NumPy reads a boolean next to numbers as 1.0 or 0.0; refuse it instead, in the fields the routes read
+    # numbers from (others are not read). Only bodies that contain a JSON boolean at all are walked, so
+    # ordinary requests pay one byte search.
+    if b"true" in body or b"false" in body:
+        data = [parsed.get(f) for f in _DATA_FIELDS] if isinstance(parsed, dict) else [parsed]
+        if any(_mixes_booleans(v) for v in data):
+            raise ClientError("an array mixes booleans with numbers; send numbers only (e.g. 1 and 0)")
     return parsed
+
+
+#: The request fields the routes read numbers from (`/predict`'s rows, OIP's input tensors).
+_DATA_FIELDS = ("instances", "inputs")
 
 
 def _mixes_booleans(value: Any) -> bool:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -77,7 +77,8 @@ class FakeRunner:
             time.sleep(self.delay_s)
         if (x[:, 0] == self.POISON).any():
             raise RuntimeError("poisoned batch")
-        out = x @ self.W  # [B, C]
+        with np.errstate(over="ignore", invalid="ignore"):  # as ONNX Runtime: overflow is inf, silently
+            out = x @ self.W  # [B, C]
         out[x[:, 0] == self.NAN_ROW] = np.nan
         return out.astype(np.float32)
 
@@ -244,3 +245,28 @@ def hamp_defense(classes: int, features: int = 6, inputs: str = "binary") -> Any
     defense = Hamp(HampParams(inputs=inputs), torch.device("cpu"))  # type: ignore[arg-type]
     defense.bind_model(predict, features)
     return defense
+
+
+@contextmanager
+def live_gateway(settings: GatewaySettings, runner: Any) -> Iterator[str]:
+    """The app served by uvicorn on 127.0.0.1 in a thread, for real HTTP clients; yields its base URL."""
+    import asyncio
+    import socket
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    app = create_app(settings, runner_factory=lambda bundle, s: runner)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

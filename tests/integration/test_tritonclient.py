@@ -4,45 +4,28 @@ data extension by default."""
 
 from __future__ import annotations
 
-import asyncio
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import uvicorn
 
-from gateway.app import create_app
-from tests.conftest import CLASSES, WIDTH, FakeRunner, make_settings
+from tests.conftest import CLASSES, WIDTH, FakeRunner, live_gateway, make_settings
 
 httpclient = pytest.importorskip("tritonclient.http")
 
 
 @pytest.fixture
 def live(tiny_bundle: Path) -> Iterator[tuple[Any, FakeRunner]]:
-    """A gateway (defense `rounding`) served by uvicorn in a thread; yields a tritonclient and the model."""
+    """A gateway (defense `rounding`) on 127.0.0.1; yields a tritonclient and the model behind it."""
     runner = FakeRunner()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    app = create_app(make_settings(tiny_bundle, defense="rounding"), runner_factory=lambda bundle, s: runner)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    client = httpclient.InferenceServerClient(url=f"127.0.0.1:{port}")
-    try:
-        yield client, runner
-    finally:
-        client.close()
-        server.should_exit = True
-        thread.join(timeout=30)
+    with live_gateway(make_settings(tiny_bundle, defense="rounding"), runner) as url:
+        client = httpclient.InferenceServerClient(url=url.removeprefix("http://"))
+        try:
+            yield client, runner
+        finally:
+            client.close()
 
 
 def clean(runner: FakeRunner, x: np.ndarray) -> np.ndarray:
