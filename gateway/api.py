@@ -12,6 +12,7 @@ from starlette.routing import Route
 
 from gateway.auth import bearer_matches
 from gateway.errors import ServiceUnavailable
+from gateway.logs import RequestTrace, request_id
 from gateway.schemas import client_gone, dumps, parse_predict, read_json
 
 if TYPE_CHECKING:
@@ -70,13 +71,20 @@ def serving_state(request: Request) -> Serving:
     return Serving(state, state.bundle.manifest, state.batcher, state.defense)
 
 
+def upstream_trace(s: Serving, request: Request) -> RequestTrace | None:
+    """The request's id and ``traceparent``, when the runner forwards them to an upstream model server."""
+    if not getattr(s.state.runner, "forwards_headers", False):
+        return None
+    return RequestTrace(request_id.get(), request.headers.get("traceparent"))
+
+
 async def predict(request: Request) -> Response:
     s = serving_state(request)
     manifest, settings = s.manifest, s.state.settings
     body = await read_json(request, settings.max_body_bytes)
     x = parse_predict(body, width=manifest.input.width, max_rows=settings.max_batch_rows)
     charge_budget(s.state, request, x.shape[0])
-    out = await s.batcher.submit(x, gone=lambda: client_gone(request))
+    out = await s.batcher.submit(x, gone=lambda: client_gone(request), trace=upstream_trace(s, request))
     return _json(
         {
             "probabilities": out.probabilities,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -40,6 +41,7 @@ from gateway.errors import (
     ServiceUnavailable,
     TooManyRequests,
 )
+from gateway.logs import RequestTrace, batch_headers, upstream_headers
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline import BatchOutput
 
@@ -58,6 +60,7 @@ class _Item:
     future: asyncio.Future[RequestOutput]
     enqueued: float = field(default_factory=time.perf_counter)
     gone: Callable[[], Awaitable[object]] | None = None  # completes if the client disconnects
+    trace: RequestTrace | None = None  # forwarded to an upstream model server (proxy mode)
 
     @property
     def n(self) -> int:
@@ -122,7 +125,9 @@ class BatchQueue:
         self._metrics.queue_depth.set(0)
 
     # --- producer side ---------------------------------------------------------------------
-    async def submit(self, rows: np.ndarray, gone: Callable[[], Awaitable[object]] | None = None) -> RequestOutput:
+    async def submit(
+        self, rows: np.ndarray, gone: Callable[[], Awaitable[object]] | None = None, trace: RequestTrace | None = None
+    ) -> RequestOutput:
         """Queue validated rows; their output. ``gone()`` completes if the client disconnects: its rows are then
         dropped before their batch runs (or their answer discarded) and ``ClientDisconnected`` is raised."""
         if self._closing or self._refusing:
@@ -134,7 +139,7 @@ class BatchQueue:
                 "retry after the Retry-After delay or send fewer rows per request",
                 retry_after_s=1,
             )
-        item = _Item(rows=rows, future=asyncio.get_running_loop().create_future(), gone=gone)
+        item = _Item(rows=rows, future=asyncio.get_running_loop().create_future(), gone=gone, trace=trace)
         self._pending.append(item)
         self._pending_rows += n
         self._metrics.queue_depth.set(self._pending_rows)
@@ -221,7 +226,11 @@ class BatchQueue:
         x = batch[0].rows if len(batch) == 1 else np.concatenate([it.rows for it in batch])  # [B, D]
         self._metrics.batch_size.observe(x.shape[0])
         try:
-            out = await loop.run_in_executor(self._executor, self._process, x)
+            context = contextvars.copy_context()  # the upstream call reads its headers from here (proxy mode)
+            traces = [it.trace for it in batch if it.trace is not None]
+            if traces:
+                context.run(upstream_headers.set, batch_headers(traces))
+            out = await loop.run_in_executor(self._executor, context.run, self._process, x)
             if len(out) != x.shape[0]:
                 raise RuntimeError(f"batch call returned {len(out)} rows for {x.shape[0]}")
         except GatewayError as exc:  # e.g. the upstream failed: the runner already retried; fail the batch once

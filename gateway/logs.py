@@ -8,11 +8,42 @@ import json
 import logging
 import re
 import uuid
+from dataclasses import dataclass
 
 #: The request being served on this task (set by the app's request middleware).
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 #: What a client's ``X-Request-ID`` may be; anything else is replaced by a fresh id (it lands in logs).
 _VALID_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+#: W3C trace context: version-traceid-parentid-flags.
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+#: Headers the upstream call of the batch being run forwards (proxy mode; set on the batch worker per batch).
+upstream_headers: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+    "upstream_headers", default=None
+)
+log = logging.getLogger("gateway.logs")
+
+
+@dataclass(frozen=True)
+class RequestTrace:
+    """What a queued request carries for the upstream call of its batch."""
+
+    request_id: str | None
+    traceparent: str | None
+
+
+def batch_headers(traces: list[RequestTrace]) -> dict[str, str]:
+    """The upstream call's ``X-Request-ID`` and ``traceparent`` for a batch: the request's own when the batch
+    holds one request; else a fresh batch id, logged (debug) with the ids it carries, and no traceparent (a
+    batch has no single parent span)."""
+    if len(traces) == 1:
+        t = traces[0]
+        headers = {"X-Request-ID": t.request_id} if t.request_id else {}
+        if t.traceparent and _TRACEPARENT.fullmatch(t.traceparent):
+            headers["traceparent"] = t.traceparent
+        return headers
+    batch = "batch-" + uuid.uuid4().hex
+    log.debug("upstream call %s carries requests %s", batch, ",".join(t.request_id or "-" for t in traces))
+    return {"X-Request-ID": batch}
 
 
 def incoming_request_id(value: str | None) -> str:

@@ -12,7 +12,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway import __version__
-from gateway.api import _json, charge_budget, check_readiness, serving_state
+from gateway.api import _json, charge_budget, check_readiness, serving_state, upstream_trace
 from gateway.errors import ModelNotFound
 from gateway.schemas import client_gone, dumps, oip_requested_outputs, parse_oip_infer, read_oip
 
@@ -83,7 +83,7 @@ async def _infer(request: Request, model: str, version: str | None) -> Response:
                                     max_rows=settings.max_batch_rows, binary=binary)  # fmt: skip
     wanted = oip_requested_outputs(body)
     charge_budget(s.state, request, x.shape[0])
-    out = await s.batcher.submit(x, gone=lambda: client_gone(request))
+    out = await s.batcher.submit(x, gone=lambda: client_gone(request), trace=upstream_trace(s, request))
     B, C = out.probabilities.shape
     tensors: dict[str, tuple[str, list[int], np.ndarray]] = {
         "probabilities": ("FP32", [B, C], out.probabilities),  # float64 in JSON (no precision lost), FP32 in binary

@@ -25,6 +25,7 @@ import orjson
 
 from gateway.artifacts import Manifest
 from gateway.errors import UpstreamError, UpstreamTimeout
+from gateway.logs import upstream_headers
 from gateway.settings import GatewaySettings
 
 log = logging.getLogger("gateway.upstream")
@@ -36,6 +37,8 @@ PROBE_BUDGET_S = 0.8
 
 class UpstreamRunner:
     provider = "upstream"
+    #: Each call carries its batch's ``X-Request-ID`` (and ``traceparent`` for a one-request batch).
+    forwards_headers = True
 
     def __init__(self, settings: GatewaySettings, manifest: Manifest) -> None:
         assert settings.upstream_url is not None
@@ -115,7 +118,7 @@ class UpstreamRunner:
     def _post(self, body: bytes, budget_s: float) -> httpx.Response:
         """One attempt, over within ``budget_s`` (httpx's timeouts bound each read; this bounds their sum)."""
         deadline = time.monotonic() + budget_s
-        headers = {"Content-Type": "application/json"}
+        headers = {"Content-Type": "application/json", **(upstream_headers.get() or {})}
         with self._client.stream("POST", self.endpoint, content=body, headers=headers, timeout=budget_s) as r:
             chunks = []
             for chunk in r.iter_raw():

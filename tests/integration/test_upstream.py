@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -27,6 +28,7 @@ class Upstream:
         self.calls = 0
         self.delay_s = 0.0
         self.trickle = False  # answer headers, then one byte every 0.1 s (for at most 5 s)
+        self.headers: list[dict[str, str]] = []  # the tracing headers of every call
         self.lock = threading.Lock()
 
     def answer(self, path: str, body: dict[str, Any]) -> tuple[int, bytes]:
@@ -75,6 +77,7 @@ def upstream() -> Iterator[tuple[Upstream, str]]:
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            fake.headers.append({k: v for k in ("X-Request-ID", "traceparent") if (v := self.headers.get(k))})
             if fake.trickle:
                 with fake.lock:
                     fake.calls += 1
@@ -247,3 +250,21 @@ async def test_a_hanging_upstream_delays_neither_startup_nor_probes(tiny_bundle:
         r = await client.get("/readyz")
         assert r.status_code == 503 and time.perf_counter() - probe < 1.5
         fake.delay_s = 0.0
+
+
+async def test_request_ids_and_trace_context_reach_the_upstream(tiny_bundle: Path, upstream: Any) -> None:
+    """A batch of one request forwards its X-Request-ID and traceparent; a batch of several gets its own id
+    (logged with the ids it carries) and no traceparent, since it has no single parent span."""
+    fake, url = upstream
+    settings = make_settings(tiny_bundle, upstream_url=url, max_queue_delay_ms=50)
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    async with serving(settings) as (client, _):
+        r = await client.post("/predict", json={"instances": rows(1)},
+                              headers={"X-Request-ID": "req-1", "traceparent": traceparent})  # fmt: skip
+        assert r.status_code == 200 and fake.headers[-1] == {"X-Request-ID": "req-1", "traceparent": traceparent}
+        calls = len(fake.headers)
+        both = await asyncio.gather(*(client.post("/predict", json={"instances": rows(1)},
+                                                  headers={"X-Request-ID": f"req-{i}", "traceparent": traceparent})
+                                      for i in (2, 3)))  # fmt: skip
+        assert [b.status_code for b in both] == [200, 200] and len(fake.headers) == calls + 1
+        assert fake.headers[-1]["X-Request-ID"].startswith("batch-") and "traceparent" not in fake.headers[-1]
