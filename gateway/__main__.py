@@ -12,7 +12,6 @@ from typing import Any
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
     from pydantic import ValidationError
 
     from gateway.app import create_app
@@ -47,7 +46,17 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 1
     app = create_app(settings)
-    config = uvicorn.Config(
+    draining_server(server_config(app, settings), app.state.gateway).run()
+    return 0
+
+
+def server_config(app: Any, settings: Any) -> Any:
+    """uvicorn's configuration for the gateway: limits on request headers, the drain's graceful limit."""
+    import uvicorn
+
+    from gateway.http_limits import limited_protocol
+
+    return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
@@ -55,9 +64,8 @@ def _serve(args: argparse.Namespace) -> int:
         log_config=None,  # uvicorn's loggers propagate to the root handler (text or JSON lines)
         access_log=settings.access_log,
         timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s + DRAIN_MARGIN_S),
+        http=limited_protocol(settings.max_header_bytes, settings.header_timeout_s),
     )
-    draining_server(config, app.state.gateway).run()
-    return 0
 
 
 #: Seconds between the drain deadline (queued requests get 503) and the server's hard limit: the batch running

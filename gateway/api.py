@@ -81,7 +81,7 @@ def upstream_trace(s: Serving, request: Request) -> RequestTrace | None:
 async def predict(request: Request) -> Response:
     s = serving_state(request)
     manifest, settings = s.manifest, s.state.settings
-    body = await read_json(request, settings.max_body_bytes)
+    body = await read_json(request, settings.max_body_bytes, timeout_s=settings.body_timeout_s)
     x = parse_predict(body, width=manifest.input.width, max_rows=settings.max_batch_rows)
     charge_budget(s.state, request, x.shape[0])
     out = await s.batcher.submit(x, gone=lambda: client_gone(request), trace=upstream_trace(s, request))

@@ -49,6 +49,16 @@ class ClientDisconnected(ClientError):
     status = 499
 
 
+class RequestTimeout(ClientError):
+    """The body did not arrive within GATEWAY_BODY_TIMEOUT_S; the connection closes (the rest of the body would
+    be read as the next request)."""
+
+    status = 408
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Connection": "close"})
+
+
 class InputOutOfRange(ClientError):
     """Finite inputs for which the model's output is not finite (e.g. every feature ±3e38)."""
 

@@ -78,7 +78,7 @@ async def _infer(request: Request, model: str, version: str | None) -> Response:
     s = serving_state(request)
     _check_model(s.state, model, version)
     m, settings = s.manifest, s.state.settings
-    body, binary = await read_oip(request, settings.max_body_bytes)
+    body, binary = await read_oip(request, settings.max_body_bytes, settings.body_timeout_s)
     x, request_id = parse_oip_infer(body, input_name=m.input.name, width=m.input.width,
                                     max_rows=settings.max_batch_rows, binary=binary)  # fmt: skip
     wanted = oip_requested_outputs(body)

@@ -22,6 +22,7 @@ _INFERENCE_ERRORS = {
     "400": "malformed JSON, wrong shape or width, non-numbers, non-finite values",
     "401": "an API key is required and missing or wrong",
     "404": "unknown model or version (OIP)",
+    "408": "the body did not arrive within GATEWAY_BODY_TIMEOUT_S",
     "413": "too many rows or too large a body",
     "415": "a Content-Type other than application/json",
     "422": "finite inputs the model's output is not finite for (out of its range)",

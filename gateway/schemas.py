@@ -14,7 +14,13 @@ import numpy as np
 import orjson
 from starlette.requests import ClientDisconnect, Request
 
-from gateway.errors import ClientDisconnected, ClientError, PayloadTooLarge, UnsupportedMediaType
+from gateway.errors import (
+    ClientDisconnected,
+    ClientError,
+    PayloadTooLarge,
+    RequestTimeout,
+    UnsupportedMediaType,
+)
 
 
 async def client_gone(request: Request) -> None:
@@ -28,7 +34,7 @@ async def client_gone(request: Request) -> None:
             await asyncio.Event().wait()  # a server that repeats empty bodies reports no disconnect: never
 
 
-async def read_json(request: Request, max_bytes: int, *, missing_type_ok: bool = False) -> Any:
+async def read_json(request: Request, max_bytes: int, *, missing_type_ok: bool = False, timeout_s: float = 30.0) -> Any:
     """Content type (415), size (413) and syntax (400) checks; returns the parsed JSON. ``missing_type_ok``: a
     request without a Content-Type is read as JSON (OIP clients such as tritonclient send none)."""
     content_type = request.headers.get("content-type", "")
@@ -38,16 +44,16 @@ async def read_json(request: Request, max_bytes: int, *, missing_type_ok: bool =
             f"expected Content-Type: application/json, got {content_type[:60]!r}; "
             "send the body as JSON with that header"
         )
-    return parse_json(await read_body(request, max_bytes))
+    return parse_json(await read_body(request, max_bytes, timeout_s))
 
 
-async def read_oip(request: Request, max_bytes: int) -> tuple[Any, bytes]:
+async def read_oip(request: Request, max_bytes: int, timeout_s: float = 30.0) -> tuple[Any, bytes]:
     """An OIP V2 infer body -> (JSON header, binary tensor data). Plain JSON (a missing Content-Type included),
     or the binary tensor extension: ``Inference-Header-Content-Length`` bytes of JSON, then raw tensor bytes."""
     header = request.headers.get("inference-header-content-length")
     if header is None:
-        return await read_json(request, max_bytes, missing_type_ok=True), b""
-    raw = await read_body(request, max_bytes)
+        return await read_json(request, max_bytes, missing_type_ok=True, timeout_s=timeout_s), b""
+    raw = await read_body(request, max_bytes, timeout_s)
     try:
         n = int(header)
     except ValueError:
@@ -57,8 +63,9 @@ async def read_oip(request: Request, max_bytes: int) -> tuple[Any, bytes]:
     return parse_json(raw[:n]), raw[n:]
 
 
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The raw body, with the size (413), disconnect (499) and emptiness (400) checks."""
+async def read_body(request: Request, max_bytes: int, timeout_s: float = 30.0) -> bytes:
+    """The raw body, with the size (413), deadline (408: ``timeout_s``, GATEWAY_BODY_TIMEOUT_S, so a body trickling
+    in holds no connection longer), disconnect (499) and emptiness (400) checks."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -71,12 +78,16 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
             )
     body = bytearray()
     try:
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > max_bytes:
-                raise PayloadTooLarge(f"the body exceeds the limit of {max_bytes} bytes: send fewer rows per request")
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > max_bytes:
+                    raise PayloadTooLarge(f"the body exceeds the limit of {max_bytes} bytes: send fewer rows per "
+                                          "request")  # fmt: skip
     except ClientDisconnect:
         raise ClientDisconnected("the client closed the connection before the body was complete") from None
+    except TimeoutError:
+        raise RequestTimeout(f"the body did not arrive within {timeout_s:g} s (GATEWAY_BODY_TIMEOUT_S)") from None
     if not body:
         raise ClientError("the body is empty; send a JSON object")
     return bytes(body)

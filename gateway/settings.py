@@ -109,6 +109,17 @@ class GatewaySettings(BaseSettings):
     max_queue_rows: int = Field(4096, ge=1, description="Rows waiting at most; beyond it requests get 429.")
     max_batch_rows: int = Field(1024, ge=1, description="Rows one request may carry.")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Largest request body accepted.")
+    max_header_bytes: int = Field(
+        64 * 1024,
+        ge=1024,
+        description="Largest request line and headers accepted; beyond it 431 and the connection closes.",
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="Request line and headers must arrive within this; else 408 and the connection closes."
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="The body must arrive within this once the headers have; else 408."
+    )
 
     query_budget_rows_per_s: float | None = Field(
         None, gt=0, description="Per-client budget (API key, else address) in rows/s; beyond it 429. Off by default."

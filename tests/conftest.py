@@ -249,17 +249,21 @@ def hamp_defense(classes: int, features: int = 6, inputs: str = "binary") -> Any
 
 @contextmanager
 def live_gateway(settings: GatewaySettings, runner: Any) -> Iterator[str]:
-    """The app served by uvicorn on 127.0.0.1 in a thread, for real HTTP clients; yields its base URL."""
+    """The app served on 127.0.0.1 in a thread by uvicorn, configured as ``gateway serve`` configures it (header
+    limits included), for real HTTP clients; yields its base URL."""
     import asyncio
     import socket
 
     import uvicorn
 
+    from gateway.__main__ import server_config
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = int(s.getsockname()[1])
+    settings = settings.model_copy(update={"host": "127.0.0.1", "port": port, "log_level": "warning"})
     app = create_app(settings, runner_factory=lambda bundle, s: runner)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(server_config(app, settings))
     thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
