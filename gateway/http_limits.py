@@ -17,29 +17,44 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 
 def limited_protocol(max_header_bytes: int, header_timeout_s: float) -> type[HttpToolsProtocol]:
-    """uvicorn's httptools protocol with these limits (``uvicorn.Config(http=...)``)."""
+    """uvicorn's httptools protocol with these limits (``uvicorn.Config(http=...)``).
+
+    The header deadline is checked by one sweep of the server's connections every ``header_timeout_s / 4`` (at
+    most 1 s), not by a timer per request: a timer per request cost ~20% of ``defense=none``'s throughput."""
+    sweepers: dict[asyncio.AbstractEventLoop, asyncio.Task[None]] = {}
+
+    async def sweep(connections: set[Any]) -> None:
+        period = min(header_timeout_s / 4, 1.0)
+        while True:
+            await asyncio.sleep(period)
+            now = asyncio.get_running_loop().time()
+            for conn in list(connections):
+                since = getattr(conn, "_headers_since", None)
+                if since is not None and now - since > header_timeout_s and not conn.transport.is_closing():
+                    conn._refuse(408, f"request headers not complete within {header_timeout_s:g} s")
 
     class LimitedHttpTools(HttpToolsProtocol):
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             self._in_headers, self._header_bytes, self._refused = True, 0, False
-            self._header_timer: asyncio.TimerHandle | None = self.loop.call_later(header_timeout_s, self._too_slow)
+            self._headers_since: float | None = self.loop.time()
+            if self.loop not in sweepers or sweepers[self.loop].done():
+                sweepers[self.loop] = self.loop.create_task(sweep(self.server_state.connections))
 
         def data_received(self, data: bytes) -> None:
-            if self._in_headers and self._header_timer is None:  # the next request on a kept-alive connection
-                self._header_timer = self.loop.call_later(header_timeout_s, self._too_slow)
+            if self._in_headers and self._headers_since is None:  # the next request on a kept-alive connection
+                self._headers_since = self.loop.time()
             was_in_headers = self._in_headers
             super().data_received(data)
             # Count only chunks after which the headers are still incomplete: a chunk that ends them may carry
-            # body bytes too. Memory is bounded by the limit plus one chunk.
+            # body bytes too. Memory is bounded by the limit plus one read.
             if was_in_headers and self._in_headers and not self._refused:
                 self._header_bytes += len(data)
                 if self._header_bytes > max_header_bytes:
                     self._refuse(431, f"request headers over {max_header_bytes} bytes")
 
         def on_headers_complete(self) -> None:
-            self._in_headers = False
-            self._stop_timer()
+            self._in_headers, self._headers_since = False, None
             size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
             if size > max_header_bytes:  # headers that arrived in one read: the exact size, before the app runs
                 self._refuse(431, f"request headers over {max_header_bytes} bytes")
@@ -58,28 +73,13 @@ def limited_protocol(max_header_bytes: int, header_timeout_s: float) -> type[Htt
             super().on_response_complete()
             self._in_headers, self._header_bytes = True, 0
 
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._stop_timer()
-            super().connection_lost(exc)
-
-        def _too_slow(self) -> None:
-            self._header_timer = None
-            if self._in_headers and not self.transport.is_closing():
-                self._refuse(408, f"request headers not complete within {header_timeout_s:g} s")
-
-        def _stop_timer(self) -> None:
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-                self._header_timer = None
-
         def _refuse(self, status: int, message: str) -> None:
-            self._refused = True
+            self._refused, self._headers_since = True, None
             reason = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}[status]
             body = message.encode()
             self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\n"
                                  b"content-length: %d\r\nconnection: close\r\n\r\n%s"
                                  % (status, reason, len(body), body))  # fmt: skip
             self.transport.close()
-            self._stop_timer()
 
     return LimitedHttpTools
