@@ -33,10 +33,8 @@ async def check_readiness(state: GatewayState) -> str | None:
     and while it is, each check probes it again (one short probe shared by concurrent checks, so a check
     answers within a second). The ``gateway_ready`` gauge follows the answer.
     """
-    if state.ready and getattr(state.runner, "failing_since", None) is not None:
-        state.upstream_ok = await state.probe_upstream()
-    elif state.ready:
-        state.upstream_ok = True
+    if state.ready and not state.upstream_ok:
+        await state.probe_upstream()  # a success clears the runner's failing mark
     reason: str | None = state.not_ready_reason()
     state.metrics.ready.set(0 if reason else 1)
     return reason

@@ -57,7 +57,6 @@ class GatewayState:
     batcher: BatchQueue | None = None
     ready: bool = False
     draining: bool = False
-    upstream_ok: bool = True
     loop: asyncio.AbstractEventLoop | None = None  # the serving loop, for signal handlers
     probing: asyncio.Future[bool] | None = None  # the upstream probe in flight (proxy mode), shared by checks
     openapi: bytes | None = None  # GET /openapi.json, built once the bundle is loaded
@@ -85,6 +84,11 @@ class GatewayState:
             self.batcher.refuse_after(self.settings.drain_timeout_s)
 
     @property
+    def upstream_ok(self) -> bool:
+        """Proxy mode: the upstream's last call (a batch's after its retries, or a probe's) succeeded."""
+        return getattr(self.runner, "failing_since", None) is None
+
+    @property
     def gpu_ok(self) -> bool:
         return not self.settings.require_gpu or (self.runner is not None and self.runner.provider == CUDA)
 
@@ -107,12 +111,13 @@ def default_runner(bundle: Bundle, settings: GatewaySettings) -> ModelRunner:
         from gateway.upstream import UpstreamRunner
 
         return UpstreamRunner(settings, m)
+    threads = settings.threads()
     return OnnxRunner(
         bundle.model_path,
         input_name=m.input.name,
         output_name=m.output.name,
-        intra_op_threads=settings.threads().ort_intra_op_threads,
-        allow_spinning=settings.threads().ort_spinning,
+        intra_op_threads=threads.ort_intra_op_threads,
+        allow_spinning=threads.ort_spinning,
     )
 
 
@@ -244,14 +249,12 @@ class GatewayRuntime:
         self._announce()
         # Proxy mode: a short probe first (the upstream may start after us, or hang), so the port is bound within
         # a second whatever the upstream does; readiness probes it again until it answers.
-        state.upstream_ok = await state.probe_upstream()
-        if not state.upstream_ok:
+        if not await state.probe_upstream():
             log.warning("the upstream model server does not answer yet; not ready until it does (warm-up skipped)")
         else:
             try:
                 await asyncio.to_thread(_warm_up, pipeline, _width(state), settings.max_batch_size)
-            except GatewayError as exc:
-                state.upstream_ok = False
+            except GatewayError as exc:  # the runner marks the upstream failing: readiness probes it again
                 log.warning("warm-up through the upstream failed (%s); not ready until it answers",
                             type(exc).__name__)  # fmt: skip
         state.batcher = BatchQueue(pipeline, max_batch_size=settings.max_batch_size,

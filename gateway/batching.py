@@ -226,11 +226,13 @@ class BatchQueue:
         x = batch[0].rows if len(batch) == 1 else np.concatenate([it.rows for it in batch])  # [B, D]
         self._metrics.batch_size.observe(x.shape[0])
         try:
-            context = contextvars.copy_context()  # the upstream call reads its headers from here (proxy mode)
             traces = [it.trace for it in batch if it.trace is not None]
-            if traces:
+            if traces:  # proxy mode: the upstream call reads its headers from this batch's context
+                context = contextvars.copy_context()
                 context.run(upstream_headers.set, batch_headers(traces))
-            out = await loop.run_in_executor(self._executor, context.run, self._process, x)
+                out = await loop.run_in_executor(self._executor, context.run, self._process, x)
+            else:
+                out = await loop.run_in_executor(self._executor, self._process, x)
             if len(out) != x.shape[0]:
                 raise RuntimeError(f"batch call returned {len(out)} rows for {x.shape[0]}")
         except GatewayError as exc:  # e.g. the upstream failed: the runner already retried; fail the batch once

@@ -85,9 +85,11 @@ async def _infer(request: Request, model: str, version: str | None) -> Response:
     charge_budget(s.state, request, x.shape[0])
     out = await s.batcher.submit(x, gone=lambda: client_gone(request), trace=upstream_trace(s, request))
     B, C = out.probabilities.shape
-    tensors: dict[str, tuple[str, list[int], np.ndarray]] = {
-        "probabilities": ("FP32", [B, C], out.probabilities),  # float64 in JSON (no precision lost), FP32 in binary
-        "labels": ("INT64", [B], out.labels),
+    # name -> (datatype, its little-endian binary layout, shape, values); probabilities stay float64 in JSON (no
+    # precision lost) and are FP32 in binary
+    tensors: dict[str, tuple[str, str, list[int], np.ndarray]] = {
+        "probabilities": ("FP32", "<f4", [B, C], out.probabilities),
+        "labels": ("INT64", "<i8", [B], out.labels),
     }
     response: dict[str, Any] = {"model_name": m.name, "model_version": m.version, "outputs": [],
                                 "parameters": {"defense": s.defense.name}}  # fmt: skip
@@ -95,10 +97,10 @@ async def _infer(request: Request, model: str, version: str | None) -> Response:
         response["id"] = request_id
     blobs = []
     for name, as_binary in wanted.items():
-        datatype, shape, values = tensors[name]
+        datatype, layout, shape, values = tensors[name]
         entry: dict[str, Any] = {"name": name, "shape": shape, "datatype": datatype}
         if as_binary:  # the binary tensor data extension: raw little-endian bytes after the JSON header
-            blobs.append(values.astype("<f4" if datatype == "FP32" else "<i8").tobytes())
+            blobs.append(values.astype(layout).tobytes())
             entry["parameters"] = {"binary_data_size": len(blobs[-1])}
         else:
             entry["data"] = values.ravel()

@@ -13,6 +13,7 @@ from typing import Any
 
 from gateway import __version__
 from gateway.artifacts import Manifest
+from gateway.schemas import OIP_OUTPUTS
 
 #: An input value: any number FP32 can hold (larger ones are a 400).
 _FEATURE = {"type": "number", "minimum": -3.4028234663852886e38, "maximum": 3.4028234663852886e38}
@@ -103,7 +104,7 @@ def openapi_document(manifest: Manifest, *, max_rows: int) -> dict[str, Any]:
                 "items": {
                     "type": "object",
                     "required": ["name"],
-                    "properties": {"name": {"type": "string", "enum": ["probabilities", "labels"]}},
+                    "properties": {"name": {"type": "string", "enum": list(OIP_OUTPUTS)}},
                 },
             },
         },

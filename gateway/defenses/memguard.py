@@ -160,7 +160,6 @@ class _Entries:
 
     ids: torch.Tensor  # [n] batch row
     rnd: torch.Tensor  # [n] round
-    started: torch.Tensor  # [n] step of the loop at which its round began
     deadline: torch.Tensor  # [n] step at which its round times out (far future once finished)
     x: torch.Tensor  # [n, C] z̃ + e, this loop's own copy
     s_ref: torch.Tensor  # [n, C] s̃
@@ -177,8 +176,7 @@ class _Entries:
               c3_of: torch.Tensor, limits: torch.Tensor) -> _Entries:  # fmt: skip
         """limits [R]: the most steps each round may take."""
         live = torch.ones_like(ids, dtype=torch.bool)
-        return cls(ids, rnd, torch.zeros_like(ids), limits[rnd], zs[ids], ss[ids], h0[ids], c3_of[rnd][:, None], live,
-                   ids.numel())  # fmt: skip
+        return cls(ids, rnd, limits[rnd], zs[ids], ss[ids], h0[ids], c3_of[rnd][:, None], live, ids.numel())
 
     @property
     def n(self) -> int:
@@ -193,8 +191,8 @@ class _Entries:
         self.deadline = self.deadline.masked_fill(gone, self.NEVER)
 
     def keep(self, mask: torch.Tensor) -> _Entries:
-        return _Entries(self.ids[mask], self.rnd[mask], self.started[mask], self.deadline[mask], self.x[mask],
-                        self.s_ref[mask], self.h_ref[mask], self.c3w[mask], self.live[mask], self.n_live)  # fmt: skip
+        return _Entries(self.ids[mask], self.rnd[mask], self.deadline[mask], self.x[mask], self.s_ref[mask],
+                        self.h_ref[mask], self.c3w[mask], self.live[mask], self.n_live)  # fmt: skip
 
 
 def _keep_reuse(state: ReuseState, keep: torch.Tensor) -> ReuseState:
@@ -368,9 +366,9 @@ class MemGuard:
             h, acts = self.g.forward(s, buf)  # [n]
             margin = e.x[:, -1] - e.x[:, :-1].amax(dim=1)  # [n] label minus the largest other logit
             # A round always takes its first step, then stops once the label is a strict maximum and h has
-            # reached or crossed 0, or after its round's step limit. (At step 0, x = z̃ and h·h0 = h0² > 0: rows with
-            # |h0| that small were skipped, so the first step needs no test of its own.) Finished entries
-            # awaiting compaction have h_ref = NaN and a start in the far future: they never finish again.
+            # reached or crossed 0, or after its round's step limit. (At step 0, x = z̃ and h·h0 = h0² > 0: rows
+            # with |h0| that small were skipped, so the first step needs no test of its own.) Finished entries
+            # awaiting compaction have h_ref = NaN and a deadline that never comes: they never finish again.
             reached = (margin > 0) & (torch.mul(h, e.h_ref) <= zero)  # [n]
             done = reached | e.deadline.eq(it)
             hinged = margin < 0  # [n] rows whose label is not ahead: the c2 term has a gradient
@@ -443,16 +441,17 @@ class MemGuard:
         final, out_steps, out_ok = out
         gone = done.nonzero()[:, 0]
         r_gone, row, ok = e.rnd[gone], e.ids[gone], reached[gone]
-        final[r_gone, row], out_steps[r_gone, row], out_ok[r_gone, row] = e.x[gone], it - e.started[gone], ok
+        taken = self.round_steps[r_gone] - (e.deadline[gone] - it)  # its limit, less the steps it had left
+        final[r_gone, row], out_steps[r_gone, row], out_ok[r_gone, row] = e.x[gone], taken, ok
         fail_at.scatter_reduce_(0, row[~ok], r_gone[~ok], "amin")
         limit = fail_at[e.ids]  # [n]
         nxt = e.rnd + window
         restart = done & reached & (nxt < limit)
         e.retire((done & ~restart) | (e.live & (e.rnd > limit)))
         e.rnd = torch.where(restart, nxt, e.rnd)
-        e.c3w = self.c3_of[e.rnd.clamp_max(len(C3_SCHEDULE) - 1)][:, None]
-        e.started = torch.where(restart, it + 1, e.started)
-        e.deadline = torch.where(restart, it + 1 + self.round_steps[e.rnd.clamp_max(len(C3_SCHEDULE) - 1)], e.deadline)
+        rnd = e.rnd.clamp_max(len(C3_SCHEDULE) - 1)  # retired entries may point past the last round
+        e.c3w = self.c3_of[rnd][:, None]
+        e.deadline = torch.where(restart, it + 1 + self.round_steps[rnd], e.deadline)
         return restart
 
     def _gradient(
