@@ -76,7 +76,7 @@ def test_every_window_of_rounds_in_flight_agrees(defenders: dict[str, Any], rows
     """Rounds in flight per row: 1 (sequential), 7 (parallel), and the windows between, where a row's later
     rounds start as earlier ones succeed and stop once one fails: same kept round, same noise."""
     labels = torch.softmax(rows, 1).argmax(1)
-    mg = MemGuard(defenders["g"], official(), torch.device("cpu"))
+    mg = MemGuard(defenders["g"], official(dtype="float64"), torch.device("cpu"))
     runs = {}
     for window in (1, 2, 3, 7):
         mg._window = lambda rows, w=window: w  # type: ignore[method-assign]
@@ -89,12 +89,18 @@ def test_every_window_of_rounds_in_flight_agrees(defenders: dict[str, Any], rows
 
 def test_later_round_steps_caps_the_rounds_after_the_first(defenders: dict[str, Any], rows: torch.Tensor) -> None:
     """The faster schedule: every round after the first stops after K steps (counted as failed), so rows keep
-    the same or an earlier round; K ≥ 299 is the official schedule; single rows (NumPy) and batches agree."""
+    the same or an earlier round; K ≥ 299 is the official schedule; single rows (NumPy) and batches agree.
+    Float64, as the serial reference's step counts: in float32 an ulp between differently shaped GEMMs can
+    move a sign term and a step count on another CPU."""
     labels = torch.softmax(rows, 1).argmax(1)
-    official_run = MemGuard(defenders["g"], official(), torch.device("cpu")).phase_one(rows, labels)
-    same = MemGuard(defenders["g"], official(later_round_steps=299), torch.device("cpu")).phase_one(rows, labels)
+
+    def memguard(**params: Any) -> MemGuard:
+        return MemGuard(defenders["g"], official(dtype="float64", **params), torch.device("cpu"))
+
+    official_run = memguard().phase_one(rows, labels)
+    same = memguard(later_round_steps=299).phase_one(rows, labels)
     assert torch.equal(same.steps, official_run.steps) and torch.equal(same.rounds_ok, official_run.rounds_ok)
-    fast = MemGuard(defenders["g"], official(later_round_steps=20), torch.device("cpu"))
+    fast = memguard(later_round_steps=20)
     run = fast.phase_one(rows, labels)
     assert torch.equal(run.steps[0], official_run.steps[0]) and torch.equal(run.success[0], official_run.success[0])
     assert (run.steps[1:] <= 20).all() and (run.rounds_ok <= official_run.rounds_ok).all()
