@@ -24,6 +24,8 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -98,15 +100,48 @@ def peak_rss_mib(pid: int) -> float:
     return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024  # type: ignore[union-attr]
 
 
+@contextmanager
+def server_process(
+    cmd: list[str], env: dict[str, str], url: str, ready_path: str, log: Path | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A server started from ``cmd``, ready on ``url + ready_path``, its output in ``log`` (default: a temporary
+    file, whose tail is printed if it never gets ready); SIGTERM (then kill) on exit."""
+    log = log or Path(tempfile.mkstemp(suffix=".log")[1])
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        try:
+            wait_ready(url, ready_path)
+        except RuntimeError:
+            print(log.read_text()[-2000:], file=sys.stderr)
+            raise
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def gateway_command(bundle: Path, port: int) -> list[str]:
+    return [sys.executable, "-m", "gateway", "serve", "--artifacts", str(bundle), "--port", str(port)]
+
+
+def gateway_env(metrics_port: int, **extra: str) -> dict[str, str]:
+    """This environment without its GATEWAY_ settings, quiet, with /metrics on ``metrics_port``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    return {**env, "GATEWAY_LOG_LEVEL": "warning", "GATEWAY_METRICS_PORT": str(metrics_port),
+            "GATEWAY_NOISE_SECRET": "bench secret", **extra}  # fmt: skip
+
+
 def bench_one(
     name: str, cmd: list[str], env: dict[str, str], port: int, ready_path: str, lua: Path, args: argparse.Namespace,
     metrics_port: int | None = None,
 ) -> dict[str, float]:  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     metrics = f"http://127.0.0.1:{metrics_port}"
-    try:
-        wait_ready(url, ready_path)
+    with server_process(cmd, env, url, ready_path) as proc:
         run_wrk(url, lua, args.connections, 3)  # warm-up
         before = scrape(metrics) if metrics_port else {}
         result = run_wrk(url, lua, args.connections, args.duration)
@@ -115,12 +150,6 @@ def bench_one(
             batches = after["gateway_batch_size_count"] - before["gateway_batch_size_count"]
             result["rows_per_batch"] = (after["gateway_batch_size_sum"] - before["gateway_batch_size_sum"]) / batches
         result["peak_rss_mib"] = peak_rss_mib(proc.pid)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
     if result["non_2xx"]:
         raise RuntimeError(f"{name}: {int(result['non_2xx'])} non-2xx responses; the benchmark is invalid")
     per_batch = f"{result['rows_per_batch']:5.1f}" if "rows_per_batch" in result else "    -"
@@ -203,10 +232,8 @@ def main() -> int:
 
     def gateway(key: str, label: str, extra: dict[str, str]) -> None:
         port, metrics_port = free_port(), free_port()
-        gw_env = {**env, "GATEWAY_LOG_LEVEL": "warning", "GATEWAY_METRICS_PORT": str(metrics_port),
-                  "GATEWAY_NOISE_SECRET": "bench/load.py secret", **extra}  # fmt: skip
-        cmd = [sys.executable, "-m", "gateway", "serve", "--artifacts", str(bundle), "--port", str(port)]
-        results[key] = bench_one(label, cmd, gw_env, port, "/readyz", lua, args, metrics_port)
+        gw_env = gateway_env(metrics_port, **extra)
+        results[key] = bench_one(label, gateway_command(bundle, port), gw_env, port, "/readyz", lua, args, metrics_port)
 
     gateway("gateway-none", "(b) gateway, defense=none", {})
     gateway("gateway-none-unbatched", "(c) gateway, batching off",

@@ -40,13 +40,13 @@ async def check_readiness(state: GatewayState) -> str | None:
     return reason
 
 
-def charge_budget(state: GatewayState, request: Request, rows: int) -> None:
+async def charge_budget(state: GatewayState, request: Request, rows: int) -> None:
     """429 when the client is over its query budget (validated rows only: bad requests cost nothing)."""
     if state.budget is not None:
         from gateway.auth import client_id
 
         client = client_id(request, verified_keys=state.auth.required, trusted_proxies=state.settings.proxy_networks)
-        state.budget.charge(client, rows)
+        await state.budget.charge(client, rows)
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ async def predict(request: Request) -> Response:
     manifest, settings = s.manifest, s.state.settings
     body = await read_json(request, settings.max_body_bytes, timeout_s=settings.body_timeout_s)
     x = parse_predict(body, width=manifest.input.width, max_rows=settings.max_batch_rows)
-    charge_budget(s.state, request, x.shape[0])
+    await charge_budget(s.state, request, x.shape[0])
     out = await s.batcher.submit(x, gone=lambda: client_gone(request), trace=upstream_trace(s, request))
     return _json(
         {

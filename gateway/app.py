@@ -26,8 +26,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway import __version__
 from gateway.artifacts import Bundle, Manifest, load_bundle
-from gateway.auth import ApiKeyAuth, QueryBudget
+from gateway.auth import ApiKeyAuth
 from gateway.batching import BatchQueue
+from gateway.budget import Budget, RedisBudget, make_budget
 from gateway.defenses import Defense, create_defense
 from gateway.defenses.keyed import RowKeyer, key_context
 from gateway.errors import BundleError, GatewayError
@@ -50,7 +51,7 @@ class GatewayState:
     settings: GatewaySettings
     metrics: GatewayMetrics
     auth: ApiKeyAuth
-    budget: QueryBudget | None = None
+    budget: Budget | None = None
     bundle: Bundle | None = None
     runner: ModelRunner | None = None
     defense: Defense | None = None
@@ -262,6 +263,7 @@ class GatewayRuntime:
                                    max_queue_rows=settings.max_queue_rows, metrics=state.metrics,
                                    fill_wait=settings.batch_fill_wait)  # fmt: skip
         state.batcher.start()
+        await self._announce_budget()
         if settings.metrics_port:
             token = settings.metrics_token_bytes()
             try:
@@ -280,6 +282,17 @@ class GatewayRuntime:
         gc.freeze()
         state.ready = True
         state.metrics.ready.set(1 if state.not_ready_reason() is None else 0)
+
+    async def _announce_budget(self) -> None:
+        budget, s = self.state.budget, self.state.settings
+        if budget is None:
+            return
+        where = "this replica's own buckets"
+        if isinstance(budget, RedisBudget):
+            where = "shared through " + budget.describe()
+            if not await budget.ping():
+                log.warning("query budgets: Redis does not answer yet; own buckets until it answers")
+        log.info("query budgets: %g rows/s, bursts of %d, %s", s.query_budget_rows_per_s, s.query_budget_burst, where)
 
     def _announce(self) -> None:
         """Metrics' info series and the startup log lines: what is served, where, with which defense."""
@@ -314,6 +327,8 @@ class GatewayRuntime:
             self._metrics_server.server_close()
         if state.runner is not None:
             state.runner.close()
+        if state.budget is not None:
+            await state.budget.close()
         gc.unfreeze()
         log.info("drained and stopped")
 
@@ -325,8 +340,7 @@ def _width(state: GatewayState) -> int:
 
 def create_app(settings: GatewaySettings, *, runner_factory: RunnerFactory = default_runner) -> FastAPI:
     metrics = GatewayMetrics(max_batch_size=settings.max_batch_size)
-    rate = settings.query_budget_rows_per_s
-    budget = QueryBudget(rate, settings.query_budget_burst) if rate else None
+    budget = make_budget(settings, on_error=metrics.budget_backend_errors.inc)
     state = GatewayState(settings=settings, metrics=metrics, auth=ApiKeyAuth(settings.all_api_keys()), budget=budget)
 
     @asynccontextmanager

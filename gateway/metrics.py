@@ -85,6 +85,11 @@ class GatewayMetrics:
             ("defense",),
             registry=r,
         )
+        self.budget_backend_errors = Counter(
+            "gateway_budget_backend_errors",
+            "Query-budget calls to Redis that failed (that replica charged its own bucket instead).",
+            registry=r,
+        )
         self.queue_depth = Gauge("gateway_queue_depth", "Rows waiting in the batch queue.", registry=r)
         self.ready = Gauge("gateway_ready", "1 while /readyz would answer 200, else 0.", registry=r)
         self.model_info = Gauge(

@@ -82,7 +82,7 @@ async def _infer(request: Request, model: str, version: str | None) -> Response:
     x, request_id = parse_oip_infer(body, input_name=m.input.name, width=m.input.width,
                                     max_rows=settings.max_batch_rows, binary=binary)  # fmt: skip
     wanted = oip_requested_outputs(body)
-    charge_budget(s.state, request, x.shape[0])
+    await charge_budget(s.state, request, x.shape[0])
     out = await s.batcher.submit(x, gone=lambda: client_gone(request), trace=upstream_trace(s, request))
     B, C = out.probabilities.shape
     # name -> (datatype, its little-endian binary layout, shape, values); probabilities stay float64 in JSON (no

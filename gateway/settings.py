@@ -125,6 +125,20 @@ class GatewaySettings(BaseSettings):
         None, gt=0, description="Per-client budget (API key, else address) in rows/s; beyond it 429. Off by default."
     )
     query_budget_burst: int = Field(1024, ge=1, description="Rows a client may send at once within its budget.")
+    budget_backend: Literal["memory", "redis"] = Field(
+        "memory",
+        description="Where budgets live: this process (each replica its own), or Redis (shared by every replica; "
+        "if Redis is unreachable a replica charges its own bucket and counts gateway_budget_backend_errors_total).",
+    )
+    budget_redis_url: SecretStr | None = Field(
+        None, description="redis://[user:password@]host:port/db for GATEWAY_BUDGET_BACKEND=redis (a secret)."
+    )
+    budget_redis_prefix: str = Field(
+        "mi-gateway:budget:", description="Key prefix: replicas that share a prefix share budgets."
+    )
+    budget_redis_timeout_s: float = Field(
+        0.25, gt=0, description="Connect and reply timeout of one budget call to Redis."
+    )
     trusted_proxies: Annotated[tuple[str, ...], NoDecode] = Field(
         (),
         description="Comma-separated addresses or networks (CIDR) of proxies whose X-Forwarded-For is believed "
@@ -212,6 +226,8 @@ class GatewaySettings(BaseSettings):
             raise ValueError("nothing to serve: set GATEWAY_ARTIFACTS (or --artifacts DIR), or use --demo")
         if self.api_keys_file is not None and not self.api_keys_file.is_file():
             raise ValueError(f"GATEWAY_API_KEYS_FILE={self.api_keys_file} does not exist")
+        if self.budget_backend == "redis" and self.budget_redis_url is None:
+            raise ValueError("GATEWAY_BUDGET_BACKEND=redis needs GATEWAY_BUDGET_REDIS_URL (redis://host:port/db)")
         return self
 
     # --- derived ---------------------------------------------------------------------------

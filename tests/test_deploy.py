@@ -151,5 +151,5 @@ def test_dashboard_and_alerts_use_real_metrics() -> None:
     rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())["groups"][0]["rules"]
     assert {r["alert"] for r in rules} == {"GatewayLabelChanged", "GatewayDefenseFallbacks",
                                            "GatewayDefenseIneffective", "GatewayHighP99Latency",
-                                           "GatewayNotReady"}  # fmt: skip
+                                           "GatewayNotReady", "GatewayBudgetBackendDown"}  # fmt: skip
     assert set().union(*(metric_names(r["expr"]) for r in rules)) <= METRICS

@@ -48,7 +48,7 @@ def test_image_constraints_satisfy_the_declared_ranges() -> None:
         if line and not line.startswith("#"):
             name, _, version = line.partition("==")
             pins[name] = Version(version)
-    for name, req in _requirements().items():
+    for name, req in (_requirements() | _requirements("serve")).items():
         if name in ("torch", "onnxruntime", "onnxruntime-gpu"):
             continue  # pinned by the Dockerfile's build arguments
         assert name in pins, f"deploy/constraints.txt does not pin {name}"
