@@ -118,7 +118,8 @@ def _audit_config(args: argparse.Namespace, **overrides: Any) -> Any:
         label_only_rows=args.label_only_rows, label_only_queries=args.label_only_queries,
         label_only_copies=args.label_only_copies, lira_shadows=Path(args.lira_shadows) if args.lira_shadows else None,
         round_decimals=args.round_decimals, repeats=args.repeats, shadow_epochs=args.shadow_epochs, seed=args.seed,
-        metrics_probe_rows=args.metrics_probe,
+        metrics_probe_rows=args.metrics_probe, timing_probe_rows=args.timing_probe,
+        timing_probe_repeats=args.timing_probe_repeats, timing_probe_copies=args.timing_probe_copies,
         attacker_data=args.attacker_data, attacker_data_params=_params(args.attacker_data_param),
         dataset=args.dataset, data_path=Path(args.data) if args.data else None,
         split_file=Path(args.split_file) if args.split_file else None, shadow_arch=args.shadow_arch,
@@ -241,6 +242,12 @@ def _add_audit(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=d("repeats"), help="view repeated: queries averaged per record")
     p.add_argument("--metrics-probe", type=int, default=d("metrics_probe_rows"), metavar="ROWS",
                    help="the scraper attacker: ROWS members and non-members, /metrics read around each query")
+    p.add_argument("--timing-probe", type=int, default=d("timing_probe_rows"), metavar="ROWS",
+                   help="the timing attacker: ROWS members and non-members, each single-row query timed")
+    p.add_argument("--timing-probe-repeats", type=int, default=d("timing_probe_repeats"), metavar="K",
+                   help="the timing attacker: queries per row (scored on the fastest)")
+    p.add_argument("--timing-probe-copies", type=int, default=d("timing_probe_copies"), metavar="K",
+                   help="the timing attacker: copies of the row in each query (amplifies its work)")
     p.add_argument("--shadow-epochs", type=int, help="override the target recipe's epochs for the shadow model")
     p.add_argument("--attacker-data", default=d("attacker_data"), choices=SOURCES.names(),
                    help="the shadow model's training data (Shokri et al.): real records, noisy copies, "

@@ -95,6 +95,10 @@ async def predict(request: Request) -> Response:
 
 
 async def healthz(request: Request) -> Response:
+    """Liveness: alive, unless a model+defense call is stuck (then a restart is the cure: 503)."""
+    stuck = request.app.state.gateway.stuck_s()
+    if stuck is not None:
+        return _json({"status": "stuck", "error": f"a model call has not returned for {stuck:.0f} s"}, status=503)
     return _json({"status": "alive"})
 
 

@@ -93,11 +93,17 @@ class GatewayState:
     def gpu_ok(self) -> bool:
         return not self.settings.require_gpu or (self.runner is not None and self.runner.provider == CUDA)
 
+    def stuck_s(self) -> float | None:
+        """How long a stuck batch call has run (past GATEWAY_BATCH_TIMEOUT_S), else None."""
+        return self.batcher.stuck_s if self.batcher is not None else None
+
     def not_ready_reason(self) -> str | None:
         if self.draining:
             return "the gateway is draining for shutdown"
         if not self.ready:
             return "the model and defense are still loading"
+        if (stuck := self.stuck_s()) is not None:
+            return f"the model has not answered a batch for {stuck:.0f} s (GATEWAY_BATCH_TIMEOUT_S); see the log"
         if not self.upstream_ok:
             return "the upstream model server is not answering correctly (proxy mode); see the gateway log"
         if not self.gpu_ok:
@@ -261,7 +267,9 @@ class GatewayRuntime:
         state.batcher = BatchQueue(pipeline, max_batch_size=settings.max_batch_size,
                                    max_delay_s=settings.max_queue_delay_ms / 1000,
                                    max_queue_rows=settings.max_queue_rows, metrics=state.metrics,
-                                   fill_wait=settings.batch_fill_wait)  # fmt: skip
+                                   fill_wait=settings.batch_fill_wait,
+                                   quantum_s=self._timing_quantum_s(),
+                                   batch_timeout_s=settings.batch_timeout_s)  # fmt: skip
         state.batcher.start()
         await self._announce_budget()
         if settings.metrics_port:
@@ -282,6 +290,17 @@ class GatewayRuntime:
         gc.freeze()
         state.ready = True
         state.metrics.ready.set(1 if state.not_ready_reason() is None else 0)
+
+    def _timing_quantum_s(self) -> float:
+        """GATEWAY_TIMING_QUANTUM_MS, else the defense's own; logged."""
+        state = self.state
+        ms = state.settings.timing_quantum_ms
+        quantum = getattr(state.defense, "timing_quantum_s", 0.0) if ms is None else ms / 1000
+        name = state.defense.name if state.defense is not None else "?"
+        if quantum:
+            log.info("timing: answers leave at multiples of %g ms after their batch starts (defense %r's work varies "
+                     "by row; GATEWAY_TIMING_QUANTUM_MS)", quantum * 1000, name)  # fmt: skip
+        return float(quantum)
 
     async def _announce_budget(self) -> None:
         budget, s = self.state.budget, self.state.settings

@@ -16,6 +16,12 @@ Contract (cf. ray-project/ray ``serve/batching.py``):
 * If a batch call raises, every request in it is retried alone, so one poisonous request
   never fails its batch-mates; a request that fails alone gets a 500.
 * Every waiter is settled: with a result, an error, or on ``close`` after the queue drains.
+* With ``quantum_s`` > 0 a batch's answers leave at the first multiple of it after the batch started (a
+  defense whose work varies by row, like MemGuard's, would otherwise tell each client through its latency how
+  much work its row took; docs/ARCHITECTURE.md, "Timing"). The worker goes on to the next batch meanwhile.
+* A batch call that has not returned after ``batch_timeout_s`` is stuck (a native call cannot be interrupted):
+  its requests and every queued one get 503 with Retry-After, new ones too, and ``stuck_s`` tells readiness
+  and liveness, until the call returns (its answer is discarded).
 * The blocking call runs on a single worker thread: the event loop stays free, and batches
   reach the model (and the GPU) one at a time.
 """
@@ -26,6 +32,7 @@ import asyncio
 import collections
 import contextvars
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -77,8 +84,13 @@ class BatchQueue:
         max_queue_rows: int,
         metrics: GatewayMetrics,
         fill_wait: float = 0.0,
+        quantum_s: float = 0.0,
+        batch_timeout_s: float = 60.0,
     ) -> None:
         self._process = process
+        self.quantum_s = quantum_s
+        self.batch_timeout_s = batch_timeout_s
+        self._stuck_since: float | None = None  # perf_counter() when the running batch call started, while stuck
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.fill_wait = fill_wait
@@ -118,11 +130,18 @@ class BatchQueue:
 
     def _refuse(self) -> None:
         self._refusing = True
+        self._fail_pending(_draining())
+
+    def _fail_pending(self, exc: GatewayError) -> None:
         while self._pending:
-            item = self._pending.popleft()
-            _settle_error(item, _draining())
+            _settle_error(self._pending.popleft(), exc)
         self._pending_rows = 0
         self._metrics.queue_depth.set(0)
+
+    @property
+    def stuck_s(self) -> float | None:
+        """How long the running batch call has run, once that is past ``batch_timeout_s``; else None."""
+        return None if self._stuck_since is None else time.perf_counter() - self._stuck_since
 
     # --- producer side ---------------------------------------------------------------------
     async def submit(
@@ -132,6 +151,8 @@ class BatchQueue:
         dropped before their batch runs (or their answer discarded) and ``ClientDisconnected`` is raised."""
         if self._closing or self._refusing:
             raise _draining()
+        if (stuck := self.stuck_s) is not None:
+            raise _stuck(stuck)
         n = int(rows.shape[0])
         if self._pending_rows + n > self.max_queue_rows:
             raise TooManyRequests(
@@ -219,6 +240,29 @@ class BatchQueue:
         self._metrics.queue_depth.set(self._pending_rows)
         return batch
 
+    async def _within_timeout(
+        self, call: asyncio.Future[BatchOutput], batch: list[_Item], start: float
+    ) -> BatchOutput | None:
+        """The batch call's output (or its exception); None if it overran ``batch_timeout_s``: then its requests
+        and the queued ones got 503, and this returns once the call does."""
+        done, _ = await asyncio.wait({call}, timeout=self.batch_timeout_s)
+        if done:
+            return call.result()
+        self._stuck_since = start
+        log.error("a batch of %d rows has run for %g s (GATEWAY_BATCH_TIMEOUT_S): the model or defense is stuck; "
+                  "its requests and the queued ones get 503, readiness and liveness fail until it returns",
+                  sum(it.n for it in batch), self.batch_timeout_s)  # fmt: skip
+        for item in batch:
+            _settle_error(item, _stuck(self.batch_timeout_s))
+        self._fail_pending(_stuck(self.batch_timeout_s))
+        try:
+            await call
+        except Exception as exc:  # its requests were answered already
+            log.warning("the stuck batch call ended with %s", type(exc).__name__)
+        log.warning("the stuck batch call returned after %.1f s; serving again", time.perf_counter() - start)
+        self._stuck_since = None
+        return None
+
     async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
         start = time.perf_counter()
         for item in batch:
@@ -230,9 +274,11 @@ class BatchQueue:
             if traces:  # proxy mode: the upstream call reads its headers from this batch's context
                 context = contextvars.copy_context()
                 context.run(upstream_headers.set, batch_headers(traces))
-                out = await loop.run_in_executor(self._executor, context.run, self._process, x)
+                call = loop.run_in_executor(self._executor, context.run, self._process, x)
             else:
-                out = await loop.run_in_executor(self._executor, self._process, x)
+                call = loop.run_in_executor(self._executor, self._process, x)
+            if (out := await self._within_timeout(call, batch, start)) is None:
+                return
             if len(out) != x.shape[0]:
                 raise RuntimeError(f"batch call returned {len(out)} rows for {x.shape[0]}")
         except GatewayError as exc:  # e.g. the upstream failed: the runner already retried; fail the batch once
@@ -249,27 +295,36 @@ class BatchQueue:
             log.error("model or defense failed for a request: %s", type(exc).__name__, exc_info=False)
             _settle_error(batch[0], GatewayError("the model failed on this request; see the gateway log"))
             return
-        offset = 0
-        for item in batch:
-            part = slice(offset, offset + item.n)
-            offset += item.n
-            if item.future.done():
-                continue
-            if out.out_of_range[part].any():
-                rows = np.flatnonzero(out.out_of_range[part])[:5].tolist()
-                _settle_error(item, InputOutOfRange(
-                    f"the model's output is not finite for row(s) {rows} of this request: their values are out of "
-                    "the range the model handles (e.g. ±3e38); send features scaled as in training"))  # fmt: skip
-            elif out.rejected[part].any():
-                _settle_error(
-                    item,
-                    DefenseRejected(
-                        "the defense could not protect the output for this request, so it is withheld; "
-                        "retry later (the operator can set GATEWAY_ON_DEFENSE_ERROR=label_only)"
-                    ),
-                )
-            else:
-                item.future.set_result(RequestOutput(probabilities=out.probabilities[part], labels=out.labels[part]))
+        if self.quantum_s:
+            elapsed = time.perf_counter() - start
+            loop.call_later(self.quantum_s * math.ceil(elapsed / self.quantum_s) - elapsed, _settle, batch, out)
+        else:
+            _settle(batch, out)
+
+
+def _settle(batch: list[_Item], out: BatchOutput) -> None:
+    """Each request's rows of a batch's output, or the error that withholds them."""
+    offset = 0
+    for item in batch:
+        part = slice(offset, offset + item.n)
+        offset += item.n
+        if item.future.done():
+            continue
+        if out.out_of_range[part].any():
+            rows = np.flatnonzero(out.out_of_range[part])[:5].tolist()
+            _settle_error(item, InputOutOfRange(
+                f"the model's output is not finite for row(s) {rows} of this request: their values are out of "
+                "the range the model handles (e.g. ±3e38); send features scaled as in training"))  # fmt: skip
+        elif out.rejected[part].any():
+            _settle_error(
+                item,
+                DefenseRejected(
+                    "the defense could not protect the output for this request, so it is withheld; "
+                    "retry later (the operator can set GATEWAY_ON_DEFENSE_ERROR=label_only)"
+                ),
+            )
+        else:
+            item.future.set_result(RequestOutput(probabilities=out.probabilities[part], labels=out.labels[part]))
 
 
 #: A request still waiting this long starts watching its connection (``BatchQueue.submit``).
@@ -293,6 +348,11 @@ def _watch(future: asyncio.Future[RequestOutput], gone: Callable[[], Awaitable[o
 
 def _draining() -> ServiceUnavailable:
     return ServiceUnavailable("the gateway is shutting down; retry on another replica", headers={"Retry-After": "1"})
+
+
+def _stuck(seconds: float) -> ServiceUnavailable:
+    return ServiceUnavailable(f"the model has not answered a batch for {seconds:.0f} s; retry on another replica",
+                              headers={"Retry-After": "1"})  # fmt: skip
 
 
 def _settle_error(item: _Item, exc: Exception) -> None:

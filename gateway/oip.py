@@ -40,7 +40,9 @@ async def server_metadata(request: Request) -> Response:
 
 
 async def live(request: Request) -> Response:
-    return _json({"live": True})
+    """OIP liveness: false (503) while a model+defense call is stuck, as /healthz."""
+    stuck = request.app.state.gateway.stuck_s() is not None
+    return _json({"live": not stuck}, status=503 if stuck else 200)
 
 
 async def ready(request: Request) -> Response:

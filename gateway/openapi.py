@@ -153,7 +153,15 @@ def openapi_document(manifest: Manifest, *, max_rows: int) -> dict[str, Any]:
                     },
                 }
             },
-            "/healthz": {"get": {"summary": "Liveness", "responses": {"200": _json({"type": "object"})}}},
+            "/healthz": {
+                "get": {
+                    "summary": "Liveness",
+                    "responses": {
+                        "200": _json({"type": "object"}),
+                        "503": _json({"type": "object"}, "a model call is stuck past GATEWAY_BATCH_TIMEOUT_S"),
+                    },
+                }
+            },
             "/readyz": {
                 "get": {
                     "summary": "Readiness",
@@ -161,7 +169,12 @@ def openapi_document(manifest: Manifest, *, max_rows: int) -> dict[str, Any]:
                 }
             },
             "/v2": {"get": {"summary": "OIP V2 server metadata", "responses": {"200": _json({"type": "object"})}}},
-            "/v2/health/live": {"get": {"summary": "OIP V2 liveness", "responses": {"200": _json(ready)}}},
+            "/v2/health/live": {
+                "get": {
+                    "summary": "OIP V2 liveness",
+                    "responses": {"200": _json(ready), "503": _json(ready, "a model call is stuck")},
+                }
+            },
             "/v2/health/ready": {
                 "get": {
                     "summary": "OIP V2 readiness",

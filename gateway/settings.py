@@ -106,6 +106,19 @@ class GatewaySettings(BaseSettings):
         description="With a slow pipeline, the first queued row may wait up to this fraction of a batch's recent "
         "processing time for batch-mates (if longer than GATEWAY_MAX_QUEUE_DELAY_MS); 0: off.",
     )
+    timing_quantum_ms: float | None = Field(
+        None,
+        ge=0,
+        description="A batch's answers leave at the first multiple of this many ms after the batch started, so "
+        "latency does not tell how much work the defense did for a row; default: the defense's own (MemGuard "
+        "50, the others 0); 0: off.",
+    )
+    batch_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="A model+defense call still running after this is stuck: its requests and the queued ones get "
+        "503, and readiness and liveness fail until it returns (a restart is the only cure for a hung native call).",
+    )
     max_queue_rows: int = Field(4096, ge=1, description="Rows waiting at most; beyond it requests get 429.")
     max_batch_rows: int = Field(1024, ge=1, description="Rows one request may carry.")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Largest request body accepted.")
@@ -134,7 +147,9 @@ class GatewaySettings(BaseSettings):
         None, description="redis://[user:password@]host:port/db for GATEWAY_BUDGET_BACKEND=redis (a secret)."
     )
     budget_redis_prefix: str = Field(
-        "mi-gateway:budget:", description="Key prefix: replicas that share a prefix share budgets."
+        "{mi-gateway}:budget:",
+        description="Key prefix: replicas that share a prefix share budgets. The {hash tag} keeps every bucket in "
+        "one Redis Cluster slot (one script call charges several clients).",
     )
     budget_redis_timeout_s: float = Field(
         0.25, gt=0, description="Connect and reply timeout of one budget call to Redis."

@@ -248,9 +248,10 @@ def hamp_defense(classes: int, features: int = 6, inputs: str = "binary") -> Any
 
 
 @contextmanager
-def live_gateway(settings: GatewaySettings, runner: Any) -> Iterator[str]:
+def live_gateway(settings: GatewaySettings, runner: Any, log_level: str = "warning") -> Iterator[str]:
     """The app served on 127.0.0.1 in a thread by uvicorn, configured as ``gateway serve`` configures it (header
-    limits included), for real HTTP clients; yields its base URL."""
+    limits included), for real HTTP clients; yields its base URL. ``runner`` None: the default (ONNX Runtime on
+    the bundle, or the upstream in proxy mode)."""
     import asyncio
     import socket
 
@@ -261,8 +262,8 @@ def live_gateway(settings: GatewaySettings, runner: Any) -> Iterator[str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = int(s.getsockname()[1])
-    settings = settings.model_copy(update={"host": "127.0.0.1", "port": port, "log_level": "warning"})
-    app = create_app(settings, runner_factory=lambda bundle, s: runner)
+    settings = settings.model_copy(update={"host": "127.0.0.1", "port": port, "log_level": log_level})
+    app = create_app(settings, **({} if runner is None else {"runner_factory": lambda bundle, s: runner}))
     server = uvicorn.Server(server_config(app, settings))
     thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
     thread.start()

@@ -46,6 +46,11 @@ class AuditConfig:
     #: The scraper attacker: this many members and non-members queried one at a time, reading /metrics on the
     #: clients' port before and after each (0: off). It gets nothing unless that port serves the metrics.
     metrics_probe_rows: int = 0
+    #: The timing attacker: this many members and non-members, each queried alone ``timing_probe_repeats`` times
+    #: and timed (0: off). Over HTTP it measures what a client sees, pacing of the responses included.
+    timing_probe_rows: int = 0
+    timing_probe_repeats: int = 3
+    timing_probe_copies: int = 1  # copies of the row per query (amplifies its work)
     shadow_epochs: int | None = None  # override the target recipe's epochs for the shadow model
     #: Where the shadow model's training data comes from (``attacker_data``: real, noisy, marginal,
     #: model) and the source's options (e.g. {"flip": 0.2}, {"max_queries": 100000}).

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -9,7 +11,7 @@ from defense_models.audit.attacks.label_only import LABEL_ONLY_ATTACKS
 from defense_models.audit.attacks.lira import LabelLira, Lira, logit_confidence
 from defense_models.audit.config import AuditConfig
 from defense_models.audit.predictors import Predictor
-from defense_models.audit.schema import AttackResult, MetricsProbe
+from defense_models.audit.schema import AttackResult, MetricsProbe, TimingProbe
 from defense_models.audit.scoring import accuracy, gap_floor, score_attack
 from defense_models.audit.views import Arrays, AttackerDefense, Predict, Sets, softmax_predict
 from defense_models.training.shadows import load_shadows
@@ -126,8 +128,51 @@ def metrics_probe(config: AuditConfig, predictor: Predictor, sets: Sets) -> Metr
             predictor.predict(x[None, :])
             landed.append(_landed(before, _l1_buckets(scrape()[1])))
         scores.append(np.asarray(landed))
-    s = score_attack(scores[0], scores[1])
-    flip = s.auc < 0.5
-    best = score_attack(-scores[0], -scores[1]) if flip else s
-    return MetricsProbe(status=200, reachable=True, rows=n, auc=best.auc,
-                        balanced_accuracy=best.oracle_balanced_accuracy)  # fmt: skip
+    auc, bacc = _better_orientation(scores[0], scores[1])
+    return MetricsProbe(status=200, reachable=True, rows=n, auc=auc, balanced_accuracy=bacc)
+
+
+def _better_orientation(members: np.ndarray, nonmembers: np.ndarray) -> tuple[float, float]:
+    """(AUC, balanced accuracy at the best threshold) of a score, in whichever direction separates better: the
+    attacker's best case on these rows."""
+    s = score_attack(members, nonmembers)
+    best = score_attack(-members, -nonmembers) if s.auc < 0.5 else s
+    return best.auc, best.oracle_balanced_accuracy
+
+
+def timing_probe(config: AuditConfig, predictor: Predictor, sets: Sets) -> TimingProbe:
+    """Play the client who times its own single-row queries: members and non-members interleaved, each queried
+    ``timing_probe_repeats`` times, scored on the fastest of its answers (the least noisy estimate of the work
+    done for it). With ``timing_probe_copies`` > 1 each query carries that many copies of the row, which
+    multiplies the work that depends on it. Against an HTTP endpoint this is what a client measures; in
+    process, the defense's compute time without network noise (the attacker's best case)."""
+    n, repeats, copies = config.timing_probe_rows, config.timing_probe_repeats, config.timing_probe_copies
+    (X_in, _), (X_out, _) = sets.rows("target_train"), sets.rows("eval_nonmember")
+    X_in, X_out = X_in[:n], X_out[:n]
+    predictor.predict(X_out[:1])  # warm the connection and the code paths
+    fastest = np.full((2, len(X_in)), np.inf)  # [member?, row]
+    for _ in range(repeats):
+        for i in range(len(X_in)):
+            for side, X in enumerate((X_in, X_out)):
+                query = np.repeat(X[i : i + 1], copies, axis=0)  # copies of one row amplify its work
+                start = time.perf_counter()
+                predictor.predict(query)
+                fastest[side, i] = min(fastest[side, i], time.perf_counter() - start)
+    auc, bacc = _better_orientation(fastest[0], fastest[1])
+    null = _shuffled_aucs(fastest, np.random.default_rng(config.seed))
+    return TimingProbe(rows=len(X_in), repeats=repeats, copies=copies, over_http=config.url is not None, auc=auc,
+                       balanced_accuracy=bacc, noise_auc_95=float(np.quantile(null, 0.95)),
+                       p_value=float((1 + (null >= auc).sum()) / (1 + len(null))),
+                       member_median_ms=float(np.median(fastest[0]) * 1e3),
+                       nonmember_median_ms=float(np.median(fastest[1]) * 1e3))  # fmt: skip
+
+
+def _shuffled_aucs(scores: np.ndarray, rng: np.random.Generator, rounds: int = 1000) -> np.ndarray:
+    """The better-orientation AUC of ``scores`` [2, n] with the member/non-member labels shuffled ``rounds`` times:
+    what latency that does not depend on membership scores on these rows (the noise level of ``auc``)."""
+    pooled, n = scores.ravel(), scores.shape[1]
+    ranks = np.empty((rounds, 2 * n))
+    for r in range(rounds):
+        ranks[r] = rng.permutation(pooled.argsort().argsort() + 1)
+    auc = (ranks[:, :n].sum(axis=1) - n * (n + 1) / 2) / (n * n)  # Mann-Whitney U / n², first half as members
+    return np.maximum(auc, 1 - auc)

@@ -142,6 +142,14 @@ def markdown(report: AuditReport) -> str:
             + (f"AUC {mp.auc:.3f}, balanced accuracy {mp.balanced_accuracy:.3f} at its best threshold."
                if mp.reachable else f"/metrics answered {mp.status}: nothing to read.")
         )  # fmt: skip
+    if (tp := report.timing_probe) is not None:
+        lines.append(
+            f"Timing attacker ({tp.rows} members and non-members, each queried alone {tp.repeats} times"
+            + (f" as {tp.copies} copies" if tp.copies > 1 else "") + ", "
+            f"{'over HTTP' if tp.over_http else 'in process'}; fastest answer, median {tp.member_median_ms:.2f} vs "
+            f"{tp.nonmember_median_ms:.2f} ms): AUC {tp.auc:.3f} (labels shuffled: 95% below {tp.noise_auc_95:.3f}, "
+            f"p = {tp.p_value:.3f}), balanced accuracy {tp.balanced_accuracy:.3f} at its best threshold."
+        )
     lines += ["", "Attacker views:"] + [f"- `{v}`: {note}" for v, note in report.views.items()]
     lines += [
         "",

@@ -33,8 +33,16 @@ from defense_models.audit.attacks import available_attacks, create_attack, reads
 from defense_models.audit.attacks.label_only import LABEL_ONLY_ATTACKS
 from defense_models.audit.config import VIEWS, AuditConfig
 from defense_models.audit.predictors import GatewayPredictor, Predictor, RawOnnxPredictor
-from defense_models.audit.queries import label_only_attack, lira, metrics_probe
-from defense_models.audit.schema import AttackerData, AttackResult, AuditReport, BestAttack, MetricsProbe, Summary
+from defense_models.audit.queries import label_only_attack, lira, metrics_probe, timing_probe
+from defense_models.audit.schema import (
+    AttackerData,
+    AttackResult,
+    AuditReport,
+    BestAttack,
+    MetricsProbe,
+    Summary,
+    TimingProbe,
+)
 from defense_models.audit.scoring import (
     accuracy,
     auc,
@@ -79,6 +87,7 @@ class _Queried:
     attacker: AttackerData
     results: dict[str, AttackResult] = field(default_factory=dict)
     metrics_probe: MetricsProbe | None = None
+    timing_probe: TimingProbe | None = None
     scores: dict[str, Arrays] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
 
@@ -187,6 +196,8 @@ def _query(config: AuditConfig, bundle: Bundle, sets: Sets, clean: Arrays, raw: 
         queried = _Queried(released, views, repeats, attacker)
         if config.metrics_probe_rows:
             queried.metrics_probe = metrics_probe(config, predictor, sets)
+        if config.timing_probe_rows:
+            queried.timing_probe = timing_probe(config, predictor, sets)
         for name in config.label_only:
             if (done := label_only_attack(config, name, predictor, predict_shadow, sets, released)) is not None:
                 queried.results[f"label-only/{name}"], queried.scores[f"label-only/{name}"] = done
@@ -291,6 +302,7 @@ def _report(config: AuditConfig, bundle: Bundle, sets: Sets, clean: Arrays, q: _
         "sets": {"members": len(y_in), "nonmembers": len(y_out), "shadow_in": len(sets.rows("shadow_in")[1]),
                  "shadow_out": len(sets.rows("shadow_out")[1])},
         "seconds": round(seconds, 1), "metrics_probe": q.metrics_probe,
+        "timing_probe": q.timing_probe,
     })  # fmt: skip
 
 

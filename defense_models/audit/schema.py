@@ -119,6 +119,21 @@ class MetricsProbe(_Record):
     balanced_accuracy: float | None = None  # at the best threshold on these rows: the scraper's best case
 
 
+class TimingProbe(_Record):
+    """The timing attacker: each single-row query timed, members vs. non-members, scored on the fastest answer."""
+
+    rows: int  # members queried (as many non-members)
+    repeats: int  # queries per row
+    copies: int = 1  # copies of the row in each query
+    over_http: bool  # timed through the endpoint (else the in-process defense: no network noise)
+    auc: float  # of the fastest answer's latency, the better orientation
+    balanced_accuracy: float  # at the best threshold on these rows: the attacker's best case
+    noise_auc_95: float  # 95th percentile of ``auc`` with the labels shuffled: latency independent of membership
+    p_value: float  # share of shuffles scoring at least ``auc`` (small: latency does depend on membership)
+    member_median_ms: float
+    nonmember_median_ms: float
+
+
 class AuditReport(_Record):
     schema_version: Literal[1] = 1  # SCHEMA_VERSION
     bundle: BundleRef
@@ -135,6 +150,7 @@ class AuditReport(_Record):
     sets: Sets
     seconds: float
     metrics_probe: MetricsProbe | None = None
+    timing_probe: TimingProbe | None = None
 
 
 class SweepRow(_Record):

@@ -246,6 +246,9 @@ class MemGuard:
     randomized: ClassVar[bool] = True
     #: Tens of ms of CPU per batch (gateway/threads.py: ONNX Runtime stops spin-waiting before it).
     long_batches: ClassVar[bool] = True
+    #: Responses leave at multiples of this after their batch starts (GATEWAY_TIMING_QUANTUM_MS): a row's
+    #: steps, so its time, depend on its confidence vector (docs/ARCHITECTURE.md, "Timing").
+    timing_quantum_s: ClassVar[float] = 0.05
     #: Per row the released vector may be anywhere on the simplex; ε bounds the *expected* L1.
     l1_bound = 2.0
     #: On CPU, working sets of at least this many rows keep each row's ∂h/∂s (it depends on g's ReLU

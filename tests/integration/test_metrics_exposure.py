@@ -4,6 +4,7 @@ scraper attacker gets nothing from a gateway started with the defaults."""
 from __future__ import annotations
 
 import socket
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 
 from defense_models.audit.config import AuditConfig
 from defense_models.audit.predictors import GatewayPredictor
-from defense_models.audit.queries import metrics_probe
+from defense_models.audit.queries import metrics_probe, timing_probe
 from tests.conftest import make_settings, metric_value, rows, serving
 
 SECRET = "0123456789abcdef0123456789abcdef"
@@ -95,3 +96,36 @@ def test_the_scraper_attacker_reads_nothing_from_the_defaults(defended_bundle: P
         assert probe.reachable is False and probe.status == 404 and probe.auc is None
     else:
         assert probe.reachable and probe.rows == 20 and probe.auc is not None and probe.auc >= 0.5
+
+
+class _TimedPredictor:
+    """Answers after 2 ms for rows whose first feature is 1 (the 'members' below), at once otherwise."""
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        if X[0, 0] == 1:
+            time.sleep(0.002)
+        return np.zeros((len(X), 2))
+
+
+def test_the_timing_attacker_separates_rows_whose_work_differs(defended_bundle: Path) -> None:
+    X_in, X_out = np.ones((10, 3), dtype=np.float32), np.zeros((10, 3), dtype=np.float32)
+    config = AuditConfig(bundle=defended_bundle, timing_probe_rows=10, timing_probe_repeats=2)
+    probe = timing_probe(config, _TimedPredictor(), _Sets(X_in, X_out))  # type: ignore[arg-type]
+    assert probe.rows == 10 and probe.repeats == 2 and not probe.over_http
+    assert probe.auc == 1.0 and probe.balanced_accuracy == 1.0 and probe.member_median_ms >= 2.0
+    assert probe.p_value < 0.01 and 0.5 < probe.noise_auc_95 < 0.9  # no shuffle of the labels comes close
+
+
+def test_memguard_answers_leave_at_the_timing_quantum(defended_bundle: Path) -> None:
+    """Through the gateway, every single-row MemGuard answer takes one 50 ms mark (the default quantum), members
+    and non-members alike; with GATEWAY_TIMING_QUANTUM_MS=0 they come back at once."""
+    X = np.asarray(rows(24, seed=5), dtype=np.float32)
+    config = AuditConfig(bundle=defended_bundle, timing_probe_rows=12, timing_probe_repeats=1)
+    medians = {}
+    for quantum in (None, 0):
+        with GatewayPredictor.in_process(defended_bundle, defense="memguard", noise_secret=SECRET, log_level="warning",
+                                         timing_quantum_ms=quantum) as predictor:  # fmt: skip
+            probe = timing_probe(config, predictor, _Sets(X[:12], X[12:]))  # type: ignore[arg-type]
+        medians[quantum] = (probe.member_median_ms, probe.nonmember_median_ms)
+    assert all(50 <= m < 90 for m in medians[None]), medians
+    assert all(m < 45 for m in medians[0]), medians

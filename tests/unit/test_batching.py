@@ -214,3 +214,44 @@ async def test_close_drains_queued_work_then_refuses() -> None:
     assert [(await p).labels.tolist() for p in pending] == [[0], [1], [2]]
     with pytest.raises(ServiceUnavailable):
         await q.submit(req(9))
+
+
+class VariableWork(Recorder):
+    """A defense whose time depends on the row: row id × 10 ms."""
+
+    def __call__(self, x: np.ndarray) -> BatchOutput:
+        time.sleep(float(x[:, 0].max()) * 0.01)
+        return super().__call__(x)
+
+
+async def test_answers_leave_at_the_quantum_whatever_the_work() -> None:
+    """Rows taking 10 ms and 30 ms are both answered at the first 50 ms mark after their batch started: the
+    latency no longer tells the work apart. The worker does not wait for the mark: the next batch runs
+    meanwhile (its answer leaves at its own mark)."""
+    fn = VariableWork()
+    q = BatchQueue(fn, max_batch_size=1, max_delay_s=0.0, max_queue_rows=100,
+                   metrics=GatewayMetrics(max_batch_size=1), quantum_s=0.05)  # fmt: skip
+    q.start()
+
+    async def timed(i: int) -> float:
+        start = time.perf_counter()
+        await q.submit(req(i))
+        return time.perf_counter() - start
+
+    alone = [await timed(1), await timed(3), await timed(1), await timed(3)]
+    assert all(0.05 <= t < 0.08 for t in alone), alone  # one mark for 10 and 30 ms of work
+    start = time.perf_counter()
+    three = await asyncio.gather(*(q.submit(req(2)) for _ in range(3)))  # three batches of 20 ms, back to back
+    assert [int(o.labels[0]) for o in three] == [2, 2, 2]
+    assert time.perf_counter() - start < 0.13  # answered at 50, 70, 90 ms; 150 ms if the worker waited the marks
+    await q.close()
+
+
+async def test_no_quantum_answers_at_once() -> None:
+    fn = VariableWork()
+    q = BatchQueue(fn, max_batch_size=1, max_delay_s=0.0, max_queue_rows=100, metrics=GatewayMetrics(max_batch_size=1))
+    q.start()
+    start = time.perf_counter()
+    await q.submit(req(1))
+    assert time.perf_counter() - start < 0.045
+    await q.close()
