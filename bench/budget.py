@@ -18,7 +18,6 @@ import asyncio
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 from bench._record import write_record  # noqa: E402
 from bench.load import (  # noqa: E402
     bench_one,
+    demo_bundle,
     free_port,
     gateway_command,
     gateway_env,
@@ -109,10 +109,7 @@ def main() -> int:
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "budget.json")
     args = ap.parse_args()
-    from gateway.demo import ensure_demo_bundle
-
-    bundle = ensure_demo_bundle(Path(tempfile.gettempdir()) / "mi-gateway-bench")
-    manifest = json.loads((bundle / "manifest.json").read_text())
+    bundle, manifest = demo_bundle()
     rows = request_rows(bundle, manifest, 1000)
     body = json.dumps({"instances": [rows[0].tolist()]}).encode()
     with redis_server() as redis_url:

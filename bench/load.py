@@ -124,6 +124,14 @@ def server_process(
             proc.kill()
 
 
+def demo_bundle() -> tuple[Path, dict[str, Any]]:
+    """The demo bundle (built on first use, cached in the temporary directory) and its manifest."""
+    from gateway.demo import ensure_demo_bundle
+
+    bundle = ensure_demo_bundle(Path(tempfile.gettempdir()) / "mi-gateway-bench")
+    return bundle, json.loads((bundle / "manifest.json").read_text())
+
+
 def gateway_command(bundle: Path, port: int) -> list[str]:
     return [sys.executable, "-m", "gateway", "serve", "--artifacts", str(bundle), "--port", str(port)]
 

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench._record import write_record  # noqa: E402
-from bench.load import free_port, gateway_command, gateway_env, request_rows, server_process  # noqa: E402
+from bench.load import demo_bundle, free_port, gateway_command, gateway_env, request_rows, server_process  # noqa: E402
 from tests.leaks import vector_leaks  # noqa: E402
 
 WARM_UP_S = 60.0
@@ -145,10 +145,7 @@ def main() -> int:
     ap.add_argument("--sample", type=float, default=5)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "soak.json")
     args = ap.parse_args()
-    from gateway.demo import ensure_demo_bundle
-
-    bundle = ensure_demo_bundle(Path(tempfile.gettempdir()) / "mi-gateway-bench")
-    manifest = json.loads((bundle / "manifest.json").read_text())
+    bundle, manifest = demo_bundle()
     rows = request_rows(bundle, manifest, 1000).astype(float)
     logs = {d: Path(tempfile.mkstemp(suffix=f"-{d}.log")[1]) for d in ("memguard", "aeppt")}
     rates = {"memguard": args.memguard_rate, "aeppt": args.aeppt_rate}

@@ -13,9 +13,7 @@ Results: bench/results/timing.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench._record import write_record  # noqa: E402
-from bench.load import free_port, gateway_command, gateway_env, server_process  # noqa: E402
+from bench.load import demo_bundle, free_port, gateway_command, gateway_env, server_process  # noqa: E402
 
 #: (defense, GATEWAY_TIMING_QUANTUM_MS or None for the defense's default)
 CASES = (("none", None), ("aeppt", None), ("memguard", "0"), ("memguard", None))
@@ -45,10 +43,7 @@ def main() -> int:
     from defense_models.audit.queries import timing_probe
     from defense_models.audit.views import Sets
     from defense_models.training.data import load_dataset
-    from gateway.demo import ensure_demo_bundle
-
-    bundle = ensure_demo_bundle(Path(tempfile.gettempdir()) / "mi-gateway-bench")
-    manifest = json.loads((bundle / "manifest.json").read_text())
+    bundle, manifest = demo_bundle()
     split = np.load(bundle / "split.npz")
     sets = Sets(load_dataset(manifest["training"]["config"]["dataset"]),
                 {role: split[role] for role in ("target_train", "eval_nonmember")})  # fmt: skip

@@ -86,6 +86,24 @@ class FakeRunner:
         self.closed = True
 
 
+class RaisingDefense:
+    """A defense that fails on every batch (register it with ``gateway.defenses.register_defense``)."""
+
+    name = "test_raises"
+    randomized = False
+    l1_bound = 2.0
+
+    def params(self) -> dict[str, object]:
+        return {}
+
+    def defend(self, probs: object, logits: object, keys: object) -> object:
+        raise RuntimeError("boom")
+
+    @classmethod
+    def from_bundle(cls, bundle: object, overrides: object, device: object) -> RaisingDefense:
+        return cls()
+
+
 def make_settings(bundle: Path, **overrides: Any) -> GatewaySettings:
     """Settings that ignore the caller's .env file. The tests read metrics through the app itself (no metrics
     port, /metrics on the app); tests/integration/test_metrics_exposure.py checks the production defaults."""

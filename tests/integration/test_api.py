@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from gateway.defenses import register_defense, unregister_defense
-from tests.conftest import CLASSES, WIDTH, FakeRunner, make_settings, metric_value, rows, serving
+from tests.conftest import CLASSES, WIDTH, FakeRunner, RaisingDefense, make_settings, metric_value, rows, serving
 
 JSON = {"Content-Type": "application/json"}
 
@@ -245,26 +245,8 @@ async def test_model_failure_is_isolated_and_a_5xx(tiny_bundle: Path) -> None:
         assert bad.status_code == 500 and "model failed" in bad.json()["error"]
 
 
-class _Raises:
-    """A defense that fails on every batch."""
-
-    name = "test_raises"
-    randomized = False
-    l1_bound = 2.0
-
-    def params(self) -> dict[str, object]:
-        return {}
-
-    def defend(self, probs: object, logits: object, keys: object) -> object:
-        raise RuntimeError("boom")
-
-    @classmethod
-    def from_bundle(cls, bundle: object, overrides: object, device: object) -> _Raises:
-        return cls()
-
-
 async def test_fail_closed_reject_is_503_without_vectors(tiny_bundle: Path) -> None:
-    register_defense(_Raises)
+    register_defense(RaisingDefense)
     try:
         async with serving(make_settings(tiny_bundle, defense="test_raises"), FakeRunner()) as (client, _):
             r = await client.post("/predict", json={"instances": rows(2)})

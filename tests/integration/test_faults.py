@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from gateway.defenses import register_defense, unregister_defense
-from tests.conftest import FakeRunner, live_gateway, make_settings, metric_value, rows
+from tests.conftest import FakeRunner, RaisingDefense, live_gateway, make_settings, metric_value, rows
 from tests.leaks import vector_leaks
 from tests.upstream_fake import Upstream, W, fake_upstream
 
@@ -45,24 +45,6 @@ class HangingRunner(FakeRunner):
         if (x[:, 0] == self.HANG).any():
             self.release.wait(timeout=30)
         return super().run(x)
-
-
-class _Raises:
-    """A defense that fails on every batch."""
-
-    name = "fault_raises"
-    randomized = False
-    l1_bound = 2.0
-
-    def params(self) -> dict[str, object]:
-        return {}
-
-    def defend(self, probs: object, logits: object, keys: object) -> object:
-        raise RuntimeError("boom")
-
-    @classmethod
-    def from_bundle(cls, bundle: object, overrides: object, device: object) -> _Raises:
-        return cls()
 
 
 @dataclass
@@ -144,9 +126,9 @@ def test_a_hanging_model_is_503_and_fails_liveness_until_it_returns(tiny_bundle:
 # --- the defense ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("on_error", "status"), [("reject", 503), ("label_only", 200)])
 def test_the_defense_raises(tiny_bundle: Path, seen: Seen, on_error: str, status: int) -> None:
-    register_defense(_Raises)
+    register_defense(RaisingDefense)
     try:
-        with gateway(tiny_bundle, FakeRunner(), defense="fault_raises", on_defense_error=on_error) as client:
+        with gateway(tiny_bundle, FakeRunner(), defense="test_raises", on_defense_error=on_error) as client:
             r = seen.post(client, rows(3))
             assert r.status_code == status
             if status == 200:  # the one-hot label, never the raw vector
@@ -155,7 +137,7 @@ def test_the_defense_raises(tiny_bundle: Path, seen: Seen, on_error: str, status
             else:
                 assert set(r.json()) == {"error"} and "withheld" in r.json()["error"]
     finally:
-        unregister_defense("fault_raises")
+        unregister_defense("test_raises")
 
 
 # --- the upstream model server --------------------------------------------------------------------------------
