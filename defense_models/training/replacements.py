@@ -14,6 +14,9 @@ KEY=VALUE`` (``TrainConfig.replacement_params``); unknown keys are refused.
   for part 3. The served model is the whole stack.
 * ``dpsgd``: DP-SGD through Opacus with a target ε (RDP accountant); the accountant's ε, δ, the
   noise multiplier and the clipping norm go into the manifest.
+* ``hamp``: HAMP's training part (high-entropy soft labels + an entropy regularizer; ``soft_targets.py``),
+  with the authors' Location30 settings as defaults; the best-validation epoch is kept.
+* ``relaxloss``: RelaxLoss (a target loss level α; ``soft_targets.py``), on the target recipe's optimizer.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from defense_models.training.adv_reg import AdvRegConfig, train_adv_reg
 from defense_models.training.data import Dataset
 from defense_models.training.loop import FitConfig, fit, seed_everything
 from defense_models.training.nets import build, mlp
+from defense_models.training.soft_targets import HampLoss, RelaxLoss
 from gateway.registry import Registry
 
 Pair = tuple[torch.Tensor, torch.Tensor]  # (X [N, D] float32, y [N] int64)
@@ -154,6 +158,43 @@ def _stacking(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, dict[str
     fit(stacked.combiner, feats, y[parts[2]], FitConfig(epochs=p["combiner_epochs"], lr=1e-3, seed=ctx.seed),
         progress=ctx.progress, desc="stacking combiner")  # fmt: skip
     return stacked, {"parts": [len(t) for t in parts], "combiner_epochs": p["combiner_epochs"]}
+
+
+@register("hamp")
+def _hamp(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+    """[defaults: the authors' Location30 run: Tanh MLP 1024-512-256-128, γ = 0.5, α = 0.001 with the KL averaged
+    over batch × classes, SGD lr 0.5 momentum 0.99 weight decay 1e-5, batch 64, 100 epochs, lr × 0.1 at 60 and
+    90; the best-validation epoch is kept]"""
+    p = _take(params, {"gamma": 0.5, "alpha": 0.001, "kl_reduction": "elements", "arch": "purchase-mlp", "lr": 0.5,
+                       "momentum": 0.99, "weight_decay": 1e-5, "batch_size": 64, "epochs": 100,
+                       "milestones": "60,90"}, "hamp")  # fmt: skip
+    loss = HampLoss(ctx.data.classes, p["gamma"], p["alpha"], p["kl_reduction"])
+    milestones = tuple(int(m) for m in str(p["milestones"]).split(",") if m)
+    config = FitConfig(epochs=int(p["epochs"]), batch_size=int(p["batch_size"]), lr=p["lr"], optimizer="sgd",
+                       momentum=p["momentum"], weight_decay=p["weight_decay"], lr_milestones=milestones,
+                       patience=int(p["epochs"]), seed=ctx.seed)  # fmt: skip
+    model = build(p["arch"], ctx.data)
+    result = fit(model, *ctx.members, config, loss_fn=loss, val=ctx.validation, progress=ctx.progress,
+                 desc=f"HAMP γ={p['gamma']} α={p['alpha']}")  # fmt: skip
+    best = int(np.argmax(result.val_acc)) if result.val_acc else None
+    return model, {**p, "true_class_probability": loss.p, "best_epoch": best}
+
+
+@register("relaxloss")
+def _relaxloss(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+    """[defaults: α = 1 (the loss level; the authors tune it per dataset), no cap on the flattened target,
+    the target recipe's optimizer and epochs]"""
+    p = _take(params, {"alpha": 1.0, "upper": 1.0, "epochs": ctx.fit_config.epochs}, "relaxloss")
+    loss = RelaxLoss(ctx.data.classes, p["alpha"], p["upper"])
+    config = replace(ctx.fit_config, epochs=int(p["epochs"]), patience=0)
+
+    def next_epoch(epoch: int, model: nn.Module) -> None:
+        loss.epoch = epoch + 1
+
+    model = build(ctx.arch, ctx.data)
+    fit(model, *ctx.members, config, loss_fn=loss, progress=ctx.progress, desc=f"RelaxLoss α={p['alpha']}",
+        on_epoch=next_epoch)  # fmt: skip
+    return model, p
 
 
 @register("dpsgd")

@@ -329,7 +329,8 @@ def test_sweep_plan_errors_name_the_fix(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("kind", "params"),
     [("l2", ["lam=0.01"]), ("dropout", ["p=0.3"]), ("stacking", ["combiner_epochs=5"]),
-     ("dpsgd", ["epsilon=4", "epochs=3"])],
+     ("dpsgd", ["epsilon=4", "epochs=3"]), ("hamp", ["epochs=3", "arch=small-mlp", "lr=0.05"]),
+     ("relaxloss", ["epochs=4", "alpha=0.5"])],
 )  # fmt: skip
 def test_training_time_defenses_export_bundles_the_gateway_serves(
     kind: str, params: list[str], tabular: Path, tmp_path: Path, quick: None
@@ -348,6 +349,8 @@ def test_training_time_defenses_export_bundles_the_gateway_serves(
     assert rep["kind"] == kind and m.training.accuracy.plain is not None
     if kind == "dpsgd":
         assert np.isfinite(rep["epsilon"]) and 0 < rep["epsilon"] <= 4 + 1e-6 and rep["noise_multiplier"] > 0
+    if kind == "hamp":
+        assert 0.5 < rep["true_class_probability"] < 1 and rep["best_epoch"] in range(3)
     if kind == "stacking":
         assert sum(rep["parts"]) == len(np.load(tmp_path / "b" / "split.npz")["target_train"])
     X = np.random.default_rng(0).normal(size=(32, 12)).astype(np.float32)
