@@ -248,6 +248,9 @@ def main() -> int:
             {"GATEWAY_MAX_BATCH_SIZE": "1", "GATEWAY_MAX_QUEUE_DELAY_MS": "0"})  # fmt: skip
     for defense in args.defenses:
         gateway(f"gateway-{defense}", f"(d) gateway, defense={defense}", {"GATEWAY_DEFENSE": defense})
+        if defense == "memguard":  # its answers are paced by default (GATEWAY_TIMING_QUANTUM_MS): also unpaced
+            gateway("gateway-memguard-unpaced", "(d) gateway, defense=memguard, quantum 0",
+                    {"GATEWAY_DEFENSE": defense, "GATEWAY_TIMING_QUANTUM_MS": "0"})  # fmt: skip
     for defense in args.placement:
         old = {"GATEWAY_DEFENSE": defense, "GATEWAY_TORCH_THREADS": str(os.cpu_count()),
                "GATEWAY_ORT_ALLOW_SPINNING": "true", "GATEWAY_BATCH_FILL_WAIT": "0"}  # fmt: skip
