@@ -69,8 +69,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
         substitute_label=args.substitute_label,
         **_defender_kwargs(args),
     )
+    from defense_models.training.replacements import PartialWork
+
     start = time.perf_counter()
-    summary = train_bundle(config, Path(args.out)).summary
+    try:
+        summary = train_bundle(config, Path(args.out)).summary
+    except PartialWork as done:  # a shard of a replacement's work (SELENA's sub-models): nothing to export yet
+        print(done)
+        return 0
     _print_summary(args.out, summary, time.perf_counter() - start)
     return 0
 

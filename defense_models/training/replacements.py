@@ -17,12 +17,15 @@ KEY=VALUE`` (``TrainConfig.replacement_params``); unknown keys are refused.
 * ``hamp``: HAMP's training part (high-entropy soft labels + an entropy regularizer; ``soft_targets.py``),
   with the authors' Location30 settings as defaults; the best-validation epoch is kept.
 * ``relaxloss``: RelaxLoss (a target loss level α; ``soft_targets.py``), on the target recipe's optimizer.
+* ``selena``: SELENA's Split-AI and self-distillation (``selena.py``); ``shard=i/N`` with ``cache=DIR`` trains
+  only that shard's sub-models (``PartialWork``), a run without ``shard`` finishes and distills.
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,6 +36,8 @@ from defense_models.training.adv_reg import AdvRegConfig, train_adv_reg
 from defense_models.training.data import Dataset
 from defense_models.training.loop import FitConfig, fit, seed_everything
 from defense_models.training.nets import build, mlp
+from defense_models.training.selena import SoftCrossEntropy, SplitAI, exclusion_map, map_digest
+from defense_models.training.shadows import parse_shard
 from defense_models.training.soft_targets import HampLoss, RelaxLoss
 from gateway.registry import Registry
 
@@ -195,6 +200,34 @@ def _relaxloss(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, dict[st
     fit(model, *ctx.members, config, loss_fn=loss, progress=ctx.progress, desc=f"RelaxLoss α={p['alpha']}",
         on_epoch=next_epoch)  # fmt: skip
     return model, p
+
+
+class PartialWork(Exception):
+    """A sharded run did its share (e.g. SELENA's sub-models of one shard); nothing to export yet."""
+
+
+@register("selena")
+def _selena(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+    """[defaults: the paper's K = 25, L = 10; every sub-model and the distilled model on the target recipe]"""
+    p = _take(params, {"K": 25, "L": 10, "cache": "", "shard": ""}, "selena")
+    X, y = ctx.members
+    excluded = exclusion_map(len(y), int(p["K"]), int(p["L"]), ctx.seed)
+    cache = Path(p["cache"]) if p["cache"] else None
+    split_ai = SplitAI(ctx.arch, ctx.data, ctx.fit_config, excluded, int(p["K"]), cache)
+    if p["shard"]:
+        if not p["cache"]:
+            raise ValueError("--replacement selena: shard=i/N needs cache=DIR, where the shards' sub-models meet")
+        i, n = parse_shard(str(p["shard"]))
+        mine = [k for k in range(int(p["K"])) if k % n == i]
+        for k in mine:
+            split_ai.train(k, X, y, ctx.progress)
+        raise PartialWork(f"SELENA sub-models {mine} are in {p['cache']}; once every shard is done, run again "
+                          "without shard= to distill and export")  # fmt: skip
+    soft = split_ai.soft_labels(X, y, ctx.progress)  # [N, C]
+    model = build(ctx.arch, ctx.data)
+    fit(model, X, soft, ctx.fit_config, loss_fn=SoftCrossEntropy(), progress=ctx.progress, desc="SELENA distillation")
+    return model, {"K": int(p["K"]), "L": int(p["L"]), "seed": ctx.seed, "exclusion_map": map_digest(excluded),
+                   "cache": p["cache"] or None}  # fmt: skip
 
 
 @register("dpsgd")

@@ -330,7 +330,7 @@ def test_sweep_plan_errors_name_the_fix(tmp_path: Path) -> None:
     ("kind", "params"),
     [("l2", ["lam=0.01"]), ("dropout", ["p=0.3"]), ("stacking", ["combiner_epochs=5"]),
      ("dpsgd", ["epsilon=4", "epochs=3"]), ("hamp", ["epochs=3", "arch=small-mlp", "lr=0.05"]),
-     ("relaxloss", ["epochs=4", "alpha=0.5"])],
+     ("relaxloss", ["epochs=4", "alpha=0.5"]), ("selena", ["K=4", "L=2"])],
 )  # fmt: skip
 def test_training_time_defenses_export_bundles_the_gateway_serves(
     kind: str, params: list[str], tabular: Path, tmp_path: Path, quick: None
@@ -351,6 +351,8 @@ def test_training_time_defenses_export_bundles_the_gateway_serves(
         assert np.isfinite(rep["epsilon"]) and 0 < rep["epsilon"] <= 4 + 1e-6 and rep["noise_multiplier"] > 0
     if kind == "hamp":
         assert 0.5 < rep["true_class_probability"] < 1 and rep["best_epoch"] in range(3)
+    if kind == "selena":
+        assert rep["K"] == 4 and rep["L"] == 2 and len(rep["exclusion_map"]) == 16
     if kind == "stacking":
         assert sum(rep["parts"]) == len(np.load(tmp_path / "b" / "split.npz")["target_train"])
     X = np.random.default_rng(0).normal(size=(32, 12)).astype(np.float32)
@@ -413,3 +415,22 @@ audit = {{ attacker_data = "model", attacker_data_params = {{ max_queries = 3000
     assert 0 < model_based["queries_to_target"] <= 3000 and model_based["records_in"] > 0
     assert set(rows["none, marginal attacker data"]["attacks"]) == {"shadow/shokri"}
     assert "| [L2 0.01](L2_0.01/report.md) |" in (tmp_path / "c" / "sweep.md").read_text()
+
+
+def test_selena_shards_fill_one_cache_then_a_full_run_distills(tabular: Path, tmp_path: Path, quick: None) -> None:
+    """shard=i/N trains only that shard's sub-models (and exports nothing); the run without shard reuses them."""
+    from defense_models.__main__ import main
+
+    cache = tmp_path / "cache"
+    args = ["train", "--dataset", "tabular", "--data", str(tabular), "--preset", "demo", "--defense", "none",
+            "--quiet", "--replacement", "selena", "--replacement-param", "K=4", "--replacement-param", "L=2",
+            "--replacement-param", f"cache={cache}", "--out", str(tmp_path / "b")]  # fmt: skip
+    assert main([*args, "--replacement-param", "shard=1/2"]) == 0
+    assert sorted(p.name for p in cache.glob("*.safetensors")) == ["selena_001.safetensors", "selena_003.safetensors"]
+    assert not (tmp_path / "b" / "manifest.json").exists()
+    assert main([*args, "--replacement-param", "shard=0/2"]) == 0
+    stamps = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")}
+    assert len(stamps) == 4
+    assert main(args) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")} == stamps  # reused, not retrained
+    assert load_bundle(tmp_path / "b").manifest.training.replacement["kind"] == "selena"  # type: ignore[union-attr]

@@ -1,0 +1,100 @@
+"""SELENA (Tang et al., USENIX Security 2022): Split-AI, then self-distillation.
+
+Split-AI: K sub-models; each training record is left out of L of them, chosen at random (seeded), and every
+sub-model trains with the target recipe on the records it is not left out of. A record's soft label is the
+mean softmax of the L sub-models that never saw it, so it carries no more of that record than a non-member's
+would. The served model is trained with the target recipe on the training records and those soft labels
+(self-distillation): one plain model, exported like any other.
+
+The exclusion map is a function of (records, K, L, seed) only, so sub-model k can be trained anywhere:
+``shard=i/N`` trains the sub-models k ≡ i (mod N) into ``cache`` (one ``selena_{k:03d}.safetensors`` each,
+with a ``.json`` naming the map's digest), and a run without ``shard`` trains what is missing there, then
+distills. Sub-models already in ``cache`` for the same map are reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from defense_models.training.data import Dataset
+from defense_models.training.loop import FitConfig, fit
+from defense_models.training.nets import build, predict_logits
+from gateway.defenses.classifier import load_weights, save_weights
+
+
+def exclusion_map(records: int, K: int, L: int, seed: int) -> np.ndarray:
+    """[records, L] the sub-models each record is left out of (distinct, seeded)."""
+    if not 0 < L < K:
+        raise ValueError(f"SELENA needs 0 < L < K, got K={K}, L={L}")
+    rng = np.random.default_rng([seed, K, L])
+    return np.argsort(rng.random((records, K)), axis=1)[:, :L]
+
+
+def map_digest(excluded: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(excluded, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
+def trains_on(excluded: np.ndarray, k: int) -> np.ndarray:
+    """[records] bool: the records sub-model k trains on."""
+    return ~(excluded == k).any(axis=1)
+
+
+class SoftCrossEntropy(nn.Module):
+    """logits [B, C], soft targets [B, C] -> mean over rows of −Σ target · log softmax."""
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+class SplitAI:
+    """The sub-models of one exclusion map, trained (or loaded from ``cache``) one by one."""
+
+    def __init__(self, arch: str, data: Dataset, fit_config: FitConfig, excluded: np.ndarray, K: int,
+                 cache: Path | None) -> None:  # fmt: skip
+        self.arch, self.data, self.fit_config = arch, data, fit_config
+        self.excluded, self.K, self.cache = excluded, K, cache
+        self.digest = map_digest(excluded)
+
+    def _paths(self, k: int) -> tuple[Path, Path]:
+        assert self.cache is not None
+        return self.cache / f"selena_{k:03d}.safetensors", self.cache / f"selena_{k:03d}.json"
+
+    def cached(self, k: int) -> bool:
+        if self.cache is None:
+            return False
+        weights, meta = self._paths(k)
+        return weights.exists() and meta.exists() and json.loads(meta.read_text()).get("map") == self.digest
+
+    def train(self, k: int, X: torch.Tensor, y: torch.Tensor, progress: bool) -> nn.Module:
+        """Sub-model k on its records (from ``cache`` when it is there for this map)."""
+        model = build(self.arch, self.data)
+        if self.cached(k):
+            return load_weights(model, self._paths(k)[0]).eval()
+        mask = torch.from_numpy(trains_on(self.excluded, k))
+        fit(model, X[mask], y[mask], replace(self.fit_config, seed=self.fit_config.seed + 1 + k), progress=progress,
+            desc=f"SELENA sub-model {k + 1}/{self.K}")  # fmt: skip
+        if self.cache is not None:
+            self.cache.mkdir(parents=True, exist_ok=True)
+            weights, meta = self._paths(k)
+            save_weights(model, weights)
+            meta.write_text(json.dumps({"k": k, "map": self.digest, "records": int(mask.sum())}) + "\n")
+        return model.eval()
+
+    def soft_labels(self, X: torch.Tensor, y: torch.Tensor, progress: bool) -> torch.Tensor:
+        """[records, C]: each record's mean softmax over the L sub-models that left it out."""
+        total = torch.zeros(X.shape[0], self.data.classes, dtype=torch.float64)
+        for k in range(self.K):
+            left_out = torch.from_numpy((self.excluded == k).any(axis=1))
+            if not bool(left_out.any()):
+                continue
+            model = self.train(k, X, y, progress)
+            total[left_out] += torch.softmax(predict_logits(model, X[left_out]).double(), dim=1)
+        return (total / self.excluded.shape[1]).float()

@@ -1,0 +1,58 @@
+"""SELENA's exclusion map, sharded sub-models and soft labels (defense_models/training/selena.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from defense_models.training.data import Dataset
+from defense_models.training.loop import FitConfig
+from defense_models.training.selena import SplitAI, exclusion_map, map_digest, trains_on
+
+
+def test_each_record_is_left_out_of_exactly_l_distinct_submodels() -> None:
+    ex = exclusion_map(500, K=25, L=10, seed=3)
+    assert ex.shape == (500, 10) and all(len(set(row)) == 10 for row in ex.tolist())
+    assert ex.min() >= 0 and ex.max() < 25
+    assert (exclusion_map(500, 25, 10, seed=3) == ex).all()  # seeded
+    assert map_digest(ex) != map_digest(exclusion_map(500, 25, 10, seed=4))
+    share = np.mean([trains_on(ex, k).mean() for k in range(25)])
+    assert share == pytest.approx(15 / 25, abs=0.02)  # each sub-model sees (K − L)/K of the records
+    with pytest.raises(ValueError, match="0 < L < K"):
+        exclusion_map(10, K=5, L=5, seed=0)
+
+
+def _data(n: int = 120) -> tuple[Dataset, torch.Tensor, torch.Tensor]:
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(n, 6)).astype(np.float32)
+    y = (X[:, 0] > 0).astype(np.int64) + 2 * (X[:, 1] > 0).astype(np.int64)
+    return Dataset(name="toy", X=X, y=y, classes=4, sha256="toy"), torch.from_numpy(X), torch.from_numpy(y)
+
+
+def test_soft_labels_come_only_from_submodels_that_never_saw_the_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data, X, y = _data()
+    ex = exclusion_map(len(y), K=5, L=2, seed=0)
+    config = FitConfig(epochs=2, batch_size=32, lr=1e-2)
+    split_ai = SplitAI("small-mlp", data, config, ex, 5, tmp_path)
+    seen: dict[int, np.ndarray] = {}
+    train = SplitAI.train
+
+    def recording(self: SplitAI, k: int, X_: torch.Tensor, y_: torch.Tensor, progress: bool) -> torch.nn.Module:
+        seen[k] = trains_on(self.excluded, k)
+        return train(self, k, X_, y_, progress)
+
+    monkeypatch.setattr(SplitAI, "train", recording)
+    soft = split_ai.soft_labels(X, y, progress=False)
+    assert soft.shape == (len(y), 4) and torch.allclose(soft.sum(1), torch.ones(len(y)), atol=1e-5)
+    for i in range(len(y)):
+        assert not any(seen[k][i] for k in ex[i])  # its teachers never trained on it
+    assert all(split_ai.cached(k) for k in range(5))  # cached for the next run (or the other shards)
+    again = SplitAI("small-mlp", data, config, ex, 5, tmp_path).soft_labels(X, y, progress=False)
+    assert torch.allclose(again, soft)  # loaded, not retrained
+    other_map = SplitAI("small-mlp", data, config, exclusion_map(len(y), 5, 2, seed=1), 5, tmp_path)
+    assert not other_map.cached(0)  # a cache for another map is not reused
