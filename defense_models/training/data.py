@@ -230,6 +230,25 @@ def _read_idx(path: Path) -> np.ndarray:
 def load_idx(path: Path | None = None) -> Dataset:
     """MNIST-style IDX files: ``*-images-idx3-ubyte[.gz]`` with ``*-labels-idx1-ubyte[.gz]`` (train and t10k joined)."""
     path = _required(path, "idx", "a directory with *-images-idx3-ubyte[.gz] and *-labels-idx1-ubyte[.gz]")
+    return _idx_dataset(path, path.name or "idx")
+
+
+#: Where Debian's ``dataset-fashion-mnist`` package puts the IDX files.
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+@register_dataset("fashion_mnist")
+def load_fashion_mnist(path: Path | None = None) -> Dataset:
+    """Fashion-MNIST (Xiao et al. 2017; 70,000 28×28 grey images, 10 classes) from its IDX files: ``--data DIR``,
+    else Debian's package (``apt-get install dataset-fashion-mnist``)."""
+    path = Path(path) if path is not None else FASHION_MNIST_DIR
+    if not path.is_dir():
+        raise ValueError(f"{path} does not exist: apt-get install dataset-fashion-mnist, or pass --data DIR with "
+                         "the four *-idx?-ubyte.gz files")  # fmt: skip
+    return _idx_dataset(path, "fashion_mnist")
+
+
+def _idx_dataset(path: Path, name: str) -> Dataset:
     images = sorted(p for p in path.iterdir() if "-images-idx3-ubyte" in p.name)
     if not images:
         raise ValueError(f"{path}: no *-images-idx3-ubyte[.gz] files")
@@ -242,12 +261,8 @@ def load_idx(path: Path | None = None) -> Dataset:
         y.append(_read_idx(lab))
     data = np.concatenate(X)  # [N, H, W]
     h, w = data.shape[1:]
-    return _finish(
-        path.name or "idx",
-        data.reshape(len(data), -1).astype(np.float32) / 255.0,
-        np.concatenate(y),
-        image_shape=(1, h, w),
-    )
+    return _finish(name, data.reshape(len(data), -1).astype(np.float32) / 255.0, np.concatenate(y),
+                   image_shape=(1, h, w))  # fmt: skip
 
 
 @register_dataset("tabular")
@@ -293,6 +308,14 @@ DEFAULT_FRACTIONS = {
 }
 
 
+#: Named datasets whose seeded split has fixed role sizes (the papers' regime: 10,000 training records), in
+#: Location30's proportions (2:2:2:1:1:1). A smaller copy (e.g. the tests' synthetic files) uses the fractions.
+ROLE_SIZES = {
+    "fashion_mnist": {"target_train": 10_000, "target_test": 10_000, "eval_nonmember": 10_000,
+                      "shadow_in": 5_000, "shadow_out": 5_000, "validation": 5_000},
+}  # fmt: skip
+
+
 def random_split(n_rows: int, seed: int, sizes: dict[str, int] | None = None) -> Split:
     """Disjoint parts of a seeded permutation; sizes default to ``DEFAULT_FRACTIONS`` of n_rows."""
     sizes = sizes or {k: int(f * n_rows) for k, f in DEFAULT_FRACTIONS.items()}
@@ -318,7 +341,8 @@ def make_split(data: Dataset, name: str | None, seed: int) -> Split:
             raise ValueError("the memguard split exists for location30 only; use --split random")
         return memguard_split(len(data.y))
     if name == "random":
-        return random_split(len(data.y), seed)
+        sizes = ROLE_SIZES.get(data.name)
+        return random_split(len(data.y), seed, sizes if sizes and sum(sizes.values()) <= len(data.y) else None)
     raise ValueError(f"unknown split {name!r}; choose memguard or random")
 
 

@@ -145,3 +145,21 @@ def test_errors_name_the_fix(tmp_path: Path) -> None:
     assert {"location30", "purchase100", "texas100", "cifar10", "cifar100", "idx", "tabular"} <= set(
         available_datasets()
     )
+
+
+def test_fashion_mnist_reads_idx_files_and_splits_in_the_papers_regime(tmp_path: Path) -> None:
+    from defense_models.training.data import ROLE_SIZES, Dataset, make_split
+
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", RNG.integers(0, 256, (8, 28, 28)))
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", RNG.integers(0, 10, 8))
+    d = load_dataset("fashion_mnist", tmp_path)
+    assert d.name == "fashion_mnist" and d.X.shape == (8, 784) and d.image_shape == (1, 28, 28)
+    big = Dataset(name="fashion_mnist", X=np.zeros((70_000, 1), np.float32), y=np.zeros(70_000, np.int64),
+                  classes=10, sha256="x")  # fmt: skip
+    split = make_split(big, None, seed=0)
+    assert split.sizes() == ROLE_SIZES["fashion_mnist"] and split.sizes()["target_train"] == 10_000
+    assert make_split(big, None, seed=0).parts["target_train"].tolist() == split.parts["target_train"].tolist()
+    small = make_split(d, None, seed=0)  # too few rows for the named sizes: the default fractions
+    assert sum(small.sizes().values()) <= 8
+    with pytest.raises(ValueError, match="apt-get install dataset-fashion-mnist"):
+        load_dataset("fashion_mnist", tmp_path / "missing")
