@@ -8,8 +8,8 @@ would. The served model is trained with the target recipe on the training record
 
 The exclusion map is a function of (records, K, L, seed) only, so sub-model k can be trained anywhere:
 ``shard=i/N`` trains the sub-models k ≡ i (mod N) into ``cache`` (one ``selena_{k:03d}.safetensors`` each,
-with a ``.json`` naming the map's digest), and a run without ``shard`` trains what is missing there, then
-distills. Sub-models already in ``cache`` for the same map are reused.
+with a ``.json`` naming the map's digest and the epochs), and a run without ``shard`` trains what is missing
+there, then distills. Sub-models already in ``cache`` for the same map and epochs are reused.
 """
 
 from __future__ import annotations
@@ -71,7 +71,9 @@ class SplitAI:
         if self.cache is None:
             return False
         weights, meta = self._paths(k)
-        return weights.exists() and meta.exists() and json.loads(meta.read_text()).get("map") == self.digest
+        recorded = json.loads(meta.read_text()) if meta.exists() else {}
+        same = recorded.get("map") == self.digest and recorded.get("epochs") == self.fit_config.epochs
+        return weights.exists() and same
 
     def train(self, k: int, X: torch.Tensor, y: torch.Tensor, progress: bool) -> nn.Module:
         """Sub-model k on its records (from ``cache`` when it is there for this map)."""
@@ -85,7 +87,8 @@ class SplitAI:
             self.cache.mkdir(parents=True, exist_ok=True)
             weights, meta = self._paths(k)
             save_weights(model, weights)
-            meta.write_text(json.dumps({"k": k, "map": self.digest, "records": int(mask.sum())}) + "\n")
+            meta.write_text(json.dumps({"k": k, "map": self.digest, "epochs": self.fit_config.epochs,
+                                        "records": int(mask.sum())}) + "\n")  # fmt: skip
         return model.eval()
 
     def soft_labels(self, X: torch.Tensor, y: torch.Tensor, progress: bool) -> torch.Tensor:

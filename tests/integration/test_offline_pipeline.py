@@ -330,7 +330,7 @@ def test_sweep_plan_errors_name_the_fix(tmp_path: Path) -> None:
     ("kind", "params"),
     [("l2", ["lam=0.01"]), ("dropout", ["p=0.3"]), ("stacking", ["combiner_epochs=5"]),
      ("dpsgd", ["epsilon=4", "epochs=3"]), ("hamp", ["epochs=3", "arch=small-mlp", "lr=0.05"]),
-     ("relaxloss", ["epochs=4", "alpha=0.5"]), ("selena", ["K=4", "L=2"])],
+     ("relaxloss", ["epochs=4", "alpha=0.5"]), ("selena", ["K=4", "L=2", "sub_epochs=1"])],
 )  # fmt: skip
 def test_training_time_defenses_export_bundles_the_gateway_serves(
     kind: str, params: list[str], tabular: Path, tmp_path: Path, quick: None
@@ -352,7 +352,7 @@ def test_training_time_defenses_export_bundles_the_gateway_serves(
     if kind == "hamp":
         assert 0.5 < rep["true_class_probability"] < 1 and rep["best_epoch"] in range(3)
     if kind == "selena":
-        assert rep["K"] == 4 and rep["L"] == 2 and len(rep["exclusion_map"]) == 16
+        assert rep["K"] == 4 and rep["L"] == 2 and rep["sub_epochs"] == 1 and len(rep["exclusion_map"]) == 16
     if kind == "stacking":
         assert sum(rep["parts"]) == len(np.load(tmp_path / "b" / "split.npz")["target_train"])
     X = np.random.default_rng(0).normal(size=(32, 12)).astype(np.float32)

@@ -26,3 +26,6 @@ def test_plan_parses_and_prepares_every_bundle_it_uses(plan: Path) -> None:
     used = {bundle} | {s.bundle for s in settings if s.bundle is not None}
     assert used <= prepared, f"{plan.name}: no `prepare` command builds {sorted(map(str, used - prepared))}"
     assert {s.defense for s in settings} <= set(available_defenses())
+    from defense_models.audit.config import VIEWS
+
+    assert set(tomllib.loads(plan.read_text()).get("audit", {}).get("views", [])) <= set(VIEWS)

@@ -56,3 +56,5 @@ def test_soft_labels_come_only_from_submodels_that_never_saw_the_record(
     assert torch.allclose(again, soft)  # loaded, not retrained
     other_map = SplitAI("small-mlp", data, config, exclusion_map(len(y), 5, 2, seed=1), 5, tmp_path)
     assert not other_map.cached(0)  # a cache for another map is not reused
+    longer = SplitAI("small-mlp", data, FitConfig(epochs=3, batch_size=32, lr=1e-2), ex, 5, tmp_path)
+    assert not longer.cached(0)  # nor one trained for other epochs
