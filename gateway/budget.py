@@ -20,7 +20,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from gateway.errors import TooManyRequests
 
@@ -160,18 +160,17 @@ class RedisBudget:
         while self._pending:
             batch, self._pending = self._pending, []
             keys, rows = [k for k, _, _ in batch], [r for _, r, _ in batch]
+            answers: list[tuple[bool, float] | None] = [None] * len(batch)  # None: Redis did not answer
             try:
                 flat = await self._take(keys=keys, args=[self.rule.rate, self.rule.burst, *rows])
+                answers = [(bool(int(flat[2 * i])), float(flat[2 * i + 1])) for i in range(len(batch))]
             except Exception as exc:  # any Redis failure: the replicas' own buckets, never no budget
                 self._failed(exc)
-                answers: list[Any] = [_Unreachable()] * len(batch)
-            else:
-                answers = [(bool(int(flat[2 * i])), float(flat[2 * i + 1])) for i in range(len(batch))]
             for (_, _, future), answer in zip(batch, answers, strict=True):
                 if future.done():  # its request was cancelled (the client left)
                     continue
-                if isinstance(answer, _Unreachable):
-                    future.set_exception(answer)
+                if answer is None:
+                    future.set_exception(_Unreachable())
                 else:
                     future.set_result(answer)
 

@@ -124,6 +124,12 @@ async def serving(settings: GatewaySettings, runner: Any | None = None) -> Async
             yield client, app
 
 
+def softmax(z: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of logits [N, C] (the fake model's and the fake upstream's probabilities)."""
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
 def rows(n: int, width: int = WIDTH, seed: int = 0) -> list[list[float]]:
     return np.random.default_rng(seed).normal(size=(n, width)).round(4).tolist()
 

@@ -170,9 +170,10 @@ def timing_probe(config: AuditConfig, predictor: Predictor, sets: Sets) -> Timin
 def _shuffled_aucs(scores: np.ndarray, rng: np.random.Generator, rounds: int = 1000) -> np.ndarray:
     """The better-orientation AUC of ``scores`` [2, n] with the member/non-member labels shuffled ``rounds`` times:
     what latency that does not depend on membership scores on these rows (the noise level of ``auc``)."""
-    pooled, n = scores.ravel(), scores.shape[1]
+    n = scores.shape[1]
+    pooled_ranks = scores.ravel().argsort().argsort() + 1  # [2n] ranks 1..2n; shuffling labels permutes them
     ranks = np.empty((rounds, 2 * n))
     for r in range(rounds):
-        ranks[r] = rng.permutation(pooled.argsort().argsort() + 1)
+        ranks[r] = rng.permutation(pooled_ranks)
     auc = (ranks[:, :n].sum(axis=1) - n * (n + 1) / 2) / (n * n)  # Mann-Whitney U / n², first half as members
     return np.maximum(auc, 1 - auc)

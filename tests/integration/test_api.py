@@ -10,14 +10,19 @@ import numpy as np
 import pytest
 
 from gateway.defenses import register_defense, unregister_defense
-from tests.conftest import CLASSES, WIDTH, FakeRunner, RaisingDefense, make_settings, metric_value, rows, serving
+from tests.conftest import (
+    CLASSES,
+    WIDTH,
+    FakeRunner,
+    RaisingDefense,
+    make_settings,
+    metric_value,
+    rows,
+    serving,
+    softmax,
+)
 
 JSON = {"Content-Type": "application/json"}
-
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)
 
 
 async def test_predict_returns_the_contract_body(tiny_bundle: Path) -> None:

@@ -22,14 +22,9 @@ import numpy as np
 import pytest
 
 from gateway.defenses import register_defense, unregister_defense
-from tests.conftest import FakeRunner, RaisingDefense, live_gateway, make_settings, metric_value, rows
+from tests.conftest import FakeRunner, RaisingDefense, live_gateway, make_settings, metric_value, rows, softmax
 from tests.leaks import vector_leaks
 from tests.upstream_fake import Upstream, W, fake_upstream
-
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)
 
 
 class HangingRunner(FakeRunner):

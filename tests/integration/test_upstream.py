@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.conftest import CLASSES, make_settings, metric_value, rows, serving
+from tests.conftest import CLASSES, make_settings, metric_value, rows, serving, softmax
 from tests.upstream_fake import Upstream, W, fake_upstream
 
 
@@ -19,11 +19,6 @@ from tests.upstream_fake import Upstream, W, fake_upstream
 def upstream() -> Iterator[tuple[Upstream, str]]:
     with fake_upstream() as served:
         yield served
-
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)
 
 
 @pytest.mark.parametrize("protocol", ["oip", "json"])
