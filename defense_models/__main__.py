@@ -1,7 +1,7 @@
 """``python -m defense_models``: the offline job's CLI.
 
 train   --dataset location30 --out DIR [--defense memguard|aeppt|none] [--replacement advreg]
-shadows --dataset location30 --count 64 --shard i/N --out DIR
+shadows --dataset location30 --count 64 --shard i/N --out DIR [--replacement selena]
 export  --model model.onnx --members in.npz --nonmembers out.npz --out DIR
 audit   --bundle DIR [--defense memguard --param epsilon=0.5] [--adaptive] [--label-only] --out REPORT
 sweep   --bundle DIR --defense memguard --param epsilon --values 0.1 0.5 1.0 --out SWEEP  (or --plan FILE.toml)
@@ -40,6 +40,15 @@ def _recipe_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             "progress": not args.quiet}  # fmt: skip
 
 
+def _replacement_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The replacement flags shared by train and shadows, as TrainConfig fields."""
+    from defense_models.training.adv_reg import AdvRegConfig
+
+    advreg = AdvRegConfig(lam=args.advreg_lambda, k=args.advreg_k, epochs=args.advreg_epochs,
+                          warmup_epochs=args.advreg_epochs // 2)  # fmt: skip
+    return {"replacement": args.replacement, "replacement_params": _params(args.replacement_param), "advreg": advreg}
+
+
 def _defender_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The defender's-step flags shared by train and export."""
     return {"defender_recipe": args.defender_recipe, "holdout": args.holdout,
@@ -55,17 +64,12 @@ def _print_summary(out: str, summary: dict[str, Any], elapsed: float) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from defense_models.bundle.train import train_bundle
-    from defense_models.training.adv_reg import AdvRegConfig
     from defense_models.training.recipes import TrainConfig
 
     config = TrainConfig(
         **_recipe_kwargs(args),
+        **_replacement_kwargs(args),
         defenses=_defenses(args),
-        replacement=args.replacement,
-        replacement_params=_params(args.replacement_param),
-        advreg=AdvRegConfig(
-            lam=args.advreg_lambda, k=args.advreg_k, epochs=args.advreg_epochs, warmup_epochs=args.advreg_epochs // 2
-        ),
         substitute_label=args.substitute_label,
         **_defender_kwargs(args),
     )
@@ -82,17 +86,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_shadows(args: argparse.Namespace) -> int:
-    from defense_models.training.recipes import TrainConfig
-    from defense_models.training.shadows import ShadowSpec, parse_shard, train_shadows
+    from defense_models.training.recipes import TrainConfig, parse_shard
+    from defense_models.training.shadows import ShadowSpec, train_shadows
 
     shard = parse_shard(args.shard)
     start = time.perf_counter()
-    done = train_shadows(
-        TrainConfig(**_recipe_kwargs(args)), ShadowSpec(count=args.count, keep=args.keep), Path(args.out), shard
-    )
+    config = TrainConfig(**_recipe_kwargs(args), **_replacement_kwargs(args))
+    done = train_shadows(config, ShadowSpec(count=args.count, keep=args.keep), Path(args.out), shard)
+    kind = "" if config.replacement == "none" else f" ({config.replacement})"
     print(
-        f"shard {shard[0]}/{shard[1]}: trained {len(done)} shadows {done} in {time.perf_counter() - start:.1f} s "
-        f"into {args.out}"
+        f"shard {shard[0]}/{shard[1]}: trained {len(done)} shadows{kind} {done} in "
+        f"{time.perf_counter() - start:.1f} s into {args.out}"
     )
     return 0
 
@@ -282,22 +286,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train_parser(sub: Any) -> None:
-    from defense_models.training.replacements import REPLACEMENTS
-
     p = sub.add_parser("train", help="train a target model and write a servable bundle")
     _add_recipe(p)
     _add_defense(p)
     p.add_argument("--out", required=True, help="bundle directory to write (replaced atomically)")
-    p.add_argument("--replacement", choices=("none", *REPLACEMENTS.names()), default="none",
-                   help="serve a training-time defense's model instead (defense_models/training/replacements.py)")
+    _add_replacement(p, "serve a training-time defense's model instead (defense_models/training/replacements.py)")
+    p.add_argument("--substitute-label", choices=("argmax", "true"), default="argmax",
+                   help="label AEPPT's substitute learns with (default: argmax, as when serving)")  # fmt: skip
+    p.set_defaults(func=_cmd_train)
+
+
+def _add_replacement(p: argparse.ArgumentParser, help_text: str) -> None:
+    from defense_models.training.replacements import REPLACEMENTS
+
+    p.add_argument("--replacement", choices=("none", *REPLACEMENTS.names()), default="none", help=help_text)
     p.add_argument("--replacement-param", action="append", default=[], metavar="KEY=VALUE",
                    help="e.g. l2: lam=1e-3; dropout: p=0.5; dpsgd: epsilon=8 delta=1e-5 epochs=30 lr=1e-3")  # fmt: skip
     p.add_argument("--advreg-lambda", type=float, default=3.0, help="λ of adversarial regularization")
     p.add_argument("--advreg-k", type=int, default=2, help="inference-model steps per classifier step")
     p.add_argument("--advreg-epochs", type=int, default=80, help="epochs, the first half plain (warm-up)")
-    p.add_argument("--substitute-label", choices=("argmax", "true"), default="argmax",
-                   help="label AEPPT's substitute learns with (default: argmax, as when serving)")  # fmt: skip
-    p.set_defaults(func=_cmd_train)
 
 
 def _shadows_parser(sub: Any) -> None:
@@ -307,6 +314,8 @@ def _shadows_parser(sub: Any) -> None:
     p.add_argument("--keep", type=float, default=0.5, help="share of the pool each shadow trains on")
     p.add_argument("--shard", default="0/1", help="i/N: train the shadows j with j %% N == i")
     p.add_argument("--out", required=True, help="directory shared by all shards")
+    _add_replacement(p, "each shadow is this training-time defense, as `train --replacement` trains it (LiRA's "
+                        "references then copy the defense)")  # fmt: skip
     p.set_defaults(func=_cmd_shadows)
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import time
+from typing import Any
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from defense_models.audit.attacks.label_only import LABEL_ONLY_ATTACKS
@@ -68,6 +71,7 @@ def lira(config: AuditConfig, sets: Sets, released: Arrays,
     phi_refs, in_refs = np.stack(phi), np.stack(masks)  # [K, N_members + N_nonmembers]
     y_eval = sets.data.y[np.concatenate([members, nonmembers])]
     target_phi = logit_confidence(np.concatenate(released), y_eval)
+    copied = {"reference_models": len(refs), "reference_replacement": _replacement_of(refs)}
     out = {}
     for online in (True, False):
         attack = Lira(online=online)
@@ -76,7 +80,7 @@ def lira(config: AuditConfig, sets: Sets, released: Arrays,
         pair = s[: len(members)], s[len(members) :]
         calib = Lira.leave_one_out(phi_refs, in_refs, online)
         out["lira_online" if online else "lira_offline"] = (
-            AttackResult(**score_attack(*pair, shadow=calib).as_dict(), reference_models=len(refs)),
+            AttackResult(**score_attack(*pair, shadow=calib).as_dict(), **copied),
             pair,
         )
     label = LabelLira()
@@ -84,8 +88,18 @@ def lira(config: AuditConfig, sets: Sets, released: Arrays,
     s = label.score(np.concatenate(released).argmax(axis=1) == y_eval)
     pair = s[: len(members)], s[len(members) :]
     calib = LabelLira.leave_one_out(np.stack(right), in_refs)
-    out["lira_label"] = AttackResult(**score_attack(*pair, shadow=calib).as_dict(), reference_models=len(refs)), pair
+    out["lira_label"] = AttackResult(**score_attack(*pair, shadow=calib).as_dict(), **copied), pair
     return out
+
+
+def _replacement_of(refs: list[tuple[torch.nn.Module, dict[str, Any]]]) -> str:
+    """What the references were trained as: "none" (plain), or a replacement with its parameters."""
+    kinds = {json.dumps(meta.get("request", {"kind": "none", "params": {}}), sort_keys=True) for _, meta in refs}
+    if len(kinds) > 1:
+        raise ValueError(f"LiRA's reference models mix trainings ({sorted(kinds)}): one kind per directory")
+    request = json.loads(kinds.pop())
+    params = ", ".join(f"{k}={v}" for k, v in request["params"].items())
+    return request["kind"] + (f" ({params})" if params else "")
 
 
 # --- the scraper attacker ------------------------------------------------------------------------------------

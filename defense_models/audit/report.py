@@ -150,6 +150,11 @@ def markdown(report: AuditReport) -> str:
             f"{tp.nonmember_median_ms:.2f} ms): AUC {tp.auc:.3f} (labels shuffled: 95% below {tp.noise_auc_95:.3f}, "
             f"p = {tp.p_value:.3f}), balanced accuracy {tp.balanced_accuracy:.3f} at its best threshold."
         )
+    if lira := next((r for r in report.attacks.values() if r.reference_replacement is not None), None):
+        copied = lira.reference_replacement
+        lines.append(f"LiRA's {lira.reference_models} reference models were trained as `{copied}`"
+                     + (": plain, the attacker who does not copy a training-time defense." if copied == "none"
+                        else ": the attacker copies the training-time defense."))  # fmt: skip
     lines += ["", "Attacker views:"] + [f"- `{v}`: {note}" for v, note in report.views.items()]
     lines += [
         "",

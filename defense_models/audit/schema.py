@@ -43,6 +43,7 @@ class AttackResult(_Record):
     queries_per_row: float | None = None
     label_only_floor_on_rows: float | None = None  # they query a subsample: the floor on those rows
     reference_models: int | None = None  # LiRA
+    reference_replacement: str | None = None  # LiRA: the training-time defense its references copy ("none": plain)
 
 
 class L1Stats(_Record):

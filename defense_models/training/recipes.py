@@ -83,3 +83,14 @@ def recipe(config: TrainConfig, data: Dataset) -> tuple[str, FitConfig]:
     arch, fit_config = RECIPES.get((family, config.preset)) or RECIPES[(family, "official")]
     fit_config = replace(fit_config, seed=config.seed, epochs=config.epochs or fit_config.epochs)
     return config.arch or arch, fit_config
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'i/N' -> (i, N) with 0 <= i < N."""
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must look like i/N (e.g. 0/4), got {text!r}") from None
+    if not 0 <= i < n:
+        raise ValueError(f"--shard {text}: need 0 <= i < N")
+    return i, n

@@ -36,8 +36,8 @@ from defense_models.training.adv_reg import AdvRegConfig, train_adv_reg
 from defense_models.training.data import Dataset
 from defense_models.training.loop import FitConfig, fit, seed_everything
 from defense_models.training.nets import build, mlp
+from defense_models.training.recipes import parse_shard
 from defense_models.training.selena import SoftCrossEntropy, SplitAI, exclusion_map, map_digest
-from defense_models.training.shadows import parse_shard
 from defense_models.training.soft_targets import HampLoss, RelaxLoss
 from gateway.registry import Registry
 

@@ -5,8 +5,13 @@ design: every record is IN for about half the shadows). Whether shadow j is trai
 (j, seed), so ``--shard i/N`` trains the shadows j ≡ i (mod N): N workers (a Kubernetes Indexed Job
 with ``--shard $JOB_COMPLETION_INDEX/N``, or any job runner) fill one directory without coordinating.
 
+With ``TrainConfig.replacement`` set, each shadow is that training-time defense trained on its half
+(``--replacement selena`` and its parameters, as ``train`` takes them): LiRA's references then copy the
+defense, as the attacker who knows it would. A replacement's reference set (advreg) is the target's
+(``target_test``, outside the pool), its validation set the target's; its seed is the shadow's.
+
 Each shadow is written as ``shadow_{j:04d}.safetensors`` (weights) and ``shadow_{j:04d}.json`` (its
-IN mask over the pool, accuracy, recipe). ``load_shadows`` collects whatever is there.
+IN mask over the pool, accuracy, recipe, replacement). ``load_shadows`` collects whatever is there.
 """
 
 from __future__ import annotations
@@ -20,10 +25,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from defense_models.training.loop import accuracy, fit
+from defense_models.training.loop import FitConfig, accuracy, fit
 from defense_models.training.nets import build
 from defense_models.training.recipes import TrainConfig, dataset_and_split, recipe
+from defense_models.training.replacements import Context, Pair, train_replacement
 from gateway.defenses.classifier import load_weights, save_weights
+
+#: replacement -> why ``shadows`` cannot train it (its served model is not one network ``build`` makes)
+UNSHADOWABLE = {"stacking": "its served model is a stack of three networks; LiRA's references load one network"}
 
 #: Pool for Location30 [docs/ALGORITHMS.md §5, choice]: evaluation members and non-members.
 DEFAULT_POOL = ("target_train", "eval_nonmember")
@@ -36,17 +45,6 @@ class ShadowSpec:
     keep: float = 0.5  # share of the pool each shadow trains on
 
 
-def parse_shard(text: str) -> tuple[int, int]:
-    """'i/N' -> (i, N) with 0 <= i < N."""
-    try:
-        i, n = (int(v) for v in text.split("/"))
-    except ValueError:
-        raise ValueError(f"--shard must look like i/N (e.g. 0/4), got {text!r}") from None
-    if not 0 <= i < n:
-        raise ValueError(f"--shard {text}: need 0 <= i < N")
-    return i, n
-
-
 def in_mask(j: int, pool_size: int, keep: float, seed: int) -> np.ndarray:
     """Shadow j's IN mask over the pool: a function of (j, seed) only."""
     rng = np.random.default_rng([seed, j])
@@ -57,34 +55,86 @@ def in_mask(j: int, pool_size: int, keep: float, seed: int) -> np.ndarray:
 
 def train_shadows(config: TrainConfig, spec: ShadowSpec, out: Path, shard: tuple[int, int] = (0, 1)) -> list[int]:
     """Train the shadows of this shard that are not already in ``out``; return their indices."""
+    if config.replacement in UNSHADOWABLE:
+        raise ValueError(f"shadows --replacement {config.replacement}: {UNSHADOWABLE[config.replacement]}")
     data, split = dataset_and_split(config)
     pool = np.concatenate([split.parts[r] for r in spec.pool])  # dataset row indices
-    arch, fit_config = recipe(config, data)
+    _, fit_config = recipe(config, data)
     out.mkdir(parents=True, exist_ok=True)
     done = []
+    params = {k: v for k, v in config.replacement_params.items() if k != "cache"}  # where, not what
+    request = {"kind": config.replacement, "params": params}
+    _check_same_request(out, request)
     for j in range(shard[0], spec.count, shard[1]):
         meta_path = out / f"shadow_{j:04d}.json"
         if meta_path.exists():
             continue  # idempotent: a retried shard skips finished shadows
         mask = in_mask(j, len(pool), spec.keep, config.seed)
         X, y = torch.from_numpy(data.X[pool]), torch.from_numpy(data.y[pool])
-        torch.manual_seed(config.seed * 100_003 + j)
-        model = build(arch, data)
-        fit(model, X[mask], y[mask], replace(fit_config, seed=config.seed * 100_003 + j),
-            progress=config.progress, desc=f"shadow {j}")  # fmt: skip
-        weights = out / f"shadow_{j:04d}.safetensors"
-        with tempfile.NamedTemporaryFile(dir=out, delete=False, suffix=".tmp") as tmp:
-            save_weights(model, Path(tmp.name))
-        Path(tmp.name).replace(weights)
+        model, record, shadow_arch = _train_one(config, data, split, (X[mask], y[mask]), out, j)
+        _write_weights(model, out / f"shadow_{j:04d}.safetensors")
         meta = {
             "index": j, "dataset": data.name, "dataset_sha256": data.sha256, "split": split.name,
             "seed": config.seed, "pool_roles": list(spec.pool), "pool_rows": pool.tolist(), "in_mask": mask.tolist(),
-            "architecture": arch, "fit": asdict(fit_config),
+            "architecture": shadow_arch, "fit": asdict(fit_config), "request": request, "replacement": record,
             "train_accuracy": accuracy(model, X[mask], y[mask]), "out_accuracy": accuracy(model, X[~mask], y[~mask]),
         }  # fmt: skip
         meta_path.write_text(json.dumps(meta) + "\n")  # written last: marks the shadow complete
         done.append(j)
     return done
+
+
+def _train_one(config: TrainConfig, data: Any, split: Any, members: Pair, out: Path,
+               j: int) -> tuple[torch.nn.Module, dict[str, Any], str]:  # fmt: skip
+    """Shadow j on its IN half: (model, replacement record, architecture)."""
+    arch, fit_config = recipe(config, data)
+    seed = config.seed * 100_003 + j
+    fit_config = replace(fit_config, seed=seed)
+    torch.manual_seed(seed)
+    if config.replacement == "none":
+        model = build(arch, data)
+        fit(model, *members, fit_config, progress=config.progress, desc=f"shadow {j}")
+        return model, {"kind": "none"}, arch
+    ctx = _context(config, data, split, arch, fit_config, members, seed)
+    model, record = train_replacement(config.replacement, ctx, _shadow_params(config, out, j))
+    return model, record, record.get("arch", arch)  # HAMP trains its own network
+
+
+def _check_same_request(out: Path, request: dict[str, Any]) -> None:
+    """One directory holds one kind of reference: shards and retries must ask for the same replacement."""
+    for meta_path in sorted(out.glob("shadow_*.json")):
+        had = json.loads(meta_path.read_text()).get("request", {"kind": "none", "params": {}})
+        if had != request:
+            raise ValueError(f"{out} holds shadows trained with {had}, not {request}: use another --out")
+        return
+
+
+def _context(config: TrainConfig, data: Any, split: Any, arch: str, fit_config: FitConfig, members: Pair,
+             seed: int) -> Context:  # fmt: skip
+    """A replacement's inputs for one shadow: its IN half as members, the target's reference and validation."""
+
+    def rows(role: str) -> Pair:
+        idx = split.parts[role]
+        return torch.from_numpy(data.X[idx]), torch.from_numpy(data.y[idx])
+
+    return Context(data, arch, fit_config, members, rows("target_test"), rows("validation"), seed, config.progress,
+                   config.advreg, config.advreg_follow_recipe)  # fmt: skip
+
+
+def _shadow_params(config: TrainConfig, out: Path, j: int) -> dict[str, Any]:
+    """The replacement's parameters for shadow j: a cache directory of its own (SELENA's sub-models)."""
+    params = dict(config.replacement_params)
+    if params.get("shard"):
+        raise ValueError("shadows --replacement: shard= is per shadow here; scale out with --shard i/N instead")
+    if params.get("cache"):
+        params["cache"] = str(Path(params["cache"]) / f"shadow_{j:04d}")
+    return params
+
+
+def _write_weights(model: torch.nn.Module, path: Path) -> None:
+    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".tmp") as tmp:
+        save_weights(model, Path(tmp.name))
+    Path(tmp.name).replace(path)
 
 
 def load_shadows(directory: Path, data: Any) -> list[tuple[torch.nn.Module, dict[str, Any]]]:

@@ -118,7 +118,8 @@ def test_adversarial_regularization_lowers_a_simple_attack() -> None:
 
 
 def test_shadows_split_across_shards_and_resume(tmp_path: Path, quick: None, tabular: Path) -> None:
-    from defense_models.training.shadows import ShadowSpec, in_mask, load_shadows, parse_shard, train_shadows
+    from defense_models.training.recipes import parse_shard
+    from defense_models.training.shadows import ShadowSpec, in_mask, load_shadows, train_shadows
 
     config = TrainConfig(dataset="tabular", data_path=str(tabular), progress=False)
     spec = ShadowSpec(count=5)
@@ -134,6 +135,37 @@ def test_shadows_split_across_shards_and_resume(tmp_path: Path, quick: None, tab
         parse_shard("2/2")
     with pytest.raises(ValueError, match="like i/N"):
         parse_shard("two")
+
+
+def test_shadows_copy_a_replacement(tmp_path: Path, quick: None, tabular: Path) -> None:
+    """`shadows --replacement`: each reference is that training-time defense on its half, loadable for LiRA."""
+    from defense_models.audit.queries import _replacement_of
+    from defense_models.training.shadows import ShadowSpec, load_shadows, train_shadows
+
+    base = TrainConfig(dataset="tabular", data_path=str(tabular), progress=False)
+    selena = replace(base, replacement="selena",
+                     replacement_params={"K": 3, "L": 1, "sub_epochs": 2, "cache": str(tmp_path / "sub")})  # fmt: skip
+    assert train_shadows(selena, ShadowSpec(count=2), tmp_path / "selena") == [0, 1]
+    refs = load_shadows(tmp_path / "selena", load_dataset("tabular", tabular))
+    digests = {meta["replacement"]["exclusion_map"] for _, meta in refs}
+    assert len(digests) == 2  # each shadow draws its own map from its own seed
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["shadow_0000", "shadow_0001"]
+    assert _replacement_of(refs) == "selena (K=3, L=1, sub_epochs=2)"  # where the cache is: not what was trained
+    with pytest.raises(ValueError, match="holds shadows trained with"):  # one kind of reference per directory
+        train_shadows(base, ShadowSpec(count=3), tmp_path / "selena")
+
+    hamp = replace(base, replacement="hamp", replacement_params={"epochs": 2, "milestones": ""})
+    assert train_shadows(hamp, ShadowSpec(count=1), tmp_path / "hamp") == [0]
+    (model, meta), = load_shadows(tmp_path / "hamp", load_dataset("tabular", tabular))
+    assert meta["architecture"] == "purchase-mlp" and isinstance(model[1], torch.nn.Tanh)  # HAMP's own network
+    with pytest.raises(ValueError, match="stack of three networks"):
+        train_shadows(replace(base, replacement="stacking"), ShadowSpec(count=1), tmp_path / "stack")
+    with pytest.raises(ValueError, match="scale out with --shard"):
+        train_shadows(replace(selena, replacement_params={"shard": "0/2", "cache": "x"}), ShadowSpec(count=1),
+                      tmp_path / "sharded")  # fmt: skip
+    mixed = refs[:1] + load_shadows(tmp_path / "hamp", load_dataset("tabular", tabular))
+    with pytest.raises(ValueError, match="mix trainings"):
+        _replacement_of(mixed)
 
 
 async def test_export_a_users_onnx_model(tmp_path: Path, quick: None) -> None:
@@ -250,6 +282,7 @@ def test_audit_label_only_and_lira_attacks(tmp_path: Path) -> None:
     assert bd["queries_per_row"] <= 80 and bd["auc"] > 0.5
     for key in ("reference/lira_online", "reference/lira_offline", "reference/lira_label"):
         assert report["attacks"][key]["reference_models"] == 4
+        assert report["attacks"][key]["reference_replacement"] == "none"
         assert report["attacks"][key]["auc"] > 0.55, report["attacks"][key]
 
     # HAMP against the attacker who knows the rule (adaptive: its shadow model on keyed random inputs), the
