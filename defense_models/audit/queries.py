@@ -46,8 +46,7 @@ def lira(config: AuditConfig, sets: Sets, released: Arrays,
 
     assert config.lira_shadows is not None
     refs = load_shadows(config.lira_shadows, sets.data)
-    if len(refs) < 4:
-        raise ValueError(f"LiRA needs at least 4 reference models in {config.lira_shadows}, found {len(refs)}")
+    check_references([meta for _, meta in refs], config.lira_shadows)
     pool = np.asarray(refs[0][1]["pool_rows"])
     position = {int(r): i for i, r in enumerate(pool)}
     members, nonmembers = sets.parts["target_train"], sets.parts["eval_nonmember"]
@@ -90,6 +89,15 @@ def lira(config: AuditConfig, sets: Sets, released: Arrays,
     calib = LabelLira.leave_one_out(np.stack(right), in_refs)
     out["lira_label"] = AttackResult(**score_attack(*pair, shadow=calib).as_dict(), **copied), pair
     return out
+
+
+def check_references(metas: list[dict[str, Any]], directory: object) -> None:
+    """Enough reference models, and all that ``shadows`` was asked for (an unfinished shard fails loudly)."""
+    if len(metas) < 4:
+        raise ValueError(f"LiRA needs at least 4 reference models in {directory}, found {len(metas)}")
+    if len(metas) < (count := max(meta.get("count", 0) for meta in metas)):
+        raise ValueError(f"{directory} holds {len(metas)} of the {count} reference models `shadows` was asked "
+                         "for: finish the missing shards (the same command) before the audit")  # fmt: skip
 
 
 def _replacement_of(refs: list[tuple[torch.nn.Module, dict[str, Any]]]) -> str:

@@ -74,7 +74,7 @@ def train_shadows(config: TrainConfig, spec: ShadowSpec, out: Path, shard: tuple
         model, record, shadow_arch = _train_one(config, data, split, (X[mask], y[mask]), out, j)
         _write_weights(model, out / f"shadow_{j:04d}.safetensors")
         meta = {
-            "index": j, "dataset": data.name, "dataset_sha256": data.sha256, "split": split.name,
+            "index": j, "count": spec.count, "dataset": data.name, "dataset_sha256": data.sha256, "split": split.name,
             "seed": config.seed, "pool_roles": list(spec.pool), "pool_rows": pool.tolist(), "in_mask": mask.tolist(),
             "architecture": shadow_arch, "fit": asdict(fit_config), "request": request, "replacement": record,
             "train_accuracy": accuracy(model, X[mask], y[mask]), "out_accuracy": accuracy(model, X[~mask], y[~mask]),

@@ -139,7 +139,7 @@ def test_shadows_split_across_shards_and_resume(tmp_path: Path, quick: None, tab
 
 def test_shadows_copy_a_replacement(tmp_path: Path, quick: None, tabular: Path) -> None:
     """`shadows --replacement`: each reference is that training-time defense on its half, loadable for LiRA."""
-    from defense_models.audit.queries import _replacement_of
+    from defense_models.audit.queries import _replacement_of, check_references
     from defense_models.training.shadows import ShadowSpec, load_shadows, train_shadows
 
     base = TrainConfig(dataset="tabular", data_path=str(tabular), progress=False)
@@ -166,6 +166,10 @@ def test_shadows_copy_a_replacement(tmp_path: Path, quick: None, tabular: Path) 
     mixed = refs[:1] + load_shadows(tmp_path / "hamp", load_dataset("tabular", tabular))
     with pytest.raises(ValueError, match="mix trainings"):
         _replacement_of(mixed)
+    metas = [{**meta, "count": 6} for _, meta in refs] * 2  # 4 of 6: a shard has not finished
+    with pytest.raises(ValueError, match="4 of the 6 reference models"):
+        check_references(metas, tmp_path)
+    check_references(metas + metas[:2], tmp_path)
 
 
 async def test_export_a_users_onnx_model(tmp_path: Path, quick: None) -> None:

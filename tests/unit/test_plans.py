@@ -24,6 +24,8 @@ def test_plan_parses_and_prepares_every_bundle_it_uses(plan: Path) -> None:
         args = parser.parse_args(shlex.split(command))  # unknown flags or choices exit
         prepared.add(Path(args.out))
     used = {bundle} | {s.bundle for s in settings if s.bundle is not None}
+    audits = [tomllib.loads(plan.read_text()).get("audit", {})] + [s.audit for s in settings]
+    used |= {Path(a["lira_shadows"]) for a in audits if a.get("lira_shadows")}  # LiRA's references too
     assert used <= prepared, f"{plan.name}: no `prepare` command builds {sorted(map(str, used - prepared))}"
     assert {s.defense for s in settings} <= set(available_defenses())
     from defense_models.audit.config import VIEWS
