@@ -161,6 +161,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from defense_models.audit.sweep import audit_config, grid, load_plan, run_sweep
+    from defense_models.training.recipes import parse_shard
 
     overrides: dict[str, Any] = {}
     if args.plan:
@@ -170,9 +171,14 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         settings = grid(args.defense_name, args.sweep_param, args.values)
     else:
         raise SystemExit("sweep needs --plan FILE, or --bundle, --defense, --param and --values")
+    if unknown := set(args.setting or ()) - {s.label for s in settings}:
+        labels = [s.label for s in settings]
+        raise SystemExit(f"--setting: no setting labelled {sorted(unknown)}; the plan has {labels}")
     base = audit_config(_audit_config(args), overrides)  # the plan's [audit] table wins over the flags' defaults
-    run_sweep(Path(args.bundle), settings, Path(args.out), base, resume=args.resume)
-    print((Path(args.out) / "sweep.md").read_text())
+    only = frozenset(args.setting) if args.setting else None
+    shard = parse_shard(args.shard)
+    if run_sweep(Path(args.bundle), settings, Path(args.out), base, resume=args.resume, shard=shard, only=only):
+        print((Path(args.out) / "sweep.md").read_text())
     return 0
 
 
@@ -358,6 +364,9 @@ def _sweep_parser(sub: Any) -> None:
     p.add_argument("--param", dest="sweep_param", help="the parameter to sweep (e.g. epsilon, step_size)")
     p.add_argument("--values", nargs="+", help="its values")
     p.add_argument("--resume", action="store_true", help="read back settings already audited in --out")
+    p.add_argument("--shard", default="0/1", help="i/N: audit only the settings k with k %% N == i (parts run side "
+                   "by side into one --out; the table is written once every setting has a report)")  # fmt: skip
+    p.add_argument("--setting", action="append", metavar="LABEL", help="audit only this setting (repeatable)")
     _add_audit(p)
     p.add_argument("--out", required=True, help="directory for sweep.md, sweep.json, sweep.png and each report")
     p.set_defaults(func=_cmd_sweep)

@@ -122,31 +122,52 @@ def _row(setting: Setting, report: AuditReport) -> SweepRow:
 
 
 def run_sweep(bundle: Path, settings: list[Setting], out: Path, base: AuditConfig | None = None, *,
-              resume: bool = False) -> list[SweepRow]:  # fmt: skip
+              resume: bool = False, shard: tuple[int, int] = (0, 1),
+              only: frozenset[str] | None = None) -> list[SweepRow] | None:  # fmt: skip
     """Audit every setting; with ``resume``, a setting whose report.json is already in ``out`` is read
-    back instead of audited again (an interrupted sweep picks up where it stopped)."""
+    back instead of audited again (an interrupted sweep picks up where it stopped).
+
+    ``shard`` (i, N) and ``only`` (labels) audit part of the plan, so parts run side by side (processes,
+    machines) into one ``out``; the other settings' reports are read back where they exist. The table
+    (sweep.json, .md, .png) is written once every setting has a report; otherwise None is returned."""
     base = base or AuditConfig(bundle=bundle)
     out.mkdir(parents=True, exist_ok=True)
+    partial = shard != (0, 1) or only is not None
     rows: list[SweepRow] = []
+    missing = []
     for i, setting in enumerate(settings, 1):
         done = out / setting.slug / "report.json"
-        if resume and done.exists():
+        mine = (i - 1) % shard[1] == shard[0] and (only is None or setting.label in only)
+        if (resume or not mine) and done.exists():
             rows.append(_row(setting, read(AuditReport, done)))
             print(f"[{i}/{len(settings)}] {setting.label}: already audited, read back", flush=True)
             continue
+        if not mine:
+            missing.append(setting.label)
+            continue
         t0 = time.perf_counter()
-        config = audit_config(replace(base, bundle=setting.bundle or bundle, defense=setting.defense,
-                                      defense_params=setting.params), setting.audit)  # fmt: skip
-        result = run_audit(config)
-        write_report(result, out / setting.slug)
-        rows.append(_row(setting, result.report))
+        rows.append(_audit_setting(setting, bundle, base, out))
         print(f"[{i}/{len(settings)}] {setting.label}: best {rows[-1].best_attack} "
               f"{rows[-1].best_balanced_accuracy:.3f}, floor {rows[-1].label_only_floor:.3f} "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
-        write(Sweep(rows=rows), out / "sweep.json")  # after every setting: resumable reading
+        if not partial:
+            write(Sweep(rows=rows), out / "sweep.json")  # after every setting: progress for the reader
+    if missing:
+        print(f"{len(missing)} settings have no report yet ({missing}): the table is written once they do "
+              "(the other parts, or a run without --shard/--setting)", flush=True)  # fmt: skip
+        return None
+    write(Sweep(rows=rows), out / "sweep.json")
     (out / "sweep.md").write_text(sweep_markdown(rows))
     plot_sweep(rows, out / "sweep.png")
     return rows
+
+
+def _audit_setting(setting: Setting, bundle: Path, base: AuditConfig, out: Path) -> SweepRow:
+    config = audit_config(replace(base, bundle=setting.bundle or bundle, defense=setting.defense,
+                                  defense_params=setting.params), setting.audit)  # fmt: skip
+    result = run_audit(config)
+    write_report(result, out / setting.slug)
+    return _row(setting, result.report)
 
 
 def _f(v: float | None) -> str:

@@ -339,6 +339,16 @@ params = {{ decimals = 1 }}
     assert report.stat().st_mtime_ns == before  # read back, not audited again
     assert _sweep_rows(tmp_path / "s") == rows
 
+    # parts side by side into one directory: the table appears once every setting has a report
+    part = ["sweep", "--plan", str(plan), "--quiet", "--out", str(tmp_path / "p")]
+    assert main([*part, "--shard", "1/2"]) == 0
+    assert (tmp_path / "p" / "rounding_1" / "report.json").exists() and not (tmp_path / "p" / "sweep.md").exists()
+    assert not (tmp_path / "p" / "none").exists()
+    assert main([*part, "--setting", "none"]) == 0
+    assert [r["setting"] for r in _sweep_rows(tmp_path / "p")] == ["none", "rounding 1"]
+    with pytest.raises(SystemExit, match="no setting labelled"):
+        main([*part, "--setting", "nonee"])
+
     # the command-line grid: one curve over a parameter
     assert main(["sweep", "--bundle", str(tmp_path / "b"), "--defense", "memguard", "--param", "epsilon",
                  "--values", "0.2", "1", "--attacks", "confidence", "--shadow-epochs", "5", "--quiet",
