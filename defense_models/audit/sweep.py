@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 import time
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -206,7 +207,7 @@ def plot_sweep(rows: list[SweepRow], path: Path) -> None:
     for r in rows:
         if r.curve and r.x is not None:
             curves.setdefault(r.curve, []).append(r)
-    panels = len(curves) + 1
+    panels = len(curves) + 2
     fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4.2), squeeze=False)
     for ax, (curve, pts) in zip(axes[0], curves.items(), strict=False):
         pts = sorted(pts, key=lambda r: r.x or 0.0)
@@ -225,9 +226,14 @@ def plot_sweep(rows: list[SweepRow], path: Path) -> None:
             )
         ax.set(xlabel=curve, ylabel="balanced accuracy", title=f"attack accuracy vs {curve}", ylim=(0.45, 1.0))
         ax.legend(fontsize=7)
-    ax = axes[0][-1]
-    for r in rows:
-        ax.scatter(r.test_accuracy, r.best_balanced_accuracy, s=18)
-        ax.annotate(r.setting, (r.test_accuracy, r.best_balanced_accuracy), fontsize=6)
-    ax.set(xlabel="test accuracy", ylabel="best attack balanced accuracy", title="privacy vs utility")
+    _privacy_utility(axes[0][-2], rows, lambda r: r.best_balanced_accuracy, "best attack balanced accuracy")
+    _privacy_utility(axes[0][-1], rows, lambda r: r.max_tpr_at_01pct_fpr, "largest TPR at 0.1% FPR")
     _save(fig, path)
+
+
+def _privacy_utility(ax: Any, rows: list[SweepRow], y: Callable[[SweepRow], float], ylabel: str) -> None:
+    """One point per setting: test accuracy (x) against the worst leak (y), labelled."""
+    for r in rows:
+        ax.scatter(r.test_accuracy, y(r), s=18)
+        ax.annotate(r.setting, (r.test_accuracy, y(r)), fontsize=6)
+    ax.set(xlabel="test accuracy", ylabel=ylabel, title=f"privacy vs utility: {ylabel}")
