@@ -22,6 +22,9 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench._data import ensure_fashion_mnist  # noqa: E402
+
 PLANS = ROOT / "bench" / "plans"
 #: plan -> settings (report directories) whose plots docs/RESULTS.md shows
 PLOTS_SHOWN = {"location30": ("none", "MemGuard_eps=1.0")}
@@ -35,6 +38,8 @@ def _run(argv: list[str], dry_run: bool) -> None:
 
 def _prepare(command: str, dry_run: bool) -> None:
     args = shlex.split(command)
+    if "fashion_mnist" in args and "--data" not in args and not dry_run:
+        ensure_fashion_mnist()
     out = ROOT / args[args.index("--out") + 1]
     if args[0] == "train" and (out / "manifest.json").exists():
         print(f"  {out.relative_to(ROOT)} exists", flush=True)
