@@ -1,6 +1,12 @@
 """Condense sweep results into the tables of docs/RESULTS.md.
 
     python bench/summarize.py reports/location30/sweep.json [--extra reports/location30-flipped/sweep.json]
+    python bench/summarize.py reports/location30-replacements/sweep.json --goals plain
+
+``--goals BASELINE`` prints issue 15's table instead: train and test accuracy (and the change from the
+BASELINE setting's), the best attack of the whole suite, the largest TPR at 0.1% FPR of any attack, and the
+verdicts: test ≥ baseline − 3 points, best ≤ 0.60 and TPR@0.1% ≤ 1% (alone), best ≤ 0.56 and label loss 0
+(with MemGuard on top).
 
 Prints one Markdown row per setting: utility, the label-only floor, MemGuard's NN attack (shadow and
 adaptive views), the best attack of each family, and the goals' verdicts. ``--extra`` sweeps add their
@@ -51,6 +57,7 @@ def main() -> None:
         action="store_true",
         help="a column per attacker view (its best confidence-based attack) and the cost to users",
     )
+    parser.add_argument("--goals", metavar="BASELINE", help="issue 15's table, accuracy against this setting's")
     args = parser.parse_args()
     rows = [r.model_dump() for r in read(Sweep, args.sweep).rows]
     for extra in args.extra:
@@ -60,6 +67,9 @@ def main() -> None:
                 r["attacks"].update(by_label[r["setting"]].attacks)
     if args.by_view:
         by_view(rows)
+        return
+    if args.goals:
+        goals(rows, args.goals)
         return
     print("| setting | test acc. | label loss | mean L1 | floor | NN, shadow / adaptive | best vector attack, "
           "shadow | best vector attack, other views | LiRA | label-only | max TPR@0.1% FPR |")  # fmt: skip
@@ -101,6 +111,31 @@ def by_view(rows: list[dict[str, Any]]) -> None:
         near = "—" if u.get("near_repeats_agree") is None else f"{u['near_repeats_agree']:.0%}"
         tail = f" | {worst - r['label_only_floor']:+.3f} | {tpr:.1%}{label} | {cost} | {near} | {r['mean_l1']:.3f} |"
         print(f"| {r['setting']} | {r['label_only_floor']:.3f} | " + " | ".join(cells) + tail)
+
+
+def _mark(ok: bool) -> str:
+    return "yes" if ok else "**no**"
+
+
+def goals(rows: list[dict[str, Any]], baseline: str) -> None:
+    """Issue 15's verdicts per setting (a setting with MemGuard on top is judged by the stricter goal)."""
+    base = next(r for r in rows if r["setting"] == baseline)["test_accuracy"]
+    print("| setting | train acc. | test acc. (Δ) | floor | best attack, whole suite | best LiRA | best label-only "
+          "| max TPR@0.1% FPR (attack) | test ≥ base − 3 pts | best ≤ goal | TPR ≤ 1% |")  # fmt: skip
+    print("|---|---:|---:|---:|---|---|---|---|---|---|---|")
+    for r in rows:
+        a = r["attacks"]
+        best_key = max(a, key=lambda k: a[k]["balanced_accuracy"])
+        tpr_key = max(a, key=lambda k: a[k]["tpr_at_01pct_fpr"])
+        best, tpr = a[best_key]["balanced_accuracy"], a[tpr_key]["tpr_at_01pct_fpr"]
+        ceiling = 0.56 if r["defense"] == "memguard" else 0.60
+        label_ok = r["label_loss"] == 0 or r["defense"] != "memguard"
+        print(f"| {r['setting']} | {r['train_accuracy']:.3f} | {r['test_accuracy']:.3f} "
+              f"({r['test_accuracy'] - base:+.3f}) | {r['label_only_floor']:.3f} | {best:.3f} ({best_key}) | "
+              f"{_cell(_best(a, FAMILIES['LiRA']))} | {_cell(_best(a, FAMILIES['label-only']))} | "
+              f"{tpr:.1%} ({tpr_key}) | {_mark(r['test_accuracy'] >= base - 0.03)} | "
+              f"{_mark(best <= ceiling and label_ok)} (≤ {ceiling:.2f}{', label loss 0' if r['defense'] == 'memguard' else ''}) | "
+              f"{_mark(tpr <= 0.01)} |")  # fmt: skip
 
 
 if __name__ == "__main__":
