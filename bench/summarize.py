@@ -130,11 +130,12 @@ def goals(rows: list[dict[str, Any]], baseline: str) -> None:
         best, tpr = a[best_key]["balanced_accuracy"], a[tpr_key]["tpr_at_01pct_fpr"]
         ceiling = 0.56 if r["defense"] == "memguard" else 0.60
         label_ok = r["label_loss"] == 0 or r["defense"] != "memguard"
+        goal = f"≤ {ceiling:.2f}" + (", label loss 0" if r["defense"] == "memguard" else "")
         print(f"| {r['setting']} | {r['train_accuracy']:.3f} | {r['test_accuracy']:.3f} "
               f"({r['test_accuracy'] - base:+.3f}) | {r['label_only_floor']:.3f} | {best:.3f} ({best_key}) | "
               f"{_cell(_best(a, FAMILIES['LiRA']))} | {_cell(_best(a, FAMILIES['label-only']))} | "
               f"{tpr:.1%} ({tpr_key}) | {_mark(r['test_accuracy'] >= base - 0.03)} | "
-              f"{_mark(best <= ceiling and label_ok)} (≤ {ceiling:.2f}{', label loss 0' if r['defense'] == 'memguard' else ''}) | "
+              f"{_mark(best <= ceiling and label_ok)} ({goal}) | "
               f"{_mark(tpr <= 0.01)} |")  # fmt: skip
 
 
