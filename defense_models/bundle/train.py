@@ -103,7 +103,8 @@ def _summary(manifest: Any, served: _Served) -> dict[str, str]:
     acc = served.accuracy
     assert acc.train is not None and acc.test is not None
     kind = served.replacement["kind"]
-    what = served.arch + (f", replacement {kind}" if kind != "none" else "")
+    own = served.replacement.get("arch")  # a replacement with its own network (HAMP): the recipe's is not served
+    what = served.arch + (f", replacement {kind}" if kind != "none" else "") + (f" on {own}" if own else "")
     summary = {
         "model": f"{manifest.name} {manifest.version} ({what})",
         "train accuracy": f"{acc.train:.4f}",
