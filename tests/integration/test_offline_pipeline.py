@@ -400,6 +400,7 @@ def test_training_time_defenses_export_bundles_the_gateway_serves(
         assert 0.5 < rep["true_class_probability"] < 1 and rep["best_epoch"] in range(3)
     if kind == "selena":
         assert rep["K"] == 4 and rep["L"] == 2 and rep["sub_epochs"] == 1 and len(rep["exclusion_map"]) == 16
+        assert (rep["distill_optimizer"], rep["distill_lr"], rep["distill_epochs"]) == ("adam", 1e-3, 60)  # authors'
     if kind == "stacking":
         assert sum(rep["parts"]) == len(np.load(tmp_path / "b" / "split.npz")["target_train"])
     X = np.random.default_rng(0).normal(size=(32, 12)).astype(np.float32)
