@@ -134,29 +134,29 @@ def run_sweep(bundle: Path, settings: list[Setting], out: Path, base: AuditConfi
     base = base or AuditConfig(bundle=bundle)
     out.mkdir(parents=True, exist_ok=True)
     partial = shard != (0, 1) or only is not None
-    rows: list[SweepRow] = []
-    missing = []
-    for i, setting in enumerate(settings, 1):
+    found: dict[int, SweepRow] = {}  # setting index -> its row
+    for i, setting in enumerate(settings):
         done = out / setting.slug / "report.json"
-        mine = (i - 1) % shard[1] == shard[0] and (only is None or setting.label in only)
+        mine = i % shard[1] == shard[0] and (only is None or setting.label in only)
         if (resume or not mine) and done.exists():
-            rows.append(_row(setting, read(AuditReport, done)))
-            print(f"[{i}/{len(settings)}] {setting.label}: already audited, read back", flush=True)
-            continue
-        if not mine:
-            missing.append(setting.label)
-            continue
-        t0 = time.perf_counter()
-        rows.append(_audit_setting(setting, bundle, base, out))
-        print(f"[{i}/{len(settings)}] {setting.label}: best {rows[-1].best_attack} "
-              f"{rows[-1].best_balanced_accuracy:.3f}, floor {rows[-1].label_only_floor:.3f} "
-              f"({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
-        if not partial:
-            write(Sweep(rows=rows), out / "sweep.json")  # after every setting: progress for the reader
-    if missing:
+            found[i] = _row(setting, read(AuditReport, done))
+            print(f"[{i + 1}/{len(settings)}] {setting.label}: already audited, read back", flush=True)
+        elif mine:
+            t0 = time.perf_counter()
+            found[i] = row = _audit_setting(setting, bundle, base, out)
+            print(f"[{i + 1}/{len(settings)}] {setting.label}: best {row.best_attack} "
+                  f"{row.best_balanced_accuracy:.3f}, floor {row.label_only_floor:.3f} "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
+            if not partial:
+                write(Sweep(rows=list(found.values())), out / "sweep.json")  # after every setting: progress
+    for i, setting in enumerate(settings):  # parts that ran side by side may have finished meanwhile
+        if i not in found and (done := out / setting.slug / "report.json").exists():
+            found[i] = _row(setting, read(AuditReport, done))
+    if missing := [s.label for i, s in enumerate(settings) if i not in found]:
         print(f"{len(missing)} settings have no report yet ({missing}): the table is written once they do "
               "(the other parts, or a run without --shard/--setting)", flush=True)  # fmt: skip
         return None
+    rows = [found[i] for i in range(len(settings))]
     write(Sweep(rows=rows), out / "sweep.json")
     (out / "sweep.md").write_text(sweep_markdown(rows))
     plot_sweep(rows, out / "sweep.png")
