@@ -5,7 +5,10 @@ and for adversarially-regularized replacements at a few λ, and prints one table
 accuracy, the train–test gap, the defender's classifiers' held-out balanced accuracy (the quality
 gate's), the calibrated AEPPT step, and the wall time. Results go to bench/results/offline.json.
 
-    python bench/offline.py [--lambdas 1 3 10] [--k 2] [--advreg-epochs 80]
+    python bench/offline.py [--lambdas 1 3 10] [--k 2] [--advreg-epochs 80] [--replacements selena hamp relaxloss]
+
+``--replacements`` adds runs of those replacements with their default parameters (SELENA trains its 25
+sub-models from scratch: no cache), for issue 15's wall-time goal.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from gateway.artifacts import load_bundle  # noqa: E402
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--lambdas", type=float, nargs="+", default=[1.0, 3.0, 10.0])
+    ap.add_argument("--lambdas", type=float, nargs="*", default=[1.0, 3.0, 10.0])
+    ap.add_argument("--replacements", nargs="*", default=[], help="other replacements, default parameters")
     ap.add_argument(
         "--advreg-epochs",
         type=int,
@@ -57,6 +61,8 @@ def main() -> int:
                 ),
             )
         )
+    for kind in args.replacements:
+        runs.append((kind, TrainConfig(replacement=kind, progress=False, allow_weak_defense=True)))
     rows = []
     header = f"{'model':<26} {'train':>6} {'test':>6} {'gap':>6} {'g acc':>6} {'F acc':>6} {'AEPPT α':>9} {'wall s':>7}"
     print(f"Location30, MemGuard split, {os.cpu_count()} CPUs\n\n{header}\n{'-' * len(header)}")
