@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import time
-from typing import Any
 
 import numpy as np
 import torch
@@ -17,7 +15,7 @@ from defense_models.audit.predictors import Predictor
 from defense_models.audit.schema import AttackResult, MetricsProbe, TimingProbe
 from defense_models.audit.scoring import accuracy, gap_floor, score_attack
 from defense_models.audit.views import Arrays, AttackerDefense, Predict, Sets, softmax_predict
-from defense_models.training.shadows import load_shadows
+from defense_models.training.shadows import ShadowMeta, load_shadows
 
 
 def label_only_attack(config: AuditConfig, name: str, predictor: Predictor, shadow_predict: Predict, sets: Sets,
@@ -47,11 +45,11 @@ def lira(config: AuditConfig, sets: Sets, released: Arrays,
     assert config.lira_shadows is not None
     refs = load_shadows(config.lira_shadows, sets.data)
     check_references([meta for _, meta in refs], config.lira_shadows)
-    pool = np.asarray(refs[0][1]["pool_rows"])
+    pool = np.asarray(refs[0][1].pool_rows)
     position = {int(r): i for i, r in enumerate(pool)}
     members, nonmembers = sets.parts["target_train"], sets.parts["eval_nonmember"]
     missing = [r for r in np.concatenate([members, nonmembers]) if int(r) not in position]
-    if missing or refs[0][1]["dataset_sha256"] != sets.data.sha256:
+    if missing or refs[0][1].dataset_sha256 != sets.data.sha256:
         raise ValueError(
             "the reference models were not trained on this bundle's evaluation records "
             "(train them with `defense_models shadows` and the bundle's dataset, split and seed)"
@@ -66,7 +64,7 @@ def lira(config: AuditConfig, sets: Sets, released: Arrays,
             p = defend(p, model=predict)
         phi.append(logit_confidence(p, y)[idx])
         right.append((p.argmax(axis=1) == y)[idx])
-        masks.append(np.asarray(meta["in_mask"], bool)[idx])
+        masks.append(np.asarray(meta.in_mask, bool)[idx])
     phi_refs, in_refs = np.stack(phi), np.stack(masks)  # [K, N_members + N_nonmembers]
     y_eval = sets.data.y[np.concatenate([members, nonmembers])]
     target_phi = logit_confidence(np.concatenate(released), y_eval)
@@ -91,23 +89,23 @@ def lira(config: AuditConfig, sets: Sets, released: Arrays,
     return out
 
 
-def check_references(metas: list[dict[str, Any]], directory: object) -> None:
+def check_references(metas: list[ShadowMeta], directory: object) -> None:
     """Enough reference models, and all that ``shadows`` was asked for (an unfinished shard fails loudly)."""
     if len(metas) < 4:
         raise ValueError(f"LiRA needs at least 4 reference models in {directory}, found {len(metas)}")
-    if len(metas) < (count := max(meta.get("count", 0) for meta in metas)):
+    if len(metas) < (count := max(meta.count for meta in metas)):
         raise ValueError(f"{directory} holds {len(metas)} of the {count} reference models `shadows` was asked "
                          "for: finish the missing shards (the same command) before the audit")  # fmt: skip
 
 
-def _replacement_of(refs: list[tuple[torch.nn.Module, dict[str, Any]]]) -> str:
+def _replacement_of(refs: list[tuple[torch.nn.Module, ShadowMeta]]) -> str:
     """What the references were trained as: "none" (plain), or a replacement with its parameters."""
-    kinds = {json.dumps(meta.get("request", {"kind": "none", "params": {}}), sort_keys=True) for _, meta in refs}
+    kinds = {meta.request.model_dump_json() for _, meta in refs}
     if len(kinds) > 1:
         raise ValueError(f"LiRA's reference models mix trainings ({sorted(kinds)}): one kind per directory")
-    request = json.loads(kinds.pop())
-    params = ", ".join(f"{k}={v}" for k, v in request["params"].items())
-    return request["kind"] + (f" ({params})" if params else "")
+    request = refs[0][1].request
+    params = ", ".join(f"{k}={v}" for k, v in request.params.items())
+    return request.kind + (f" ({params})" if params else "")
 
 
 # --- the scraper attacker ------------------------------------------------------------------------------------

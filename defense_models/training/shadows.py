@@ -16,7 +16,6 @@ IN mask over the pool, accuracy, recipe, replacement). ``load_shadows`` collects
 
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -24,12 +23,43 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from defense_models.training.loop import FitConfig, accuracy, fit
 from defense_models.training.nets import build
 from defense_models.training.recipes import TrainConfig, dataset_and_split, recipe
 from defense_models.training.replacements import Context, Pair, train_replacement
 from gateway.defenses.classifier import load_weights, save_weights
+
+
+class ShadowRequest(BaseModel):
+    """What ``shadows`` was asked to train: plain (``none``) or a replacement with its parameters (no cache)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    kind: str = "none"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class ShadowMeta(BaseModel):
+    """``shadow_{j:04d}.json``: the file contract between ``shadows`` and LiRA (``audit/queries.py``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    index: int
+    count: int = 0  # how many shadows were asked for across the shards (0: written before it was recorded)
+    dataset: str
+    dataset_sha256: str
+    split: str
+    seed: int
+    pool_roles: list[str]
+    pool_rows: list[int]  # dataset row indices
+    in_mask: list[bool]  # over pool_rows: the rows this shadow trained on
+    architecture: str
+    fit: dict[str, Any]
+    request: ShadowRequest = ShadowRequest()
+    replacement: dict[str, Any] = Field(default_factory=lambda: {"kind": "none"})  # the trainer's record
+    train_accuracy: float
+    out_accuracy: float
+
 
 #: replacement -> why ``shadows`` cannot train it (its served model is not one network ``build`` makes)
 UNSHADOWABLE = {"stacking": "its served model is a stack of three networks; LiRA's references load one network"}
@@ -63,7 +93,7 @@ def train_shadows(config: TrainConfig, spec: ShadowSpec, out: Path, shard: tuple
     out.mkdir(parents=True, exist_ok=True)
     done = []
     params = {k: v for k, v in config.replacement_params.items() if k != "cache"}  # where, not what
-    request = {"kind": config.replacement, "params": params}
+    request = ShadowRequest(kind=config.replacement, params=params)
     _check_same_request(out, request)
     for j in range(shard[0], spec.count, shard[1]):
         meta_path = out / f"shadow_{j:04d}.json"
@@ -73,13 +103,13 @@ def train_shadows(config: TrainConfig, spec: ShadowSpec, out: Path, shard: tuple
         X, y = torch.from_numpy(data.X[pool]), torch.from_numpy(data.y[pool])
         model, record, shadow_arch = _train_one(config, data, split, (X[mask], y[mask]), out, j)
         _write_weights(model, out / f"shadow_{j:04d}.safetensors")
-        meta = {
-            "index": j, "count": spec.count, "dataset": data.name, "dataset_sha256": data.sha256, "split": split.name,
-            "seed": config.seed, "pool_roles": list(spec.pool), "pool_rows": pool.tolist(), "in_mask": mask.tolist(),
-            "architecture": shadow_arch, "fit": asdict(fit_config), "request": request, "replacement": record,
-            "train_accuracy": accuracy(model, X[mask], y[mask]), "out_accuracy": accuracy(model, X[~mask], y[~mask]),
-        }  # fmt: skip
-        meta_path.write_text(json.dumps(meta) + "\n")  # written last: marks the shadow complete
+        meta = ShadowMeta(
+            index=j, count=spec.count, dataset=data.name, dataset_sha256=data.sha256, split=split.name,
+            seed=config.seed, pool_roles=list(spec.pool), pool_rows=pool.tolist(), in_mask=mask.tolist(),
+            architecture=shadow_arch, fit=asdict(fit_config), request=request, replacement=record,
+            train_accuracy=accuracy(model, X[mask], y[mask]), out_accuracy=accuracy(model, X[~mask], y[~mask]),
+        )  # fmt: skip
+        meta_path.write_text(meta.model_dump_json() + "\n")  # written last: marks the shadow complete
         done.append(j)
     return done
 
@@ -100,10 +130,10 @@ def _train_one(config: TrainConfig, data: Any, split: Any, members: Pair, out: P
     return model, record, record.get("arch", arch)  # HAMP trains its own network
 
 
-def _check_same_request(out: Path, request: dict[str, Any]) -> None:
+def _check_same_request(out: Path, request: ShadowRequest) -> None:
     """One directory holds one kind of reference: shards and retries must ask for the same replacement."""
     for meta_path in sorted(out.glob("shadow_*.json")):
-        had = json.loads(meta_path.read_text()).get("request", {"kind": "none", "params": {}})
+        had = ShadowMeta.model_validate_json(meta_path.read_text()).request
         if had != request:
             raise ValueError(f"{out} holds shadows trained with {had}, not {request}: use another --out")
         return
@@ -137,12 +167,12 @@ def _write_weights(model: torch.nn.Module, path: Path) -> None:
     Path(tmp.name).replace(path)
 
 
-def load_shadows(directory: Path, data: Any) -> list[tuple[torch.nn.Module, dict[str, Any]]]:
+def load_shadows(directory: Path, data: Any) -> list[tuple[torch.nn.Module, ShadowMeta]]:
     """Every complete shadow in ``directory`` as (model, metadata), in index order."""
     shadows = []
     for meta_path in sorted(Path(directory).glob("shadow_*.json")):
-        meta = json.loads(meta_path.read_text())
-        model = build(meta["architecture"], data)
+        meta = ShadowMeta.model_validate_json(meta_path.read_text())
+        model = build(meta.architecture, data)
         load_weights(model, meta_path.with_suffix(".safetensors"))
         shadows.append((model, meta))
     return shadows

@@ -127,8 +127,8 @@ def test_shadows_split_across_shards_and_resume(tmp_path: Path, quick: None, tab
     assert train_shadows(config, spec, tmp_path, parse_shard("0/2")) == [0, 2, 4]
     assert train_shadows(config, spec, tmp_path, parse_shard("0/2")) == []  # idempotent on retry
     shadows = load_shadows(tmp_path, load_dataset("tabular", tabular))
-    assert [meta["index"] for _, meta in shadows] == [0, 1, 2, 3, 4]
-    masks = np.array([meta["in_mask"] for _, meta in shadows])
+    assert [meta.index for _, meta in shadows] == [0, 1, 2, 3, 4]
+    masks = np.array([meta.in_mask for _, meta in shadows])
     assert np.array_equal(masks[3], in_mask(3, masks.shape[1], 0.5, 0))
     assert abs(masks.mean() - 0.5) < 0.01 and not np.array_equal(masks[0], masks[1])
     with pytest.raises(ValueError, match="0 <= i < N"):
@@ -147,7 +147,7 @@ def test_shadows_copy_a_replacement(tmp_path: Path, quick: None, tabular: Path) 
                      replacement_params={"K": 3, "L": 1, "sub_epochs": 2, "cache": str(tmp_path / "sub")})  # fmt: skip
     assert train_shadows(selena, ShadowSpec(count=2), tmp_path / "selena") == [0, 1]
     refs = load_shadows(tmp_path / "selena", load_dataset("tabular", tabular))
-    digests = {meta["replacement"]["exclusion_map"] for _, meta in refs}
+    digests = {meta.replacement["exclusion_map"] for _, meta in refs}
     assert len(digests) == 2  # each shadow draws its own map from its own seed
     assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["shadow_0000", "shadow_0001"]
     assert _replacement_of(refs) == "selena (K=3, L=1, sub_epochs=2)"  # where the cache is: not what was trained
@@ -157,7 +157,7 @@ def test_shadows_copy_a_replacement(tmp_path: Path, quick: None, tabular: Path) 
     hamp = replace(base, replacement="hamp", replacement_params={"epochs": 2, "milestones": ""})
     assert train_shadows(hamp, ShadowSpec(count=1), tmp_path / "hamp") == [0]
     (model, meta), = load_shadows(tmp_path / "hamp", load_dataset("tabular", tabular))
-    assert meta["architecture"] == "purchase-mlp" and isinstance(model[1], torch.nn.Tanh)  # HAMP's own network
+    assert meta.architecture == "purchase-mlp" and isinstance(model[1], torch.nn.Tanh)  # HAMP's own network
     with pytest.raises(ValueError, match="stack of three networks"):
         train_shadows(replace(base, replacement="stacking"), ShadowSpec(count=1), tmp_path / "stack")
     with pytest.raises(ValueError, match="scale out with --shard"):
@@ -166,7 +166,7 @@ def test_shadows_copy_a_replacement(tmp_path: Path, quick: None, tabular: Path) 
     mixed = refs[:1] + load_shadows(tmp_path / "hamp", load_dataset("tabular", tabular))
     with pytest.raises(ValueError, match="mix trainings"):
         _replacement_of(mixed)
-    metas = [{**meta, "count": 6} for _, meta in refs] * 2  # 4 of 6: a shard has not finished
+    metas = [meta.model_copy(update={"count": 6}) for _, meta in refs] * 2  # 4 of 6: a shard has not finished
     with pytest.raises(ValueError, match="4 of the 6 reference models"):
         check_references(metas, tmp_path)
     check_references(metas + metas[:2], tmp_path)
