@@ -23,10 +23,8 @@ from defense_models.training.data import Dataset, Split
 from defense_models.training.loop import FitConfig, accuracy, fit
 from defense_models.training.nets import build, predict_logits
 from defense_models.training.recipes import TrainConfig, dataset_and_split, recipe
-from defense_models.training.replacements import Context, train_replacement
+from defense_models.training.replacements import Pair, replacement_context, role_rows, train_replacement
 from gateway.artifacts import AccuracyRecord, DatasetRecord, SplitRecord, TrainingRecord
-
-Pair = tuple[torch.Tensor, torch.Tensor]  # (X [N, D] float32, y [N] int64)
 
 
 @dataclass(frozen=True)
@@ -48,24 +46,18 @@ class _Served:
     seconds: float
 
 
-def _rows(data: Dataset, split: Split, role: str) -> Pair:
-    idx = split.parts[role]
-    return torch.from_numpy(data.X[idx]), torch.from_numpy(data.y[idx])
-
-
 def _train_served(config: TrainConfig, data: Dataset, split: Split) -> _Served:
     """The target with its recipe, then (with ``config.replacement``) the model served instead of it."""
     started = time.perf_counter()
     arch, fit_config = recipe(config, data)
-    members, nonmembers = _rows(data, split, "target_train"), _rows(data, split, "target_test")
+    members, nonmembers = role_rows(data, split, "target_train"), role_rows(data, split, "target_test")
     torch.manual_seed(config.seed)
     model = build(arch, data)
     fit(model, *members, fit_config, progress=config.progress, desc=f"target ({arch})")
     plain = AccuracyRecord(train=accuracy(model, *members), test=accuracy(model, *nonmembers))
     if config.replacement == "none":
         return _Served(model, arch, fit_config, {"kind": "none"}, plain, time.perf_counter() - started)
-    context = Context(data, arch, fit_config, members, nonmembers, _rows(data, split, "validation"), config.seed,
-                      config.progress, config.advreg, config.advreg_follow_recipe)  # fmt: skip
+    context = replacement_context(config, data, split, arch, fit_config, members, config.seed)
     model, record = train_replacement(config.replacement, context, dict(config.replacement_params))
     acc = AccuracyRecord(train=accuracy(model, *members), test=accuracy(model, *nonmembers), plain=plain)
     return _Served(model, arch, fit_config, record, acc, time.perf_counter() - started)
@@ -76,8 +68,8 @@ def train_bundle(config: TrainConfig, out: Path) -> TrainResult:
     data, split = dataset_and_split(config)
     served = _train_served(config, data, split)
     started = time.perf_counter()
-    defenders = train_defenders(config, served.model, _rows(data, split, "target_train"),
-                                _rows(data, split, "target_test"))  # fmt: skip
+    defenders = train_defenders(config, served.model, role_rows(data, split, "target_train"),
+                                role_rows(data, split, "target_test"))  # fmt: skip
     record = TrainingRecord(
         source="dataset", config=_jsonable(asdict(config)), architecture=served.arch, fit=asdict(served.fit),
         replacement=served.replacement,

@@ -33,10 +33,10 @@ import torch
 from torch import nn
 
 from defense_models.training.adv_reg import AdvRegConfig, train_adv_reg
-from defense_models.training.data import Dataset
+from defense_models.training.data import Dataset, Split
 from defense_models.training.loop import FitConfig, fit, seed_everything
 from defense_models.training.nets import build, mlp
-from defense_models.training.recipes import parse_shard
+from defense_models.training.recipes import TrainConfig, parse_shard
 from defense_models.training.selena import SoftCrossEntropy, SplitAI, exclusion_map, map_digest
 from defense_models.training.soft_targets import HampLoss, RelaxLoss
 from gateway.registry import Registry
@@ -56,6 +56,21 @@ class Context:
     progress: bool
     advreg: AdvRegConfig
     advreg_follow_recipe: bool
+
+
+def role_rows(data: Dataset, split: Split, role: str) -> Pair:
+    """One role of the split as (X, y) tensors."""
+    idx = split.parts[role]
+    return torch.from_numpy(data.X[idx]), torch.from_numpy(data.y[idx])
+
+
+def replacement_context(config: TrainConfig, data: Dataset, split: Split, arch: str, fit_config: FitConfig,
+                        members: Pair, seed: int) -> Context:  # fmt: skip
+    """A replacement's inputs: ``members`` (the target's, or a shadow's IN half), the target's reference set
+    (``target_test``, outside LiRA's pool) and validation rows."""
+    return Context(data, arch, fit_config, members, role_rows(data, split, "target_test"),
+                   role_rows(data, split, "validation"), seed, config.progress, config.advreg,
+                   config.advreg_follow_recipe)  # fmt: skip
 
 
 #: name -> trainer(context, params) -> (model, manifest record)

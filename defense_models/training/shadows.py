@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from defense_models.training.loop import FitConfig, accuracy, fit
 from defense_models.training.nets import build
 from defense_models.training.recipes import TrainConfig, dataset_and_split, recipe
-from defense_models.training.replacements import Context, Pair, train_replacement
+from defense_models.training.replacements import Pair, replacement_context, train_replacement
 from gateway.defenses.classifier import load_weights, save_weights
 
 
@@ -89,7 +89,8 @@ def train_shadows(config: TrainConfig, spec: ShadowSpec, out: Path, shard: tuple
         raise ValueError(f"shadows --replacement {config.replacement}: {UNSHADOWABLE[config.replacement]}")
     data, split = dataset_and_split(config)
     pool = np.concatenate([split.parts[r] for r in spec.pool])  # dataset row indices
-    _, fit_config = recipe(config, data)
+    arch, fit_config = recipe(config, data)
+    X, y = torch.from_numpy(data.X[pool]), torch.from_numpy(data.y[pool])
     out.mkdir(parents=True, exist_ok=True)
     done = []
     params = {k: v for k, v in config.replacement_params.items() if k != "cache"}  # where, not what
@@ -100,8 +101,7 @@ def train_shadows(config: TrainConfig, spec: ShadowSpec, out: Path, shard: tuple
         if meta_path.exists():
             continue  # idempotent: a retried shard skips finished shadows
         mask = in_mask(j, len(pool), spec.keep, config.seed)
-        X, y = torch.from_numpy(data.X[pool]), torch.from_numpy(data.y[pool])
-        model, record, shadow_arch = _train_one(config, data, split, (X[mask], y[mask]), out, j)
+        model, record, shadow_arch = _train_one(config, data, split, arch, fit_config, (X[mask], y[mask]), out, j)
         _write_weights(model, out / f"shadow_{j:04d}.safetensors")
         meta = ShadowMeta(
             index=j, count=spec.count, dataset=data.name, dataset_sha256=data.sha256, split=split.name,
@@ -114,10 +114,9 @@ def train_shadows(config: TrainConfig, spec: ShadowSpec, out: Path, shard: tuple
     return done
 
 
-def _train_one(config: TrainConfig, data: Any, split: Any, members: Pair, out: Path,
-               j: int) -> tuple[torch.nn.Module, dict[str, Any], str]:  # fmt: skip
-    """Shadow j on its IN half: (model, replacement record, architecture)."""
-    arch, fit_config = recipe(config, data)
+def _train_one(config: TrainConfig, data: Any, split: Any, arch: str, fit_config: FitConfig, members: Pair,
+               out: Path, j: int) -> tuple[torch.nn.Module, dict[str, Any], str]:  # fmt: skip
+    """Shadow j on its IN half with the target recipe (arch, fit_config): (model, replacement record, arch)."""
     seed = config.seed * 100_003 + j
     fit_config = replace(fit_config, seed=seed)
     torch.manual_seed(seed)
@@ -125,30 +124,18 @@ def _train_one(config: TrainConfig, data: Any, split: Any, members: Pair, out: P
         model = build(arch, data)
         fit(model, *members, fit_config, progress=config.progress, desc=f"shadow {j}")
         return model, {"kind": "none"}, arch
-    ctx = _context(config, data, split, arch, fit_config, members, seed)
+    ctx = replacement_context(config, data, split, arch, fit_config, members, seed)
     model, record = train_replacement(config.replacement, ctx, _shadow_params(config, out, j))
     return model, record, record.get("arch", arch)  # HAMP trains its own network
 
 
 def _check_same_request(out: Path, request: ShadowRequest) -> None:
     """One directory holds one kind of reference: shards and retries must ask for the same replacement."""
-    for meta_path in sorted(out.glob("shadow_*.json")):
-        had = ShadowMeta.model_validate_json(meta_path.read_text()).request
-        if had != request:
-            raise ValueError(f"{out} holds shadows trained with {had}, not {request}: use another --out")
+    if (first := next(iter(sorted(out.glob("shadow_*.json"))), None)) is None:
         return
-
-
-def _context(config: TrainConfig, data: Any, split: Any, arch: str, fit_config: FitConfig, members: Pair,
-             seed: int) -> Context:  # fmt: skip
-    """A replacement's inputs for one shadow: its IN half as members, the target's reference and validation."""
-
-    def rows(role: str) -> Pair:
-        idx = split.parts[role]
-        return torch.from_numpy(data.X[idx]), torch.from_numpy(data.y[idx])
-
-    return Context(data, arch, fit_config, members, rows("target_test"), rows("validation"), seed, config.progress,
-                   config.advreg, config.advreg_follow_recipe)  # fmt: skip
+    had = ShadowMeta.model_validate_json(first.read_text()).request
+    if had != request:
+        raise ValueError(f"{out} holds shadows trained with {had}, not {request}: use another --out")
 
 
 def _shadow_params(config: TrainConfig, out: Path, j: int) -> dict[str, Any]:
