@@ -22,10 +22,9 @@ less work (most rows fail one round, which costs the full 299 steps, and in para
 seven) for ~1.2x the steps; ``"auto"`` runs sequentially on CPU, and side by side on a GPU for batches up
 to ``parallel_max_rows``. Rows that finish leave the working set, so a batch costs what its rows actually
 need. Gradients are written out by hand (g is a ReLU MLP) into tensors allocated once per working set,
-which keeps one step to a handful of matmuls and elementwise passes instead of an autograd graph. A batch
-with a single row to protect runs the same loop in NumPy on CPU (``_descend_row``): a step is ~30 small
-ops, and NumPy's per-op cost is about a third of PyTorch's (batch 1: 35 -> 13 ms; same steps as the
-serial reference, tested).
+which keeps one step to a handful of matmuls and elementwise passes instead of an autograd graph. On CPU
+the rounds run one after another in a compiled loop instead (``_memguard_kernel``, Numba; ``engine``):
+the same steps without PyTorch's per-op cost, which was half of a batch-32 step.
 
 **Phase II** [``evaluate_nn_attack.py``; paper §4]: with d = ‖s′ − s‖₁, release s′ with
 probability p = min(ε/d, 1) if the noise moves g towards 0.5 (|g(s) − 0.5| > |g(s′) − 0.5|),
@@ -35,7 +34,9 @@ bits of its HMAC digest), so a repeated query gets the same answer and averaging
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -71,6 +72,10 @@ class MemGuardParams(BaseModel):
     #: Rows (×7 rounds) up to which "auto" runs rounds side by side on a GPU (never on CPU).
     parallel_max_rows: int = Field(64, ge=1)
     dtype: Literal["float32", "float64"] = "float32"
+    #: How Phase I runs on CPU when rounds run one after another: ``compiled`` (the Numba loop in
+    #: ``_memguard_kernel``, 3x faster at batch 32 on the demo bundle) or ``torch`` (the PyTorch loop that
+    #: CUDA runs). The same steps; in float32 a row's trajectory can differ by rounding (docs/ALGORITHMS.md §3).
+    engine: Literal["compiled", "torch"] = "compiled"
     #: Where Phase I's noise lands. ``crossed`` (the published algorithm): the first step past g's
     #: decision, which overshoots to the other side, so the released vector inverts g's verdict and an
     #: attacker who checks the orientation reads the inversion. ``boundary``: bisect the segment from the
@@ -200,34 +205,27 @@ def _keep_reuse(state: ReuseState, keep: torch.Tensor) -> ReuseState:
     return (None, None, on) if J is None or sig is None else (J[keep], sig[keep], on)
 
 
-class _NumpyG:
-    """g on one row in NumPy (zero-copy views of the CPU weights), for ``MemGuard._descend_row``."""
-
-    def __init__(self, g: _G) -> None:
-        self.weights = [W.numpy() for W, _ in g.layers]  # [out, in]
-        self.transposed = [Wt.numpy() for Wt in g.transposed]  # [in, out]
-        self.biases = [b.numpy() for _, b in g.layers]
-        self.log_floor = g.log_floor
-
-    def forward(self, s: np.ndarray) -> tuple[float, list[np.ndarray]]:
-        """s [C] -> (h, hidden activations [256], [128], [64])."""
-        x, acts = np.log(s + self.log_floor) if self.log_floor > 0 else s, []
-        for Wt, b in zip(self.transposed[:-1], self.biases[:-1], strict=True):
-            x = np.maximum(x @ Wt + b, 0)
-            acts.append(x)
-        return float(x @ self.transposed[-1][:, 0] + self.biases[-1][0]), acts
-
-    def input_grad(self, dh: float, acts: list[np.ndarray], s: np.ndarray) -> np.ndarray:
-        """dL/ds [C] for dL/dh = dh."""
-        g = dh * self.weights[-1][0]  # [64]
-        for W, a in zip(reversed(self.weights[:-1]), reversed(acts), strict=True):  # [64] -> [128] -> [256] -> [C]
-            g = (g * (a > 0)) @ W
-        return g / (s + self.log_floor) if self.log_floor > 0 else g  # type: ignore[no-any-return]
+def _kernel_weights(g: _G) -> tuple[Any, ...]:
+    """``_memguard_kernel.descend_rows``'s weight arguments (views of g's CPU tensors): W [out, in],
+    Wt [in, out] and b of each hidden layer, then the output unit's w [64] and b (a float)."""
+    hidden = [[W.numpy(), Wt.numpy(), b.numpy()] for (W, b), Wt in zip(g.layers[:-1], g.transposed, strict=False)]
+    W1 = hidden[0][0]  # [256, C] -> [256, C rounded up to 8], zero columns: the features' dot products vectorize
+    hidden[0][0] = np.pad(W1, ((0, 0), (0, -W1.shape[1] % 8)))
+    (w_out, b_out) = g.layers[-1]
+    return (*itertools.chain.from_iterable(hidden), w_out[0].numpy(), float(b_out[0]))
 
 
-def _softmax_np(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max())
-    return e / e.sum()  # type: ignore[no-any-return]
+@contextlib.contextmanager
+def _flush_denormals() -> Iterator[None]:
+    """Subnormal operands and results as 0 on this thread (x86 FTZ/DAZ), restored to the default after.
+    Weight decay leaves g with weights of 1e-19 and biases of 1e-28 on dead units; their products underflow,
+    and every subnormal costs a microcode assist: 4x the compiled loop's time on the demo bundle. Values
+    below 1e-38 (float32) change nothing a sum of terms ~1e-3 and up can hold."""
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
 
 
 class Buffers:
@@ -268,8 +266,10 @@ class MemGuard:
         most, later = params.max_iterations - 1, params.later_round_steps
         limits = [most] + [most if later is None else min(most, later)] * (len(C3_SCHEDULE) - 1)
         self.round_steps = torch.tensor(limits, device=device)  # [R] the most steps each round may take
-        self._numpy_g = _NumpyG(self.g) if device.type == "cpu" else None
+        self._kernel_weights = _kernel_weights(self.g) if device.type == "cpu" else ()
         self.classes = g.classes
+        if device.type == "cpu" and params.engine == "compiled":
+            self._compile()
 
     @classmethod
     def from_bundle(cls, bundle: Any, overrides: dict[str, Any], device: torch.device) -> MemGuard:
@@ -313,8 +313,8 @@ class MemGuard:
         final = zs[None].expand(R, B, C).clone()  # [R, B, C] z̃ + e per round
         idx = (~skip).nonzero()[:, 0]  # [b] rows that need noise
         window, work = self._window(B), 0
-        if idx.numel() == 1 and window == 1 and self.device.type == "cpu":
-            work = self._descend_row(zs, h0, int(idx[0]), (final, steps, success))
+        if idx.numel() and window == 1 and self.device.type == "cpu" and p.engine == "compiled":
+            work = self._descend_kernel(zs, h0, idx, (final, steps, success))
         elif idx.numel():
             work = self._descend(zs, ss, h0, idx, window, (final, steps, success))
         # The unbroken run of successes from round 0; keep its last round (official rule).
@@ -396,37 +396,27 @@ class MemGuard:
                 e.x[restart] = zs[e.ids[restart]]
         return work
 
-    def _descend_row(self, zs: torch.Tensor, h0: torch.Tensor, i: int, out: tuple[torch.Tensor, ...]) -> int:
-        """``_descend`` for batch row i alone, rounds one after another, in NumPy: the same steps at about a
-        third of PyTorch's per-op cost, which is what a single row's time is made of. CPU only."""
-        assert self._numpy_g is not None
-        g, z, h_ref = self._numpy_g, zs[i].numpy(), float(h0[i])  # [C]
-        # s̃ from this softmax, not torch's: at e = 0 each round's first step must see s − s̃ = 0 exactly (an ulp
-        # of difference would give the c3 term a sign there, and a different trajectory).
-        s_ref = _softmax_np(z)
-        step = self.config.step_size
-        tiny, work = np.finfo(z.dtype).tiny, 0
-        for r, c3 in enumerate(C3_SCHEDULE):
-            x, max_steps = z.copy(), int(self.round_steps[r])
-            for t in range(max_steps + 1):
-                s = _softmax_np(x)
-                h, acts = g.forward(s)
-                margin = x[-1] - x[:-1].max()
-                reached = bool(t > 0 and margin > 0 and h * h_ref <= 0)
-                if reached or t == max_steps:
-                    break
-                work += 1
-                gs = g.input_grad(float(np.sign(h)), acts, s)
-                gs += c3 * np.sign(s - s_ref)
-                gx = s * (gs - gs @ s)  # softmax backward [C]
-                if margin < 0:  # the c2 hinge: +c2 at the largest other logit (first index), −c2 at the label
-                    gx[int(np.argmax(x[:-1]))] += C2
-                    gx[-1] -= C2
-                x -= gx * (step / max(float(np.sqrt(gx @ gx)), tiny))
-            final, steps, success = out
-            final[r, i], steps[r, i], success[r, i] = torch.from_numpy(x), t, reached
-            if not reached:
-                break
+    def _compile(self) -> None:
+        """Compile the loop for this dtype now, on no rows: at startup, not at the first request that needs
+        noise (~8 s the first time on the 2-core VM; ~0.5 s from numba's disk cache)."""
+        R, C = len(C3_SCHEDULE), self.classes
+        out = (torch.zeros(R, 1, C, dtype=self.dtype), torch.zeros(R, 1, dtype=torch.int64),
+               torch.zeros(R, 1, dtype=torch.bool))  # fmt: skip
+        self._descend_kernel(torch.zeros(1, C, dtype=self.dtype), torch.zeros(1, dtype=self.dtype),
+                             torch.zeros(0, dtype=torch.int64), out)  # fmt: skip
+
+    def _descend_kernel(
+        self, zs: torch.Tensor, h0: torch.Tensor, rows: torch.Tensor, out: tuple[torch.Tensor, ...]
+    ) -> int:
+        """``_descend`` with one round of a row in flight, for the batch rows ``rows`` [b], as one compiled loop
+        (``_memguard_kernel``): the same steps without PyTorch's per-op cost. CPU only; fills ``out`` in place."""
+        from gateway.defenses._memguard_kernel import descend_rows
+
+        final, steps, success = (t.numpy() for t in out)  # views: the kernel writes the tensors
+        with _flush_denormals():
+            work: int = descend_rows(zs.numpy(), h0.numpy(), rows.numpy(), *self._kernel_weights, self.g.log_floor,
+                                     self.round_steps.numpy(), self.c3_of.numpy(), self.config.step_size, C2,
+                                     final, steps, success)  # fmt: skip
         return work
 
     def _finish(

@@ -30,9 +30,12 @@ def rows(defenders: dict[str, Any]) -> torch.Tensor:
     return torch.cat([defenders["z_in"][:8], defenders["z_out"][:8]])  # [16, C]
 
 
-@pytest.mark.parametrize("schedule", ["parallel", "sequential"])
-def test_phase_one_matches_the_serial_reference(defenders: dict[str, Any], rows: torch.Tensor, schedule: str) -> None:
-    mg = MemGuard(defenders["g"], official(schedule=schedule, dtype="float64"), torch.device("cpu"))
+@pytest.mark.parametrize(("schedule", "engine"), [("parallel", "torch"), ("sequential", "torch"),
+                                                  ("sequential", "compiled")])  # fmt: skip
+def test_phase_one_matches_the_serial_reference(
+    defenders: dict[str, Any], rows: torch.Tensor, schedule: str, engine: str
+) -> None:
+    mg = MemGuard(defenders["g"], official(schedule=schedule, dtype="float64", engine=engine), torch.device("cpu"))
     labels = torch.softmax(rows, 1).argmax(1)
     batched = mg.phase_one(rows, labels)
     mismatches = []
@@ -51,8 +54,9 @@ def test_phase_one_matches_the_serial_reference(defenders: dict[str, Any], rows:
     assert batched.has_noise.any() and (batched.rounds_ok > 1).any()  # the test exercises real noise
 
 
-def test_a_single_row_in_numpy_matches_the_serial_reference(defenders: dict[str, Any], rows: torch.Tensor) -> None:
-    """A batch with one row to protect takes the NumPy loop on CPU (``_descend_row``): same rounds, same steps."""
+def test_a_single_row_matches_the_serial_reference(defenders: dict[str, Any], rows: torch.Tensor) -> None:
+    """A batch with one row to protect (the compiled loop, three of its four slots empty): same rounds, same
+    steps."""
     mg = MemGuard(defenders["g"], official(dtype="float64"), torch.device("cpu"))
     labels = torch.softmax(rows, 1).argmax(1)
     for i in range(rows.shape[0]):
@@ -127,6 +131,24 @@ def test_batched_equals_one_row_at_a_time(defenders: dict[str, Any], rows: torch
         assert (alone[0] - batch[i]).abs().max().item() <= 1e-6
 
 
+def test_the_compiled_loop_answers_a_row_alone_as_in_any_batch(defenders: dict[str, Any]) -> None:
+    """Its four slots run the same instructions, so a row's Phase I does not depend on its slot, the rows
+    beside it or the batch size; and it takes the same steps as the PyTorch loop."""
+    z = torch.cat([defenders["z_in"][:24], defenders["z_out"][:24]]).float()  # 48 rows: slots refill
+    labels = torch.softmax(z, 1).argmax(1)
+    mg = MemGuard(defenders["g"], official(), torch.device("cpu"))
+    batch = mg.phase_one(z, labels)
+    for i in range(0, 48, 5):
+        alone = mg.phase_one(z[i : i + 1], labels[i : i + 1])
+        assert torch.equal(alone.steps[:, 0], batch.steps[:, i]) and alone.rounds_ok[0] == batch.rounds_ok[i], i
+        assert (alone.noisy_logits[0] - batch.noisy_logits[i]).abs().max().item() <= 1e-6, i
+    torch_loop = MemGuard(defenders["g"], official(engine="torch"), torch.device("cpu")).phase_one(z, labels)
+    assert torch.equal(torch_loop.rounds_ok, batch.rounds_ok)
+    # float32: an ulp between the two loops' sums may move one row's trajectory (docs/ALGORITHMS.md §3)
+    assert (torch_loop.steps == batch.steps).all(dim=0).float().mean() >= 0.9
+    assert batch.row_iterations > 0 and batch.has_noise.any()
+
+
 def test_release_probability_follows_the_formula(defenders: dict[str, Any]) -> None:
     z = torch.cat([defenders["z_in"][:100], defenders["z_out"][:100]])
     probs = torch.softmax(z, 1)
@@ -174,7 +196,7 @@ def test_jacobian_reuse_changes_nothing(defenders: dict[str, Any]) -> None:
     shaped row subsets may round differently, e.g. with AVX-512 kernels.)"""
     rows = torch.cat([defenders["z_in"][:150], defenders["z_out"][:150]])  # 300 rows
     labels = torch.softmax(rows, 1).argmax(1)
-    mg = MemGuard(defenders["g"], official(schedule="sequential"), torch.device("cpu"))
+    mg = MemGuard(defenders["g"], official(schedule="sequential", engine="torch"), torch.device("cpu"))
     mg.JACOBIAN_REUSE_ROWS = 10**9  # off
     plain = mg.phase_one(rows, labels)
     mg.JACOBIAN_REUSE_ROWS = 256
