@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -102,6 +101,13 @@ class Aeppt:
         self._np = None if device.type != "cpu" else tuple(
             t.numpy() for t in (self.WpT, self.bp, self.WcpT, self.Wcp, self.Wp, self.Wo)
         )  # fmt: skip
+        p = params
+        plain = p.direction == "fixed" and not (p.early_stop or p.renormalize == "step")
+        self._row_loop = self._np is not None and plain  # batch 1 runs ``_iterate_row``
+        if self._row_loop:  # compile it now, not at the first request (_jit)
+            y = torch.full((1, C), 1 / C, dtype=self.dtype)
+            self._iterate_row(y, torch.zeros(1, dtype=torch.int64), torch.zeros(1, self.Wcp.shape[0], dtype=self.dtype),
+                              torch.ones(1, dtype=self.dtype), torch.zeros(1, 0, dtype=self.dtype), y, y)  # fmt: skip
 
     @classmethod
     def from_bundle(cls, bundle: Any, overrides: dict[str, Any], device: torch.device) -> Aeppt:
@@ -170,7 +176,7 @@ class Aeppt:
             lo, hi = torch.zeros_like(y), torch.ones_like(y)
         else:
             lo, hi = (y - p.clip_eps).clamp_min(0.0), (y + p.clip_eps).clamp_max(1.0)
-        if B == 1 and self._np is not None and p.direction == "fixed" and not p.early_stop and p.renormalize != "step":
+        if B == 1 and self._row_loop:
             v = self._iterate_row(y, labels, label_part, d, delta, lo, hi)
         else:
             v = self._iterate(y, labels, label_part, member, d, delta, lo, hi)
@@ -218,56 +224,21 @@ class Aeppt:
 
     def _iterate_row(self, y: Tensor, labels: Tensor, label_part: Tensor, d: Tensor, delta: Tensor, lo: Tensor,
                      hi: Tensor) -> Tensor:  # fmt: skip
-        """``_iterate`` for one row on CPU, in NumPy: the same updates, shortcuts and guard.
-
-        At batch 1 the work per iteration is two small GEMVs, so time goes to per-call overhead:
-        PyTorch's dispatcher costs ~2 µs an op, NumPy's ~0.5–1 µs, which halves single-row latency
-        (measured in ``bench/defense.py``). The activation masks are compared as bytes; the label
-        guard, the box and the float lower bound on the label's lead are those of ``_iterate``. Only
-        the fixed direction without early stop or per-step renormalisation takes this path (the
-        defaults); results agree with the batched path to float rounding (tested).
-        y, lo, hi [1, C]; delta [1, K] -> v [1, C].
+        """``_iterate`` for one row on CPU, as one compiled loop (``_aeppt_kernel``): the same updates, label
+        guard and box. At batch 1 an update is two small matrix-vector products, and PyTorch's or NumPy's
+        per-call cost was most of its time. Only the fixed direction without early stop or per-step
+        renormalisation takes this path (the defaults); results agree with the batched path to float
+        rounding (tested). y, lo, hi [1, C]; delta [1, K] -> v [1, C].
         """
+        from gateway.defenses._aeppt_kernel import iterate_row
+
         WpT, bp, WcpT, Wcp, Wp, Wo = self._np  # type: ignore[misc]
         v = y[0].numpy().copy()  # [C]
-        label = int(labels[0])
-        lp = label_part[0].numpy()  # [64]
-        # The box: ufuncs in place (np.clip's Python wrappers cost more than the clamp itself).
-        lo_np, hi_np = (0.0, 1.0) if self.config.clip_eps is None else (lo[0].numpy(), hi[0].numpy())
-        steps = (d[0] * delta[0]).tolist()  # K floats d·α·r_k
         eps = 4 * torch.finfo(self.dtype).eps  # the rounding allowance of ``_iterate``
-        shrink = [2 * x + eps for x in delta[0].tolist()]
-
-        def margin(u: np.ndarray) -> float:
-            top = u[label]
-            u[label] = -np.inf
-            other = u.max()
-            u[label] = top
-            return float(top - other)
-
-        lead = margin(v)
-        pattern = b""
-        sign = np.zeros_like(v)
-        for k in range(len(steps)):
-            pre = v @ WpT  # [256]
-            pre += bp
-            ma = pre > 0
-            pc = (pre * ma) @ WcpT  # [64]
-            pc += lp
-            mc = pc > 0
-            masks = ma.tobytes() + mc.tobytes()
-            if masks != pattern:  # sign(∇_v F) depends on the masks only
-                sign = np.sign((((Wo * mc) @ Wcp) * ma) @ Wp)  # [C]
-                pattern = masks
-            cand = v + steps[k] * sign
-            np.maximum(cand, lo_np, out=cand)
-            np.minimum(cand, hi_np, out=cand)
-            lead -= shrink[k]
-            if lead <= 0:
-                lead = margin(cand)
-                if lead <= 0:  # the step would change or tie the argmax: undone, and the row freezes
-                    break
-            v = cand
+        shrink = (2 * delta[0].double() + eps).numpy()  # [K]
+        steps = (d[0] * delta[0]).numpy()  # [K] d·α·r_k, in the defense's dtype
+        iterate_row(v, int(labels[0]), label_part[0].numpy(), WpT, bp, WcpT, Wcp, Wp, Wo, lo[0].numpy(),
+                    hi[0].numpy(), steps, shrink)  # fmt: skip
         return torch.from_numpy(v)[None]
 
     @staticmethod
