@@ -34,9 +34,7 @@ bits of its HMAC digest), so a repeated query gets the same answer and averaging
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -46,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.defenses import register_defense
 from gateway.defenses._masks import bit_weights, changed_rows, signature
+from gateway.defenses.base import flush_subnormals
 from gateway.defenses.classifier import MemGuardClassifier, load_weights
 from gateway.defenses.keyed import row_uniforms, uniform_from_digest
 
@@ -74,8 +73,13 @@ class MemGuardParams(BaseModel):
     dtype: Literal["float32", "float64"] = "float32"
     #: How Phase I runs on CPU when rounds run one after another: ``compiled`` (the Numba loop in
     #: ``_memguard_kernel``, 3x faster at batch 32 on the demo bundle) or ``torch`` (the PyTorch loop that
-    #: CUDA runs). The same steps; in float32 a row's trajectory can differ by rounding (docs/ALGORITHMS.md §3).
+    #: CUDA runs; the process then never loads numba, ~130 MiB of RSS). The same steps; in float32 a row's
+    #: trajectory can differ by rounding (docs/ALGORITHMS.md §3).
     engine: Literal["compiled", "torch"] = "compiled"
+    #: ... for batches with up to this many rows to protect; larger ones run the PyTorch loop, whose GEMMs
+    #: and Jacobian reuse overtake the compiled loop's four rows at a time from ~200 rows (demo bundle, one
+    #: thread: 633 against 668 rows/s at 256, 631 against 1,040 at 1,024).
+    compiled_max_rows: int = Field(192, ge=1)
     #: Where Phase I's noise lands. ``crossed`` (the published algorithm): the first step past g's
     #: decision, which overshoots to the other side, so the released vector inverts g's verdict and an
     #: attacker who checks the orientation reads the inversion. ``boundary``: bisect the segment from the
@@ -215,19 +219,6 @@ def _kernel_weights(g: _G) -> tuple[Any, ...]:
     return (*itertools.chain.from_iterable(hidden), w_out[0].numpy(), float(b_out[0]))
 
 
-@contextlib.contextmanager
-def _flush_denormals() -> Iterator[None]:
-    """Subnormal operands and results as 0 on this thread (x86 FTZ/DAZ), restored to the default after.
-    Weight decay leaves g with weights of 1e-19 and biases of 1e-28 on dead units; their products underflow,
-    and every subnormal costs a microcode assist: 4x the compiled loop's time on the demo bundle. Values
-    below 1e-38 (float32) change nothing a sum of terms ~1e-3 and up can hold."""
-    torch.set_flush_denormal(True)
-    try:
-        yield
-    finally:
-        torch.set_flush_denormal(False)
-
-
 class Buffers:
     """The per-step tensors of a working set of n rows, allocated once per working set."""
 
@@ -286,6 +277,7 @@ class MemGuard:
         return self.config.model_dump()
 
     # --- Phase I -------------------------------------------------------------------------------
+    @flush_subnormals()
     def phase_one(self, logits: torch.Tensor, labels: torch.Tensor, side: torch.Tensor | None = None) -> PhaseOne:
         """logits [B, C], labels [B] -> the Phase I noise of every row (no coin, no budget).
 
@@ -313,7 +305,8 @@ class MemGuard:
         final = zs[None].expand(R, B, C).clone()  # [R, B, C] z̃ + e per round
         idx = (~skip).nonzero()[:, 0]  # [b] rows that need noise
         window, work = self._window(B), 0
-        if idx.numel() and window == 1 and self.device.type == "cpu" and p.engine == "compiled":
+        compiled = p.engine == "compiled" and self.device.type == "cpu" and window == 1
+        if compiled and 0 < idx.numel() <= p.compiled_max_rows:
             work = self._descend_kernel(zs, h0, idx, (final, steps, success))
         elif idx.numel():
             work = self._descend(zs, ss, h0, idx, window, (final, steps, success))
@@ -413,7 +406,7 @@ class MemGuard:
         from gateway.defenses._memguard_kernel import descend_rows
 
         final, steps, success = (t.numpy() for t in out)  # views: the kernel writes the tensors
-        with _flush_denormals():
+        with flush_subnormals():
             work: int = descend_rows(zs.numpy(), h0.numpy(), rows.numpy(), *self._kernel_weights, self.g.log_floor,
                                      self.round_steps.numpy(), self.c3_of.numpy(), self.config.step_size, C2,
                                      final, steps, success)  # fmt: skip
@@ -522,6 +515,7 @@ class MemGuard:
         return noisy, p
 
     @torch.inference_mode()
+    @flush_subnormals()
     def defend(self, probs: torch.Tensor, logits: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         labels = probs.argmax(dim=1)  # [B]
         if self.config.epsilon == 0 or probs.shape[0] == 0:

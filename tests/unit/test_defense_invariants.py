@@ -102,3 +102,22 @@ def test_invariants(name: str, z: np.ndarray) -> None:
 def test_memguard_with_official_schedule_on_extreme_rows(defenders: dict[str, Any]) -> None:
     z = np.array([[1e4, 0, 0, 0, 0, 0, 0, 0, 0, -1e4], [0.0] * 10, [3, 3, 1, 0, 0, 0, 0, 0, 0, 0]], dtype=np.float32)
     check(MemGuard(defenders["g"], MemGuardParams(), CPU), z)
+
+
+def test_flush_subnormals_nests_and_restores() -> None:
+    """The defenses run with subnormals flushed (x86 FTZ/DAZ; ``base.flush_subnormals``): inside, nested or
+    not, a subnormal reads as 0; after the outermost exit the thread is back to IEEE."""
+    from gateway.defenses.base import flush_subnormals
+
+    tiny = torch.tensor([1e-39], dtype=torch.float32)  # subnormal in float32
+
+    def product() -> float:
+        return float((tiny * 1.0)[0])
+
+    if product() == 0:
+        pytest.skip("this CPU or build flushes subnormals already")
+    with flush_subnormals():
+        with flush_subnormals():
+            assert product() == 0
+        assert product() == 0  # the inner exit leaves the outer one's setting
+    assert product() > 0

@@ -144,6 +144,9 @@ def test_the_compiled_loop_answers_a_row_alone_as_in_any_batch(defenders: dict[s
         assert (alone.noisy_logits[0] - batch.noisy_logits[i]).abs().max().item() <= 1e-6, i
     torch_loop = MemGuard(defenders["g"], official(engine="torch"), torch.device("cpu")).phase_one(z, labels)
     assert torch.equal(torch_loop.rounds_ok, batch.rounds_ok)
+    # Batches with more rows to protect than compiled_max_rows run the PyTorch loop: the same computation.
+    above = MemGuard(defenders["g"], official(compiled_max_rows=8), torch.device("cpu")).phase_one(z, labels)
+    assert torch.equal(above.steps, torch_loop.steps) and torch.equal(above.noisy_logits, torch_loop.noisy_logits)
     # float32: an ulp between the two loops' sums may move one row's trajectory (docs/ALGORITHMS.md §3)
     assert (torch_loop.steps == batch.steps).all(dim=0).float().mean() >= 0.9
     assert batch.row_iterations > 0 and batch.has_noise.any()
