@@ -251,6 +251,10 @@ def main() -> int:
         if defense == "memguard":  # its answers are paced by default (GATEWAY_TIMING_QUANTUM_MS): also unpaced
             gateway("gateway-memguard-unpaced", "(d) gateway, defense=memguard, quantum 0",
                     {"GATEWAY_DEFENSE": defense, "GATEWAY_TIMING_QUANTUM_MS": "0"})  # fmt: skip
+            # ... and with the PyTorch loop instead of the compiled one (what every run before 12-01 served)
+            gateway("gateway-memguard-torch-loop", "(d) gateway, defense=memguard, quantum 0, engine=torch",
+                    {"GATEWAY_DEFENSE": defense, "GATEWAY_TIMING_QUANTUM_MS": "0",
+                     "GATEWAY_MEMGUARD_ENGINE": "torch"})  # fmt: skip
     for defense in args.placement:
         old = {"GATEWAY_DEFENSE": defense, "GATEWAY_TORCH_THREADS": str(os.cpu_count()),
                "GATEWAY_ORT_ALLOW_SPINNING": "true", "GATEWAY_BATCH_FILL_WAIT": "0"}  # fmt: skip
