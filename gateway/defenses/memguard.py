@@ -35,6 +35,7 @@ bits of its HMAC digest), so a repeated query gets the same answer and averaging
 from __future__ import annotations
 
 import itertools
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -72,14 +73,12 @@ class MemGuardParams(BaseModel):
     parallel_max_rows: int = Field(64, ge=1)
     dtype: Literal["float32", "float64"] = "float32"
     #: How Phase I runs on CPU when rounds run one after another: ``compiled`` (the Numba loop in
-    #: ``_memguard_kernel``, 3x faster at batch 32 on the demo bundle) or ``torch`` (the PyTorch loop that
+    #: ``_memguard_kernel``, 2x faster at batch 32 on the demo bundle) or ``torch`` (the PyTorch loop that
     #: CUDA runs; the process then never loads numba, ~130 MiB of RSS). The same steps; in float32 a row's
-    #: trajectory can differ by rounding (docs/ALGORITHMS.md §3).
+    #: trajectory can differ by rounding between the two (docs/ALGORITHMS.md §3), so replicas that must agree
+    #: run the same engine. Compiled serves every batch size, although the PyTorch loop is faster from ~200
+    #: rows: a row's answer must not depend on the batch it landed in.
     engine: Literal["compiled", "torch"] = "compiled"
-    #: ... for batches with up to this many rows to protect; larger ones run the PyTorch loop, whose GEMMs
-    #: and Jacobian reuse overtake the compiled loop's four rows at a time from ~200 rows (demo bundle, one
-    #: thread: 633 against 668 rows/s at 256, 631 against 1,040 at 1,024).
-    compiled_max_rows: int = Field(192, ge=1)
     #: Where Phase I's noise lands. ``crossed`` (the published algorithm): the first step past g's
     #: decision, which overshoots to the other side, so the released vector inverts g's verdict and an
     #: attacker who checks the orientation reads the inversion. ``boundary``: bisect the segment from the
@@ -247,6 +246,8 @@ class MemGuard:
     #: ... and stop for the rest of a round once more than this fraction changed in one step (break-even
     #: measured on CPU: C=30 saves 16% at 40–48% changed; C=100 loses 6% at 63–73%).
     JACOBIAN_REUSE_MAX_CHANGED: ClassVar[float] = 0.6
+    #: The compiled loop splits a batch over torch's threads from this many rows per thread.
+    ROWS_PER_THREAD: ClassVar[int] = 64
 
     def __init__(self, g: MemGuardClassifier, params: MemGuardParams, device: torch.device) -> None:
         self.config = params
@@ -305,8 +306,7 @@ class MemGuard:
         final = zs[None].expand(R, B, C).clone()  # [R, B, C] z̃ + e per round
         idx = (~skip).nonzero()[:, 0]  # [b] rows that need noise
         window, work = self._window(B), 0
-        compiled = p.engine == "compiled" and self.device.type == "cpu" and window == 1
-        if compiled and 0 < idx.numel() <= p.compiled_max_rows:
+        if idx.numel() and window == 1 and self.device.type == "cpu" and p.engine == "compiled":
             work = self._descend_kernel(zs, h0, idx, (final, steps, success))
         elif idx.numel():
             work = self._descend(zs, ss, h0, idx, window, (final, steps, success))
@@ -402,15 +402,26 @@ class MemGuard:
         self, zs: torch.Tensor, h0: torch.Tensor, rows: torch.Tensor, out: tuple[torch.Tensor, ...]
     ) -> int:
         """``_descend`` with one round of a row in flight, for the batch rows ``rows`` [b], as one compiled loop
-        (``_memguard_kernel``): the same steps without PyTorch's per-op cost. CPU only; fills ``out`` in place."""
+        (``_memguard_kernel``): the same steps without PyTorch's per-op cost. CPU only; fills ``out`` in place.
+
+        With more than one torch thread (the offline job; the gateway runs one) a large batch is cut into one
+        contiguous part per thread, each part a compiled loop on its own thread (it releases the GIL). A row's
+        answer does not depend on its part: its slot runs the same instructions."""
         from gateway.defenses._memguard_kernel import descend_rows
 
         final, steps, success = (t.numpy() for t in out)  # views: the kernel writes the tensors
-        with flush_subnormals():
-            work: int = descend_rows(zs.numpy(), h0.numpy(), rows.numpy(), *self._kernel_weights, self.g.log_floor,
-                                     self.round_steps.numpy(), self.c3_of.numpy(), self.config.step_size, C2,
-                                     final, steps, success)  # fmt: skip
-        return work
+        fixed = (*self._kernel_weights, self.g.log_floor, self.round_steps.numpy(), self.c3_of.numpy(),
+                 self.config.step_size, C2, final, steps, success)  # fmt: skip
+
+        def run(part: np.ndarray) -> int:
+            with flush_subnormals():  # per thread
+                return int(descend_rows(zs.numpy(), h0.numpy(), part, *fixed))
+
+        parts = min(torch.get_num_threads(), rows.numel() // self.ROWS_PER_THREAD) or 1
+        if parts == 1:
+            return run(rows.numpy())
+        with ThreadPoolExecutor(parts) as pool:
+            return sum(pool.map(run, np.array_split(rows.numpy(), parts)))
 
     def _finish(
         self,
