@@ -34,6 +34,9 @@ class FitConfig:
     #: best-validation weights are restored.
     patience: int = 0
     seed: int = 0
+    #: Train a model with convolutions in the channels-last layout (oneDNN's fast path on CPU; returned in the
+    #: default layout). bench/fit_speed.py: ~1.4x a Fashion-MNIST CNN epoch on the 2-core VM.
+    channels_last: bool = True
 
 
 @dataclass
@@ -100,6 +103,9 @@ def fit(
     device = device or torch.device("cpu")
     gen = seed_everything(config.seed)
     model.to(device)
+    nhwc = config.channels_last and any(isinstance(m, nn.Conv2d) for m in model.modules())
+    if nhwc:
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # (runtime API; stubs lack it)
     xs = tuple(x.to(device) for x in _as_tuple(X))
     y = y.to(device)
     loss_fn = loss_fn or nn.CrossEntropyLoss()
@@ -140,5 +146,7 @@ def fit(
                         break
     if val is not None and config.patience and best[0] >= 0:
         model.load_state_dict(best[1])
+    if nhwc:
+        model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     model.eval()
     return result
