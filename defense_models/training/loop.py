@@ -35,7 +35,7 @@ class FitConfig:
     patience: int = 0
     seed: int = 0
     #: Train a model with convolutions in the channels-last layout (oneDNN's fast path on CPU; returned in the
-    #: default layout). bench/fit_speed.py: ~1.4x a Fashion-MNIST CNN epoch on the 2-core VM.
+    #: default layout). bench/fit_speed.py: 1.5x a Fashion-MNIST CNN epoch on the 2-core VM.
     channels_last: bool = True
 
 

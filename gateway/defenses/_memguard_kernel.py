@@ -61,7 +61,8 @@ def _gemm(X: Arr, W: Arr, out: Arr) -> None:
 @_fast
 def _forward(S: Arr, F: Arr, W1: Arr, b1: Arr, W2: Arr, b2: Arr, W3: Arr, b3: Arr, w4: Arr, b4: float,
              log_floor: float, A1: Arr, A2: Arr, A3: Arr, H: Arr) -> None:
-    """g on the four slots' probabilities S [4, C]: features F [4, C] (s, or log(s + floor)), hidden
+    """g on the four slots' probabilities S [4, C]: features F [4, C'] (s, or log(s + floor); columns past C
+    stay 0, as W1's padding), hidden
     activations A1 [4, 256], A2 [4, 128], A3 [4, 64] (after ReLU), logits H [4]. W_l [out, in]."""
     for r in range(BLOCK):
         for j in range(S.shape[1]):
@@ -97,7 +98,7 @@ def _backward(H: Arr, A1: Arr, A2: Arr, A3: Arr, W1t: Arr, W2t: Arr, W3t: Arr, w
 
 @_jit
 def _softmax(x: Arr, out: Arr) -> None:
-    """out [C] = softmax(x [C]), as ``memguard._softmax_np``: exp(x − max) / Σ."""
+    """out [C] = softmax(x [C]): exp(x − max) / Σ."""
     m = x.max()
     total = 0.0
     for j in range(x.shape[0]):
@@ -145,6 +146,14 @@ def _step(x: Arr, s: Arr, s_ref: Arr, gs: Arr, c3: float, step: float, c2: float
 
 
 @_jit
+def _load(q: int, i: int, zs: Arr, row: Arr, rnd: Arr, X: Arr, S_ref: Arr) -> None:
+    """Slot q takes batch row i, at round 0 from e = 0."""
+    row[q], rnd[q] = i, 0
+    X[q] = zs[i]
+    _softmax(zs[i], S_ref[q])  # s̃ from the same softmax: at e = 0, s − s̃ is exactly 0
+
+
+@_jit
 def descend_rows(zs: Arr, h_ref: Arr, rows: Arr, W1: Arr, W1t: Arr, b1: Arr, W2: Arr, W2t: Arr, b2: Arr,
                  W3: Arr, W3t: Arr, b3: Arr, w4: Arr, b4: float, log_floor: float, limits: Arr, c3s: Arr,
                  step: float, c2: float, final: Arr, steps: Arr, success: Arr) -> int:  # fmt: skip
@@ -165,12 +174,10 @@ def descend_rows(zs: Arr, h_ref: Arr, rows: Arr, W1: Arr, W1t: Arr, b1: Arr, W2:
     A2, M2, G2 = np.zeros((BLOCK, n2), dt), np.zeros((BLOCK, n2), dt), np.zeros((BLOCK, n2), dt)
     A3, M3, H = np.zeros((BLOCK, n3), dt), np.zeros((BLOCK, n3), dt), np.zeros(BLOCK, dt)
     row, rnd, t = np.full(BLOCK, -1), np.zeros(BLOCK, np.int64), np.zeros(BLOCK, np.int64)
-    queued, work, busy = 0, 0, 0
-    for q in range(BLOCK):  # the first rows into the slots
-        if queued < rows.shape[0]:
-            row[q], queued, busy = rows[queued], queued + 1, busy + 1
-            _softmax(zs[row[q]], S_ref[q])  # s̃ from the same softmax: at e = 0, s − s̃ is exactly 0
-            X[q] = zs[row[q]]
+    queued = busy = min(BLOCK, rows.shape[0])
+    for q in range(busy):  # the first rows into the slots
+        _load(q, rows[q], zs, row, rnd, X, S_ref)
+    work = 0
     while busy:
         for q in range(BLOCK):
             _softmax(X[q], S[q])
@@ -185,16 +192,14 @@ def descend_rows(zs: Arr, h_ref: Arr, rows: Arr, W1: Arr, W1t: Arr, b1: Arr, W2:
             if not (reached or t[q] == limits[rnd[q]]):
                 continue
             final[rnd[q], i], steps[rnd[q], i], success[rnd[q], i] = X[q], t[q], reached
-            if reached and rnd[q] + 1 < c3s.shape[0]:
+            if reached and rnd[q] + 1 < c3s.shape[0]:  # the row's next round, from e = 0
                 rnd[q] += 1
+                X[q] = zs[i]
             elif queued < rows.shape[0]:
-                row[q], rnd[q], queued = rows[queued], 0, queued + 1
-                _softmax(zs[row[q]], S_ref[q])
+                _load(q, rows[queued], zs, row, rnd, X, S_ref)
+                queued += 1
             else:
                 row[q], busy = -1, busy - 1
-            if row[q] >= 0:
-                X[q] = zs[row[q]]
-            else:
                 X[q] = 0.0
             t[q], moved = 0, True
         if moved:  # restarted slots need g at their new point; the others get the same values again

@@ -209,8 +209,8 @@ def _keep_reuse(state: ReuseState, keep: torch.Tensor) -> ReuseState:
 
 
 def _kernel_weights(g: _G) -> tuple[Any, ...]:
-    """``_memguard_kernel.descend_rows``'s weight arguments (views of g's CPU tensors): W [out, in],
-    Wt [in, out] and b of each hidden layer, then the output unit's w [64] and b (a float)."""
+    """``_memguard_kernel.descend_rows``'s weight arguments (views of g's CPU tensors, W1 a zero-padded copy):
+    W [out, in], Wt [in, out] and b of each hidden layer, then the output unit's w [64] and b (a float)."""
     hidden = [[W.numpy(), Wt.numpy(), b.numpy()] for (W, b), Wt in zip(g.layers[:-1], g.transposed, strict=False)]
     W1 = hidden[0][0]  # [256, C] -> [256, C rounded up to 8], zero columns: the features' dot products vectorize
     hidden[0][0] = np.pad(W1, ((0, 0), (0, -W1.shape[1] % 8)))
