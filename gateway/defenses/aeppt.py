@@ -59,8 +59,9 @@ class AepptParams(BaseModel):
     #: new draws per call — exposes the push direction to averaging; for comparisons in audits only.
     randomness: Literal["keyed", "fresh"] = "keyed"
     dtype: Literal["float32", "float64"] = "float32"
-    #: A batch of one row on CPU: ``compiled`` (one Numba loop, ``_aeppt_kernel``: 1.9 -> 0.6 ms on the demo
-    #: bundle) or ``torch`` (the batched PyTorch path; the process then never loads numba, ~130 MiB of RSS).
+    #: A batch of one row on CPU: ``compiled`` (one Numba loop, ``_aeppt_kernel``: the release path 1.08 against
+    #: 3.49 ms on the demo bundle, bench/release_cost.py) or ``torch`` (the batched PyTorch path; the process then
+    #: never loads numba, ~130 MiB of RSS).
     engine: Literal["compiled", "torch"] = "compiled"
 
     @model_validator(mode="after")
