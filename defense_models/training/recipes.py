@@ -22,10 +22,11 @@ RECIPES: dict[tuple[str, str], tuple[str, FitConfig]] = {
     ("purchase100", "official"): ("purchase-mlp", FitConfig(epochs=30, batch_size=128, lr=1e-3)),
     ("texas100", "official"): ("purchase-mlp", FitConfig(epochs=30, batch_size=128, lr=1e-3)),
     ("image", "official"): ("cnn", FitConfig(epochs=30, batch_size=128, lr=1e-3)),
-    # Fashion-MNIST, 10,000 training records: the small CNN, Adam 1e-3, batch 128, 20 epochs [choice: it
-    # overfits by then, as the targets of the papers' headline numbers do]
-    ("fashion_mnist", "official"): ("cnn", FitConfig(epochs=20, batch_size=128, lr=1e-3)),
-    ("fashion_mnist", "demo"): ("cnn", FitConfig(epochs=3, batch_size=128, lr=1e-3)),
+    # Fashion-MNIST, 10,000 training records: the small CNN, Adam 1e-3, batch 128, 30 epochs [choice: train
+    # 0.979 / test 0.889 on target_test, overfit as the papers' targets are; ``cnn`` reached 0.994 / 0.893 at
+    # 2.5x the time on two threads, too slow for the plan's ~100 reference models on a 2-core machine]
+    ("fashion_mnist", "official"): ("small-cnn", FitConfig(epochs=30, batch_size=128, lr=1e-3)),
+    ("fashion_mnist", "demo"): ("small-cnn", FitConfig(epochs=3, batch_size=128, lr=1e-3)),
     ("tabular", "official"): ("small-mlp", FitConfig(epochs=50, batch_size=64, lr=1e-3)),
 }
 
