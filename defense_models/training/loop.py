@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import random
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -37,6 +37,17 @@ class FitConfig:
     #: Train a model with convolutions in the channels-last layout (oneDNN's fast path on CPU; returned in the
     #: default layout). bench/fit_speed.py: 1.5x a Fashion-MNIST CNN epoch on the 2-core VM.
     channels_last: bool = True
+
+
+def same_steps(config: FitConfig, rows: int, reference_rows: int) -> FitConfig:
+    """``config`` for ``rows`` training rows with the optimizer steps it takes on ``reference_rows``: a larger
+    set trains for proportionally fewer epochs (milestones alike, at least one epoch); a smaller or equal one
+    keeps ``config``."""
+    if rows <= reference_rows:
+        return config
+    scale = reference_rows / rows
+    return replace(config, epochs=max(1, round(config.epochs * scale)),
+                   lr_milestones=tuple(max(1, round(m * scale)) for m in config.lr_milestones))  # fmt: skip
 
 
 @dataclass

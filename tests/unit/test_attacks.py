@@ -70,3 +70,41 @@ def test_registry() -> None:
         create_attack("nope")
     with pytest.raises(RuntimeError, match="fit the attack first"):
         NnSortedAttack().score(TARGET[0])
+
+
+def test_a_larger_attacker_set_trains_the_same_optimizer_steps() -> None:
+    """The learned attacks' schedules are set in epochs of ``SCHEDULE_ROWS`` rows; 10× the rows train a tenth of
+    the epochs (milestones alike), so an attack on Fashion-MNIST's 10,000-row sets costs what it does on
+    Location30's 1,000, and a set up to that size keeps the schedule."""
+    from defense_models.audit.attacks.learned import SCHEDULE_ROWS
+    from defense_models.audit.attacks.nn_sorted import OFFICIAL_FIT
+    from defense_models.training.loop import same_steps
+
+    assert same_steps(OFFICIAL_FIT, SCHEDULE_ROWS, SCHEDULE_ROWS) == OFFICIAL_FIT
+    assert same_steps(OFFICIAL_FIT, 10, SCHEDULE_ROWS) == OFFICIAL_FIT
+    big = same_steps(OFFICIAL_FIT, 10 * SCHEDULE_ROWS, SCHEDULE_ROWS)
+    assert (big.epochs, big.lr_milestones) == (40, (30,)) and big.lr == OFFICIAL_FIT.lr
+    steps = lambda c, rows: c.epochs * -(-rows // c.batch_size)  # noqa: E731
+    for rows in (1_500, 7_777, 100_000):
+        scaled = same_steps(FAST, rows, SCHEDULE_ROWS)
+        assert abs(steps(scaled, rows) - steps(FAST, SCHEDULE_ROWS)) <= steps(FAST, SCHEDULE_ROWS) * 0.05 + rows / 64
+    assert same_steps(FAST, 10**9, SCHEDULE_ROWS).epochs == 1
+
+
+def test_each_learned_attack_fits_with_the_scaled_schedule(monkeypatch: pytest.MonkeyPatch) -> None:
+    """nn_sorted, shokri (shared and per-class models) and inference_model hand ``fit`` the scaled schedule."""
+    from defense_models.audit.attacks import learned, nn_sorted
+
+    seen: list[tuple[int, int]] = []
+
+    def record(model: object, X: object, y: object, config: FitConfig, **kw: object) -> None:
+        seen.append((len(y), config.epochs))  # type: ignore[arg-type]
+
+    monkeypatch.setattr(learned, "fit", record)
+    monkeypatch.setattr(nn_sorted, "fit", record)
+    big = (outputs(3_000, 6.0, 1.0, 5), outputs(3_000, 2.5, 0.6, 6))
+    for name in ("nn_sorted", "shokri", "inference_model"):
+        seen.clear()
+        create_attack(name).fit(*big)
+        base = {"nn_sorted": 400}.get(name, 100)
+        assert seen and all(e == max(1, round(base * min(1.0, learned.SCHEDULE_ROWS / n))) for n, e in seen), seen

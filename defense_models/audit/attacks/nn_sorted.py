@@ -2,7 +2,8 @@
 
 An MLP C → 512 → 256 → 128 → 1 (ReLU, sigmoid) on the released vector sorted ascending, trained
 with BCE on the attacker's shadow outputs (members 1, non-members 0). Official schedule: SGD lr 0.01,
-batch 64, 400 epochs, ×0.1 after epoch 300. It does not use the label.
+batch 64, 400 epochs, ×0.1 after epoch 300 (on 1,000 rows; a larger attacker set takes as many steps,
+``learned.SCHEDULE_ROWS``). It does not use the label.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from torch import nn
 
 from defense_models.audit.attacks import register_attack
 from defense_models.audit.attacks.base import AttackData
-from defense_models.training.loop import FitConfig, fit
+from defense_models.audit.attacks.learned import SCHEDULE_ROWS
+from defense_models.training.loop import FitConfig, fit, same_steps
 from defense_models.training.nets import mlp
 
 OFFICIAL_FIT = FitConfig(epochs=400, batch_size=64, lr=0.01, optimizer="sgd", lr_milestones=(300,))
@@ -40,7 +42,7 @@ class NnSortedAttack:
         torch.manual_seed(self.fit_config.seed)
         body = mlp(X.shape[1], (512, 256, 128), 1)
         self.model = nn.Sequential(body, nn.Flatten(0))
-        fit(self.model, X, y, self.fit_config, loss_fn=nn.BCEWithLogitsLoss())
+        fit(self.model, X, y, same_steps(self.fit_config, len(X), SCHEDULE_ROWS), loss_fn=nn.BCEWithLogitsLoss())
 
     def score(self, data: AttackData) -> np.ndarray:
         if self.model is None:
