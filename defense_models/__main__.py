@@ -126,7 +126,8 @@ def _audit_config(args: argparse.Namespace, **overrides: Any) -> Any:
         bundle=Path(args.bundle), url=args.url, api_key=args.api_key, noise_secret=args.noise_secret,
         attacks=tuple(args.attacks), views=views, label_only=label_only,
         label_only_rows=args.label_only_rows, label_only_queries=args.label_only_queries,
-        label_only_copies=args.label_only_copies, lira_shadows=Path(args.lira_shadows) if args.lira_shadows else None,
+        label_only_copies=args.label_only_copies, eval_rows=args.eval_rows,
+        lira_shadows=Path(args.lira_shadows) if args.lira_shadows else None,
         round_decimals=args.round_decimals, repeats=args.repeats, shadow_epochs=args.shadow_epochs, seed=args.seed,
         metrics_probe_rows=args.metrics_probe, timing_probe_rows=args.timing_probe,
         timing_probe_repeats=args.timing_probe_repeats, timing_probe_copies=args.timing_probe_copies,
@@ -254,6 +255,8 @@ def _add_audit(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-only-copies", type=int, default=d("label_only_copies"),
                    help="noise robustness: copies per row (paper: 100)")  # fmt: skip
     p.add_argument("--lira-shadows", help="reference models from `shadows` (runs LiRA online and offline)")
+    p.add_argument("--eval-rows", type=int, default=d("eval_rows"), metavar="N",
+                   help="audit a seeded sample of N evaluation members and N non-members (default: all)")
     p.add_argument("--round-decimals", type=int, default=d("round_decimals"), help="view rounded: decimals")
     p.add_argument("--repeats", type=int, default=d("repeats"), help="view repeated: queries averaged per record")
     p.add_argument("--metrics-probe", type=int, default=d("metrics_probe_rows"), metavar="ROWS",

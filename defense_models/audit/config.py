@@ -39,6 +39,9 @@ class AuditConfig:
     label_only_queries: int = 200
     label_only_copies: int = 20  # noise robustness: perturbed copies per row
     lira_shadows: Path | None = None  # reference models from `defense_models shadows`
+    #: Audit a seeded sample of this many evaluation members and as many non-members (None: all of them). Each
+    #: defended row costs the defense's time in every view and in LiRA's references (MemGuard: ms a row).
+    eval_rows: int | None = None
     known_fraction: float = 0.5  # view "known": share of evaluation records the attacker knows
     round_decimals: int = 2  # view "rounded"
     repeats: int = 5  # view "repeated": queries averaged per record

@@ -54,16 +54,16 @@ def lira(config: AuditConfig, sets: Sets, released: Arrays,
             "the reference models were not trained on this bundle's evaluation records "
             "(train them with `defense_models shadows` and the bundle's dataset, split and seed)"
         )
-    idx = np.array([position[int(r)] for r in np.concatenate([members, nonmembers])])
-    X, y = sets.data.X[pool], sets.data.y[pool]
+    idx = np.array([position[int(r)] for r in np.concatenate([members, nonmembers])])  # pool positions
+    X, y = sets.data.X[pool[idx]], sets.data.y[pool[idx]]  # only the audited records: each costs a defense
     phi, masks, right = [], [], []
     for model, meta in tqdm(refs, desc="LiRA references", disable=not config.progress, leave=False):
         predict = softmax_predict(model.eval())
-        p = predict(X)
+        p = predict(X)  # [N_members + N_nonmembers, C]
         if defend is not None:  # the adaptive attacker defends its reference outputs too (with that model)
             p = defend(p, model=predict)
-        phi.append(logit_confidence(p, y)[idx])
-        right.append((p.argmax(axis=1) == y)[idx])
+        phi.append(logit_confidence(p, y))
+        right.append(p.argmax(axis=1) == y)
         masks.append(np.asarray(meta.in_mask, bool)[idx])
     phi_refs, in_refs = np.stack(phi), np.stack(masks)  # [K, N_members + N_nonmembers]
     y_eval = sets.data.y[np.concatenate([members, nonmembers])]

@@ -113,7 +113,7 @@ def load_sets(config: AuditConfig, bundle: Bundle) -> Sets:
         data = load_dataset(t.dataset.loader, Path(t.dataset.data_path) if t.dataset.data_path else None)
         if data.sha256 != t.dataset.sha256:
             raise ValueError("the dataset on disk differs from the one the bundle was trained on (sha256 mismatch)")
-        return Sets(data, Split.load(bundle.path(t.split.file)).parts)
+        return _sampled(Sets(data, Split.load(bundle.path(t.split.file)).parts), config)
     if config.dataset is None:
         raise ValueError("--split-file needs --dataset (and --data for datasets that are not bundled)")
     data = load_dataset(config.dataset, config.data_path)
@@ -122,7 +122,20 @@ def load_sets(config: AuditConfig, bundle: Bundle) -> Sets:
         raise ValueError(f"{config.split_file} lacks the roles {missing} (it has {sorted(parts)})")
     if max(int(v.max(initial=-1)) for v in parts.values()) >= len(data.y):
         raise ValueError(f"{config.split_file} indexes rows beyond the {len(data.y)} rows of {data.name}")
-    return Sets(data, parts)
+    return _sampled(Sets(data, parts), config)
+
+
+def _sampled(sets: Sets, config: AuditConfig) -> Sets:
+    """``config.eval_rows`` members and as many non-members, a seeded sample in the split's order."""
+    n = config.eval_rows
+    if n is None:
+        return sets
+    rng = np.random.default_rng([config.seed, 0x5A3])
+    parts = dict(sets.parts)
+    for role in ("target_train", "eval_nonmember"):
+        if n < len(parts[role]):
+            parts[role] = np.sort(rng.choice(parts[role], n, replace=False))
+    return replace(sets, parts=parts)
 
 
 # --- step 2: query the target, build the attacker's models and views ------------------------------

@@ -69,3 +69,30 @@ def test_report_files_round_trip_and_refuse_other_schemas(tmp_path: Path) -> Non
     (tmp_path / "old.json").write_text(json.dumps([row.model_dump(mode="json")]))  # the unversioned list
     with pytest.raises(ValueError, match="re-run the audit or sweep"):
         read(Sweep, tmp_path / "old.json")
+
+
+def test_eval_rows_samples_members_and_nonmembers_alike_and_leaves_the_rest() -> None:
+    """``eval_rows``: a seeded sample of the evaluation members and non-members (sorted, without repeats), the
+    same for the same seed; the attacker's roles are untouched, and None or a larger N keeps everything."""
+    from defense_models.audit.config import AuditConfig
+    from defense_models.audit.run import _sampled
+    from defense_models.audit.views import Sets
+
+    rng = np.random.default_rng(0)
+    rows = rng.permutation(1_000)
+    parts = {"target_train": rows[:300], "eval_nonmember": rows[300:600], "shadow_in": rows[600:800],
+             "shadow_out": rows[800:]}  # fmt: skip
+    sets = Sets(data=None, parts=parts)
+    config = AuditConfig(bundle=Path("b"), eval_rows=50)
+    a, b = _sampled(sets, config), _sampled(sets, config)
+    for role in ("target_train", "eval_nonmember"):
+        s = a.parts[role]
+        assert len(s) == 50 == len(set(s)) and np.all(np.diff(s) > 0) and set(s) <= set(parts[role])
+        np.testing.assert_array_equal(s, b.parts[role])
+    assert not np.array_equal(a.parts["target_train"], _sampled(sets, AuditConfig(Path("b"), eval_rows=50,
+                                                                                   seed=1)).parts["target_train"])
+    for role in ("shadow_in", "shadow_out"):
+        assert a.parts[role] is parts[role]
+    for keep in (None, 300, 10_000):
+        assert {k: len(v) for k, v in _sampled(sets, AuditConfig(Path("b"), eval_rows=keep)).parts.items()} == \
+            {k: len(v) for k, v in parts.items()}  # fmt: skip
