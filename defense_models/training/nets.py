@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,30 +31,27 @@ def mlp(width: int, hidden: Sequence[int], classes: int, activation: type[nn.Mod
     return nn.Sequential(*layers)
 
 
-def cnn(image_shape: tuple[int, int, int], classes: int) -> nn.Sequential:
-    """A small CNN for images stored flat [N, c·h·w]: (conv32 ×2, pool, conv64 ×2, pool, FC 512), after
-    the CH-MNIST net used with MemGuard. The first layer restores the image shape, so the served ONNX model
-    still takes flat rows."""
+def cnn(image_shape: tuple[int, int, int], classes: int, channels: tuple[int, int] = (32, 64), convs: int = 2,
+        hidden: int = 512) -> nn.Sequential:
+    """A small CNN for images stored flat [N, c·h·w]: two blocks of ``convs`` 3×3 convolutions (``channels``)
+    and a 2×2 pool, then FC ``hidden``. The defaults are the CH-MNIST net used with MemGuard (conv32 ×2, pool,
+    conv64 ×2, pool, FC 512). The first layer restores the image shape, so the served ONNX model still takes
+    flat rows."""
     c, h, w = image_shape
-    return nn.Sequential(
-        nn.Unflatten(1, image_shape),
-        nn.Conv2d(c, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(64 * (h // 4) * (w // 4), 512), nn.ReLU(), nn.Linear(512, classes),
-    )  # fmt: skip
+    layers: list[nn.Module] = [nn.Unflatten(1, image_shape)]
+    for width in channels:
+        for _ in range(convs):
+            layers += [nn.Conv2d(c, width, 3, padding=1), nn.ReLU()]
+            c = width
+        layers.append(nn.MaxPool2d(2))
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(c * (h // 4) * (w // 4), hidden), nn.ReLU(),
+                         nn.Linear(hidden, classes))  # fmt: skip
 
 
-def small_cnn(image_shape: tuple[int, int, int], classes: int) -> nn.Sequential:
-    """A CNN ~14x cheaper than ``cnn`` (conv16, pool, conv32, pool, FC 256; ~1.4 M multiply-adds an image
-    against ~20 M), for Fashion-MNIST's recipe: LiRA needs dozens of reference models, and on two CPU cores
-    ``cnn`` costs ~2.5 min each (30 epochs: ~75 s on one thread beside another job). Flat rows in."""
-    c, h, w = image_shape
-    return nn.Sequential(
-        nn.Unflatten(1, image_shape),
-        nn.Conv2d(c, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(32 * (h // 4) * (w // 4), 256), nn.ReLU(), nn.Linear(256, classes),
-    )  # fmt: skip
+#: ``cnn`` ~14x cheaper (conv16, pool, conv32, pool, FC 256; ~1.4 M multiply-adds an image against ~20 M), for
+#: Fashion-MNIST's recipe: LiRA needs dozens of reference models, and on two CPU cores ``cnn`` costs ~2.5 min
+#: each (this one, 30 epochs: ~75 s on one thread beside another job).
+SMALL_CNN: dict[str, Any] = {"channels": (16, 32), "convs": 1, "hidden": 256}
 
 
 #: name -> builder(dataset) -> model emitting logits.
@@ -64,7 +62,7 @@ ARCHITECTURES: dict[str, Callable[[Dataset], nn.Module]] = {
     "purchase-mlp": lambda d: mlp(d.width, (1024, 512, 256, 128), d.classes, nn.Tanh),
     "small-mlp": lambda d: mlp(d.width, (256, 128), d.classes),
     "cnn": lambda d: cnn(_image_shape(d), d.classes),
-    "small-cnn": lambda d: small_cnn(_image_shape(d), d.classes),
+    "small-cnn": lambda d: cnn(_image_shape(d), d.classes, **SMALL_CNN),
 }
 
 
