@@ -123,6 +123,9 @@ class AccuracyRecord(BaseModel):
     train: float | None = None
     test: float | None = None
     plain: AccuracyRecord | None = None  # with a replacement: the plain target's, for comparison
+    #: the split role ``test`` is measured on, also the defenders' non-members: ``validation`` when the served
+    #: model trained on the reference set ``target_test`` (SELENA ``distill_on=both``)
+    test_role: str = "target_test"
 
 
 class TrainingRecord(BaseModel):

@@ -59,7 +59,9 @@ def _train_served(config: TrainConfig, data: Dataset, split: Split) -> _Served:
         return _Served(model, arch, fit_config, {"kind": "none"}, plain, time.perf_counter() - started)
     context = replacement_context(config, data, split, arch, fit_config, members, config.seed)
     model, record = train_replacement(config.replacement, context, dict(config.replacement_params))
-    acc = AccuracyRecord(train=accuracy(model, *members), test=accuracy(model, *nonmembers), plain=plain)
+    role = "validation" if record.get("trained_on_reference") else "target_test"  # rows the model never saw
+    acc = AccuracyRecord(train=accuracy(model, *members), test=accuracy(model, *role_rows(data, split, role)),
+                         plain=plain, test_role=role)  # fmt: skip
     return _Served(model, arch, fit_config, record, acc, time.perf_counter() - started)
 
 
@@ -69,7 +71,7 @@ def train_bundle(config: TrainConfig, out: Path) -> TrainResult:
     served = _train_served(config, data, split)
     started = time.perf_counter()
     defenders = train_defenders(config, served.model, role_rows(data, split, "target_train"),
-                                role_rows(data, split, "target_test"))  # fmt: skip
+                                role_rows(data, split, served.accuracy.test_role))  # fmt: skip
     record = TrainingRecord(
         source="dataset", config=_jsonable(asdict(config)), architecture=served.arch, fit=asdict(served.fit),
         replacement=served.replacement,
@@ -100,7 +102,7 @@ def _summary(manifest: Any, served: _Served) -> dict[str, str]:
     summary = {
         "model": f"{manifest.name} {manifest.version} ({what})",
         "train accuracy": f"{acc.train:.4f}",
-        "test accuracy": f"{acc.test:.4f}",
+        "test accuracy": f"{acc.test:.4f}" + (f" (on {acc.test_role})" if acc.test_role != "target_test" else ""),
         "label-only floor": f"{0.5 + (acc.train - acc.test) / 2:.4f}  (0.5 + (train - test)/2)",
         "defenses": ", ".join(manifest.defenses),
         **defender_summary(manifest),

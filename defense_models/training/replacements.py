@@ -225,33 +225,58 @@ class PartialWork(Exception):
 def _selena(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
     """[defaults: the paper's K = 25, L = 10; every sub-model on the target recipe (``sub_epochs`` shortens it:
     25 of them dominate on Fashion-MNIST's CNN); the distillation as in the authors' code (Adam 1e-3, batch 512,
-    60 epochs, the last epoch kept: they keep the best test epoch, which an audit must not)]"""
+    60 epochs, the last epoch kept: they keep the best test epoch, which an audit must not); ``distill_on``
+    members (the paper), reference (the reference set, labelled by all K: the served model never sees a member)
+    or both]"""
     p = _take(params, {"K": 25, "L": 10, "cache": "", "shard": "", "sub_epochs": ctx.fit_config.epochs,
                        "distill_optimizer": "adam", "distill_lr": 1e-3, "distill_batch_size": 512,
-                       "distill_epochs": 60}, "selena")  # fmt: skip
+                       "distill_epochs": 60, "distill_on": "members"}, "selena")  # fmt: skip
+    if p["distill_on"] not in DISTILL_ON:
+        raise ValueError(f"--replacement selena: distill_on must be one of {DISTILL_ON}, got {p['distill_on']!r}")
     X, y = ctx.members
     excluded = exclusion_map(len(y), int(p["K"]), int(p["L"]), ctx.seed)
     cache = Path(p["cache"]) if p["cache"] else None
     sub_config = replace(ctx.fit_config, epochs=int(p["sub_epochs"]))
     split_ai = SplitAI(ctx.arch, ctx.data, sub_config, excluded, int(p["K"]), cache)
     if p["shard"]:
-        if not p["cache"]:
-            raise ValueError("--replacement selena: shard=i/N needs cache=DIR, where the shards' sub-models meet")
-        i, n = parse_shard(str(p["shard"]))
-        mine = [k for k in range(int(p["K"])) if k % n == i]
-        for k in mine:
-            split_ai.train(k, X, y, ctx.progress)
-        raise PartialWork(f"SELENA sub-models {mine} are in {p['cache']}; once every shard is done, run again "
-                          "without shard= to distill and export")  # fmt: skip
-    soft = split_ai.soft_labels(X, y, ctx.progress)  # [N, C]
+        _selena_shard(split_ai, p, X, y, ctx.progress)
+    Xd, soft = _distillation_set(split_ai, p["distill_on"], ctx, X, y)
     distill = FitConfig(epochs=int(p["distill_epochs"]), batch_size=int(p["distill_batch_size"]),
                         lr=float(p["distill_lr"]), optimizer=p["distill_optimizer"], seed=ctx.seed)  # fmt: skip
     torch.manual_seed(ctx.seed)  # the distilled model's init does not depend on how many sub-models were trained
     model = build(ctx.arch, ctx.data)
-    fit(model, X, soft, distill, loss_fn=SoftCrossEntropy(), progress=ctx.progress, desc="SELENA distillation")
-    keep = ("K", "L", "sub_epochs", "distill_optimizer", "distill_lr", "distill_batch_size", "distill_epochs")
+    fit(model, Xd, soft, distill, loss_fn=SoftCrossEntropy(), progress=ctx.progress, desc="SELENA distillation")
+    keep = ("K", "L", "sub_epochs", "distill_optimizer", "distill_lr", "distill_batch_size", "distill_epochs",
+            "distill_on")  # fmt: skip
     return model, {**{k: p[k] for k in keep}, "seed": ctx.seed, "exclusion_map": map_digest(excluded),
+                   "distill_rows": len(Xd), "trained_on_reference": p["distill_on"] != "members",
                    "cache": p["cache"] or None}  # fmt: skip
+
+
+DISTILL_ON = ("members", "reference", "both")
+
+
+def _selena_shard(split_ai: SplitAI, p: dict[str, Any], X: torch.Tensor, y: torch.Tensor, progress: bool) -> None:
+    if not p["cache"]:
+        raise ValueError("--replacement selena: shard=i/N needs cache=DIR, where the shards' sub-models meet")
+    i, n = parse_shard(str(p["shard"]))
+    mine = [k for k in range(split_ai.K) if k % n == i]
+    for k in mine:
+        split_ai.train(k, X, y, progress)
+    raise PartialWork(f"SELENA sub-models {mine} are in {p['cache']}; once every shard is done, run again "
+                      "without shard= to distill and export")  # fmt: skip
+
+
+def _distillation_set(split_ai: SplitAI, distill_on: str, ctx: Context, X: torch.Tensor,
+                      y: torch.Tensor) -> Pair:  # fmt: skip
+    """(rows [M, D], soft labels [M, C]) the served model distills on."""
+    others = ctx.reference[0] if distill_on != "members" else None
+    soft, reference_soft = split_ai.soft_labels(X, y, ctx.progress, others)  # [N, C], [R, C] or None
+    if reference_soft is None:
+        return X, soft
+    if distill_on == "reference":
+        return ctx.reference[0], reference_soft
+    return torch.cat([X, ctx.reference[0]]), torch.cat([soft, reference_soft])
 
 
 @register("dpsgd")

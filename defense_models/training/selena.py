@@ -10,6 +10,10 @@ The exclusion map is a function of (records, K, L, seed) only, so sub-model k ca
 ``shard=i/N`` trains the sub-models k ≡ i (mod N) into ``cache`` (one ``selena_{k:03d}.safetensors`` each,
 with a ``.json`` naming the map's digest and the epochs), and a run without ``shard`` trains what is missing
 there, then distills. Sub-models already in ``cache`` for the same map and epochs are reused.
+
+What the served model distills on (``distill_on``): the paper's ``members`` (each with its L-model soft label);
+``reference``, the defender's non-member reference set labelled by all K sub-models, so the served model never
+trains on a member (DMP's idea, Shejwalkar & Houmansadr, AAAI 2021, with Split-AI as the teacher); or ``both``.
 """
 
 from __future__ import annotations
@@ -91,13 +95,18 @@ class SplitAI:
                                         "records": int(mask.sum())}) + "\n")  # fmt: skip
         return model.eval()
 
-    def soft_labels(self, X: torch.Tensor, y: torch.Tensor, progress: bool) -> torch.Tensor:
-        """[records, C]: each record's mean softmax over the L sub-models that left it out."""
+    def soft_labels(self, X: torch.Tensor, y: torch.Tensor, progress: bool,
+                    others: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        """Members [records, C]: each record's mean softmax over the L sub-models that left it out.
+        ``others`` [M, D] (records no sub-model saw): [M, C], their mean softmax over all K sub-models."""
         total = torch.zeros(X.shape[0], self.data.classes, dtype=torch.float64)
+        rest = None if others is None else torch.zeros(others.shape[0], self.data.classes, dtype=torch.float64)
         for k in range(self.K):
             left_out = torch.from_numpy((self.excluded == k).any(axis=1))
-            if not bool(left_out.any()):
+            if not bool(left_out.any()) and rest is None:
                 continue
             model = self.train(k, X, y, progress)
             total[left_out] += torch.softmax(predict_logits(model, X[left_out]).double(), dim=1)
-        return (total / self.excluded.shape[1]).float()
+            if rest is not None:
+                rest += torch.softmax(predict_logits(model, others).double(), dim=1)
+        return (total / self.excluded.shape[1]).float(), None if rest is None else (rest / self.K).float()

@@ -482,3 +482,32 @@ def test_selena_shards_fill_one_cache_then_a_full_run_distills(tabular: Path, tm
     assert main(args) == 0
     assert {p.name: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")} == stamps  # reused, not retrained
     assert load_bundle(tmp_path / "b").manifest.training.replacement["kind"] == "selena"  # type: ignore[union-attr]
+
+
+def test_selena_distilled_on_the_reference_set_measures_test_on_rows_it_never_saw(
+    tabular: Path, tmp_path: Path, quick: None
+) -> None:
+    """distill_on=both adds target_test to the distillation set: test accuracy (and the defenders' non-members)
+    move to the validation role; the sub-models of the cache are reused."""
+    from defense_models.__main__ import main
+    from defense_models.audit.predictors import RawOnnxPredictor
+    from defense_models.training.data import load_dataset
+
+    args = ["train", "--dataset", "tabular", "--data", str(tabular), "--preset", "demo", "--defense", "none",
+            "--quiet", "--replacement", "selena", "--replacement-param", "K=4", "--replacement-param", "L=2",
+            "--replacement-param", f"cache={tmp_path / 'cache'}", "--out", str(tmp_path / "b")]  # fmt: skip
+    assert main([*args, "--replacement-param", "distill_on=both"]) == 0
+    training = load_bundle(tmp_path / "b").manifest.training
+    assert training is not None and training.accuracy.test_role == "validation"
+    split = np.load(tmp_path / "b" / "split.npz")
+    rep = training.replacement
+    assert rep["distill_on"] == "both" and rep["trained_on_reference"] is True
+    assert rep["distill_rows"] == len(split["target_train"]) + len(split["target_test"])
+    data = load_dataset("tabular", tabular)
+    val = split["validation"]
+    predicted = RawOnnxPredictor(tmp_path / "b").predict(data.X[val]).argmax(1)
+    assert training.accuracy.test == pytest.approx(float((predicted == data.y[val]).mean()), abs=1e-6)
+    assert main(args) == 0  # the paper's distillation: test on target_test, as every other bundle
+    assert load_bundle(tmp_path / "b").manifest.training.accuracy.test_role == "target_test"  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="distill_on must be one of"):
+        main([*args, "--replacement-param", "distill_on=everything"])

@@ -47,14 +47,31 @@ def test_soft_labels_come_only_from_submodels_that_never_saw_the_record(
         return train(self, k, X_, y_, progress)
 
     monkeypatch.setattr(SplitAI, "train", recording)
-    soft = split_ai.soft_labels(X, y, progress=False)
+    soft, none = split_ai.soft_labels(X, y, progress=False)
+    assert none is None
     assert soft.shape == (len(y), 4) and torch.allclose(soft.sum(1), torch.ones(len(y)), atol=1e-5)
     for i in range(len(y)):
         assert not any(seen[k][i] for k in ex[i])  # its teachers never trained on it
     assert all(split_ai.cached(k) for k in range(5))  # cached for the next run (or the other shards)
-    again = SplitAI("small-mlp", data, config, ex, 5, tmp_path).soft_labels(X, y, progress=False)
+    again, _ = SplitAI("small-mlp", data, config, ex, 5, tmp_path).soft_labels(X, y, progress=False)
     assert torch.allclose(again, soft)  # loaded, not retrained
     other_map = SplitAI("small-mlp", data, config, exclusion_map(len(y), 5, 2, seed=1), 5, tmp_path)
     assert not other_map.cached(0)  # a cache for another map is not reused
     longer = SplitAI("small-mlp", data, FitConfig(epochs=3, batch_size=32, lr=1e-2), ex, 5, tmp_path)
     assert not longer.cached(0)  # nor one trained for other epochs
+
+
+def test_records_no_submodel_saw_are_labelled_by_all_k(tmp_path: Path) -> None:
+    data, X, y = _data()
+    members, others = slice(0, 80), slice(80, None)
+    ex = exclusion_map(80, K=5, L=2, seed=0)
+    split_ai = SplitAI("small-mlp", data, FitConfig(epochs=2, batch_size=32, lr=1e-2), ex, 5, tmp_path)
+    soft, rest = split_ai.soft_labels(X[members], y[members], progress=False, others=X[others])
+    assert rest is not None and rest.shape == (40, 4)
+    from defense_models.training.nets import predict_logits
+
+    models = [split_ai.train(k, X[members], y[members], progress=False) for k in range(5)]  # from the cache
+    expected = torch.stack([torch.softmax(predict_logits(m, X[others]).double(), 1) for m in models]).mean(0)
+    assert torch.allclose(rest.double(), expected, atol=1e-6)  # the mean of every sub-model, none of which saw them
+    alone, _ = split_ai.soft_labels(X[members], y[members], progress=False)
+    assert torch.allclose(alone, soft)  # the members' labels do not depend on the others
