@@ -107,6 +107,6 @@ class SplitAI:
                 continue
             model = self.train(k, X, y, progress)
             total[left_out] += torch.softmax(predict_logits(model, X[left_out]).double(), dim=1)
-            if rest is not None:
+            if rest is not None and others is not None:
                 rest += torch.softmax(predict_logits(model, others).double(), dim=1)
         return (total / self.excluded.shape[1]).float(), None if rest is None else (rest / self.K).float()
