@@ -225,12 +225,13 @@ class PartialWork(Exception):
 def _selena(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
     """[defaults: the paper's K = 25, L = 10; every sub-model on the target recipe (``sub_epochs`` shortens it:
     25 of them dominate on Fashion-MNIST's CNN); the distillation as in the authors' code (Adam 1e-3, batch 512,
-    60 epochs, the last epoch kept: they keep the best test epoch, which an audit must not); ``distill_on``
-    members (the paper), reference (the reference set, labelled by all K: the served model never sees a member)
-    or both]"""
+    60 epochs, no weight decay, the last epoch kept: they keep the best test epoch, which an audit must not);
+    ``distill_on`` members (the paper), reference (the reference set, labelled by all K: the served model never
+    sees a member) or both; ``distill_weight_decay`` regularises the distillation (Adam's L2)]"""
     p = _take(params, {"K": 25, "L": 10, "cache": "", "shard": "", "sub_epochs": ctx.fit_config.epochs,
                        "distill_optimizer": "adam", "distill_lr": 1e-3, "distill_batch_size": 512,
-                       "distill_epochs": 60, "distill_on": "members"}, "selena")  # fmt: skip
+                       "distill_epochs": 60, "distill_weight_decay": 0.0,
+                       "distill_on": "members"}, "selena")  # fmt: skip
     if p["distill_on"] not in DISTILL_ON:
         raise ValueError(f"--replacement selena: distill_on must be one of {DISTILL_ON}, got {p['distill_on']!r}")
     X, y = ctx.members
@@ -242,12 +243,13 @@ def _selena(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, dict[str, 
         _selena_shard(split_ai, p, X, y, ctx.progress)
     Xd, soft = _distillation_set(split_ai, p["distill_on"], ctx, X, y)
     distill = FitConfig(epochs=int(p["distill_epochs"]), batch_size=int(p["distill_batch_size"]),
-                        lr=float(p["distill_lr"]), optimizer=p["distill_optimizer"], seed=ctx.seed)  # fmt: skip
+                        lr=float(p["distill_lr"]), optimizer=p["distill_optimizer"],
+                        weight_decay=float(p["distill_weight_decay"]), seed=ctx.seed)  # fmt: skip
     torch.manual_seed(ctx.seed)  # the distilled model's init does not depend on how many sub-models were trained
     model = build(ctx.arch, ctx.data)
     fit(model, Xd, soft, distill, loss_fn=SoftCrossEntropy(), progress=ctx.progress, desc="SELENA distillation")
     keep = ("K", "L", "sub_epochs", "distill_optimizer", "distill_lr", "distill_batch_size", "distill_epochs",
-            "distill_on")  # fmt: skip
+            "distill_weight_decay", "distill_on")  # fmt: skip
     return model, {**{k: p[k] for k in keep}, "seed": ctx.seed, "exclusion_map": map_digest(excluded),
                    "distill_rows": len(Xd), "trained_on_reference": p["distill_on"] != "members",
                    "cache": p["cache"] or None}  # fmt: skip

@@ -75,3 +75,21 @@ def test_records_no_submodel_saw_are_labelled_by_all_k(tmp_path: Path) -> None:
     assert torch.allclose(rest.double(), expected, atol=1e-6)  # the mean of every sub-model, none of which saw them
     alone, _ = split_ai.soft_labels(X[members], y[members], progress=False)
     assert torch.allclose(alone, soft)  # the members' labels do not depend on the others
+
+
+def test_distill_weight_decay_reaches_the_distillation_and_the_record(tmp_path: Path) -> None:
+    from defense_models.training.adv_reg import AdvRegConfig
+    from defense_models.training.replacements import Context, train_replacement
+
+    data, X, y = _data()
+    ctx = Context(data, "small-mlp", FitConfig(epochs=2, batch_size=32, lr=1e-2), (X[:80], y[:80]),
+                  (X[80:100], y[80:100]), (X[100:], y[100:]), 0, False, AdvRegConfig(), True)  # fmt: skip
+    params = {"K": "5", "L": "2", "cache": str(tmp_path), "distill_epochs": "30", "distill_lr": "1e-2"}
+
+    def weight_norm(model: torch.nn.Module) -> float:
+        return sum(float(p.detach().pow(2).sum()) for n, p in model.named_parameters() if n.endswith("weight"))
+
+    plain, record = train_replacement("selena", ctx, params)
+    decayed, decayed_record = train_replacement("selena", ctx, {**params, "distill_weight_decay": "0.5"})
+    assert record["distill_weight_decay"] == 0.0 and float(decayed_record["distill_weight_decay"]) == 0.5
+    assert weight_norm(decayed) < 0.5 * weight_norm(plain)  # same sub-models (cached), same init: only the decay

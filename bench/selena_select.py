@@ -1,0 +1,134 @@
+"""Choose SELENA's distillation on the defender's own rows: its members against validation rows.
+
+The audit scores the target's members (``target_train``) against the evaluation non-members; choosing a
+variant on those rows would tune the defense to its own exam. This benchmark keeps them out: for each variant
+(``--replacement-param`` overrides on top of ``--base``) it distills the target from its cached sub-models and
+each LiRA reference from its own (``shadows``' cache layout, ``CACHE/shadow_j``), then scores the members
+against the ``validation`` rows, which neither the target nor any reference trained on, with offline LiRA on
+those references and the plain logit-confidence threshold. (Online LiRA is left out: no reference trains on a
+validation row, so those rows would be scored against the global IN mean and the members against their own.)
+A sub-model missing from a cache is trained there first: run the plan's ``prepare`` before this.
+
+    python bench/selena_select.py --cache artifacts/location30-selena-sub \\
+        --refs-cache artifacts/location30-selena-refs-sub --count 16 --base distill_on=both \\
+        --variant "" --variant distill_weight_decay=1e-3 --variant distill_epochs=20
+
+Prints, per variant: train and validation accuracy, and for each attack its AUC and TPR at 1% FPR (Location30
+has 510 validation rows: 0.1% FPR is below their resolution, so the tail is read at 1%). Writes
+``reports/selena_select.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench._record import write_record  # noqa: E402
+from defense_models.audit.attacks.lira import Lira, logit_confidence  # noqa: E402
+from defense_models.audit.scoring import auc, tpr_at_fpr  # noqa: E402
+from defense_models.training.data import Dataset, Split  # noqa: E402
+from defense_models.training.nets import predict_logits  # noqa: E402
+from defense_models.training.recipes import TrainConfig, dataset_and_split, recipe  # noqa: E402
+from defense_models.training.replacements import replacement_context, role_rows, train_replacement  # noqa: E402
+from defense_models.training.shadows import DEFAULT_POOL, ShadowSpec, _train_one, in_mask  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Setup:
+    config: TrainConfig
+    data: Dataset
+    split: Split
+    members: tuple[torch.Tensor, torch.Tensor]  # target_train
+    validation: tuple[torch.Tensor, torch.Tensor]
+
+
+def parse_params(text: str) -> dict[str, Any]:
+    """'k=v,k=v' -> {k: v} (values as strings, as ``--replacement-param`` passes them)."""
+    return dict(item.split("=", 1) for item in text.split(",") if item)
+
+
+def softmax_on(model: torch.nn.Module, X: torch.Tensor) -> np.ndarray:
+    return torch.softmax(predict_logits(model, X).double(), dim=1).numpy()
+
+
+def target_phi(setup: Setup, params: dict[str, Any], cache: str) -> tuple[np.ndarray, float, float]:
+    """The distilled target's φ [members + validation], train and validation accuracy."""
+    arch, fit_config = recipe(setup.config, setup.data)
+    ctx = replacement_context(setup.config, setup.data, setup.split, arch, fit_config, setup.members, setup.config.seed)
+    model, _ = train_replacement("selena", ctx, {**params, "cache": cache})
+    X = torch.cat([setup.members[0], setup.validation[0]])
+    y = torch.cat([setup.members[1], setup.validation[1]]).numpy()
+    probs = softmax_on(model, X)  # [N + V, C]
+    right = probs.argmax(axis=1) == y
+    members = len(setup.members[1])
+    return logit_confidence(probs, y), float(right[:members].mean()), float(right[members:].mean())
+
+
+def reference_phi(setup: Setup, params: dict[str, Any], cache: str, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """φ [count, members + validation] of the distilled references and their IN masks (validation: never IN)."""
+    config = replace(setup.config, replacement="selena", replacement_params={**params, "cache": cache})
+    arch, fit_config = recipe(config, setup.data)
+    pool = np.concatenate([setup.split.parts[r] for r in DEFAULT_POOL])
+    if pool[: len(setup.members[1])].tolist() != setup.split.parts["target_train"].tolist():
+        raise ValueError("the references' pool must start with the target's members")
+    Xp, yp = torch.from_numpy(setup.data.X[pool]), torch.from_numpy(setup.data.y[pool])
+    X = torch.cat([setup.members[0], setup.validation[0]])
+    y = torch.cat([setup.members[1], setup.validation[1]]).numpy()
+    phis, masks = [], []
+    for j in range(count):
+        mask = in_mask(j, len(pool), ShadowSpec(count).keep, config.seed)
+        model, _, _ = _train_one(config, setup.data, setup.split, arch, fit_config, (Xp[mask], yp[mask]), ROOT, j)
+        phis.append(logit_confidence(softmax_on(model, X), y))
+        masks.append(np.concatenate([mask[: len(setup.members[1])], np.zeros(len(setup.validation[1]), bool)]))
+    return np.stack(phis), np.stack(masks)
+
+
+def attacks(phi: np.ndarray, ref_phi: np.ndarray, ref_in: np.ndarray, members: int) -> dict[str, dict[str, float]]:
+    """AUC and TPR@1% FPR of each attack, members (the first ``members`` rows) against the rest."""
+    lira = Lira(online=False)  # online LiRA would read validation rows (never IN) off the global IN mean
+    lira.fit(ref_phi, ref_in)
+    scores = {"threshold": phi, "lira_offline": lira.score(phi)}
+    return {name: {"auc": auc(s[:members], s[members:]), "tpr_at_1pct": tpr_at_fpr(s[:members], s[members:], 0.01)}
+            for name, s in scores.items()}  # fmt: skip
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", default="location30")
+    ap.add_argument("--cache", required=True, help="the target's SELENA sub-models")
+    ap.add_argument("--refs-cache", required=True, help="the references' SELENA sub-models (CACHE/shadow_j)")
+    ap.add_argument("--count", type=int, default=16, help="references")
+    ap.add_argument("--base", default="", help="k=v,... every variant starts from")
+    ap.add_argument("--variant", action="append", default=[], help="k=v,... on top of --base ('' = base)")
+    ap.add_argument("--out", type=Path, default=ROOT / "reports" / "selena_select.json")
+    args = ap.parse_args()
+    config = TrainConfig(dataset=args.dataset, progress=False)
+    data, split = dataset_and_split(config)
+    setup = Setup(config, data, split, role_rows(data, split, "target_train"), role_rows(data, split, "validation"))
+    rows = []
+    print(f"{'variant':<42} {'train':>6} {'val':>6} {'attack':>13} {'AUC':>6} {'TPR@1%':>7}")
+    for text in args.variant or [""]:
+        params = {**parse_params(args.base), **parse_params(text)}
+        phi, train_acc, val_acc = target_phi(setup, params, args.cache)
+        ref_phi, ref_in = reference_phi(setup, params, args.refs_cache, args.count)
+        result = attacks(phi, ref_phi, ref_in, len(setup.members[1]))
+        rows.append({"variant": text or "(base)", "params": params, "train": train_acc, "validation": val_acc,
+                     "attacks": result})  # fmt: skip
+        for name, r in result.items():
+            print(f"{text or '(base)':<42} {train_acc:6.3f} {val_acc:6.3f} {name:>13} {r['auc']:6.3f} "
+                  f"{r['tpr_at_1pct']:7.1%}", flush=True)  # fmt: skip
+    write_record(args.out, "bench/selena_select.py", base=args.base, references=args.count, rows=rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
