@@ -26,9 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from defense_models.audit.config import AuditConfig
+from defense_models.audit.queries import check_references
 from defense_models.audit.report import write_report
 from defense_models.audit.run import run_audit
 from defense_models.audit.schema import AuditReport, Sweep, SweepRow, read, write
+from defense_models.training.shadows import shadow_metas
 
 #: MemGuard's published Location curve, NN attack vs ε (docs/ALGORITHMS.md §9; for comparison only).
 PUBLISHED_MEMGUARD_LOCATION = {0.1: 0.69, 0.3: 0.62, 0.5: 0.55, 0.7: 0.52, 1.0: 0.50}
@@ -134,6 +136,8 @@ def run_sweep(bundle: Path, settings: list[Setting], out: Path, base: AuditConfi
     base = base or AuditConfig(bundle=bundle)
     out.mkdir(parents=True, exist_ok=True)
     partial = shard != (0, 1) or only is not None
+    _check_inputs([s for i, s in enumerate(settings) if i % shard[1] == shard[0] and (only is None or s.label in only)
+                   and not (resume and (out / s.slug / "report.json").exists())], bundle, base)  # fmt: skip
     found: dict[int, SweepRow] = {}  # setting index -> its row
     for i, setting in enumerate(settings):
         done = out / setting.slug / "report.json"
@@ -161,6 +165,17 @@ def run_sweep(bundle: Path, settings: list[Setting], out: Path, base: AuditConfi
     (out / "sweep.md").write_text(sweep_markdown(rows))
     plot_sweep(rows, out / "sweep.png")
     return rows
+
+
+def _check_inputs(settings: list[Setting], bundle: Path, base: AuditConfig) -> None:
+    """Before the first audit: every bundle and LiRA reference set the settings to audit need is there and
+    complete, so a missing shard fails in seconds, not after the hours the settings before it take."""
+    for setting in settings:
+        config = audit_config(replace(base, bundle=setting.bundle or bundle), setting.audit)
+        if not (config.bundle / "manifest.json").exists():
+            raise FileNotFoundError(f"setting {setting.label!r}: no bundle at {config.bundle} (run `train` first)")
+        if config.lira_shadows is not None:
+            check_references([meta for _, meta in shadow_metas(config.lira_shadows)], config.lira_shadows)
 
 
 def _audit_setting(setting: Setting, bundle: Path, base: AuditConfig, out: Path) -> SweepRow:

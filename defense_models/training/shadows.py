@@ -154,11 +154,15 @@ def _write_weights(model: torch.nn.Module, path: Path) -> None:
     Path(tmp.name).replace(path)
 
 
+def shadow_metas(directory: Path) -> list[tuple[Path, ShadowMeta]]:
+    """Every complete shadow's metadata file in ``directory``, in index order (no weights loaded)."""
+    return [(p, ShadowMeta.model_validate_json(p.read_text())) for p in sorted(Path(directory).glob("shadow_*.json"))]
+
+
 def load_shadows(directory: Path, data: Any) -> list[tuple[torch.nn.Module, ShadowMeta]]:
     """Every complete shadow in ``directory`` as (model, metadata), in index order."""
     shadows = []
-    for meta_path in sorted(Path(directory).glob("shadow_*.json")):
-        meta = ShadowMeta.model_validate_json(meta_path.read_text())
+    for meta_path, meta in shadow_metas(directory):
         model = build(meta.architecture, data)
         load_weights(model, meta_path.with_suffix(".safetensors"))
         shadows.append((model, meta))

@@ -349,6 +349,13 @@ params = {{ decimals = 1 }}
     with pytest.raises(SystemExit, match="no setting labelled"):
         main([*part, "--setting", "nonee"])
 
+    # what a setting needs is checked before the first audit: a missing reference set fails in seconds
+    bad = tmp_path / "bad.toml"
+    bad.write_text(plan.read_text() + f'audit = {{ lira_shadows = "{tmp_path / "no-refs"}" }}\n')
+    with pytest.raises(ValueError, match="at least 4 reference models"):
+        main(["sweep", "--plan", str(bad), "--quiet", "--out", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad" / "none").exists()  # the setting before it was not audited
+
     # the command-line grid: one curve over a parameter
     assert main(["sweep", "--bundle", str(tmp_path / "b"), "--defense", "memguard", "--param", "epsilon",
                  "--values", "0.2", "1", "--attacks", "confidence", "--shadow-epochs", "5", "--quiet",
