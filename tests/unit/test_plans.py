@@ -59,6 +59,7 @@ def test_sweep_parts_side_by_side_write_the_table_once(tmp_path: Path, monkeypat
     monkeypatch.setattr(sweep, "Sweep", SimpleNamespace)
     monkeypatch.setattr(sweep, "sweep_markdown", lambda rows: "")
     monkeypatch.setattr(sweep, "plot_sweep", lambda rows, path: None)
+    (tmp_path / "manifest.json").write_text("{}")  # the bundle the inputs check looks for
     rows = sweep.run_sweep(tmp_path, settings, tmp_path, only=frozenset({"b"}))
     assert rows is not None and [r.label for r in rows] == ["a", "b"]
     assert tables == [["a", "b"]]  # the table, in the plan's order, written once
