@@ -35,7 +35,7 @@ from gateway.errors import BundleError, GatewayError
 from gateway.logs import incoming_request_id, request_id
 from gateway.metrics import GatewayMetrics, start_metrics_server
 from gateway.openapi import openapi_document
-from gateway.pipeline import Pipeline
+from gateway.pipeline import Pipeline, effective_noise_key
 from gateway.runner import CUDA, ModelRunner, OnnxRunner
 from gateway.schemas import dumps
 from gateway.settings import GatewaySettings
@@ -327,7 +327,7 @@ class GatewayRuntime:
         log_defense_quality(m, defense.name, defense.params())
         log.info("threads: %s", state.settings.threads().describe())
         if defense.randomized:
-            key = state.settings.noise_key
+            key = effective_noise_key(defense, state.settings.noise_key)
             log.info("randomness keyed per row by its %s", f"clean output on a {state.settings.noise_key_grid:g} "
                      "grid (near-duplicates share a draw)" if key == "output" else "exact input bytes")  # fmt: skip
         if state.settings.require_gpu and not state.gpu_ok:

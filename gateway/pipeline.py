@@ -16,7 +16,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from gateway.defenses.base import Defense, ModelBound, Predict
+from gateway.defenses.base import Defense, ModelBound, Predict, keyed_on_input
 from gateway.defenses.keyed import DIGEST_BYTES, OUTPUT_KEY_GRID, RowKeyer, output_key_rows
 from gateway.defenses.simplex import logits_from_probs, one_hot, row_violations
 from gateway.metrics import GatewayMetrics
@@ -82,17 +82,25 @@ def release_vectors(
     """Offline: probs [N, C] (clean softmax) -> what the gateway would release [N, C] float64.
 
     Keys come from the rows' quantized outputs under ``secret``, as the gateway's default output keys (an
-    attacker's copy uses its own secret); ``model`` (predict, features) is bound to a ``ModelBound``
-    defense first. Rows that break an invariant get the label-only vector, as with
-    ``GATEWAY_ON_DEFENSE_ERROR=label_only``.
+    attacker's copy uses its own secret); an input-keyed defense's also from each row's position. ``model``
+    (predict, features) is bound to a ``ModelBound`` defense first. Rows that break an invariant get the
+    label-only vector, as with ``GATEWAY_ON_DEFENSE_ERROR=label_only``.
     """
     if model is not None and isinstance(defense, ModelBound):
         defense.bind_model(*model)
     p = torch.from_numpy(np.ascontiguousarray(probs, dtype=np.float64))  # [N, C]
-    keys = torch.from_numpy(RowKeyer(secret, context).digests(output_key_rows(p.numpy(), grid)))  # [N, 32]
+    rows = output_key_rows(p.numpy(), grid)  # [N, C]
+    if keyed_on_input(defense):  # no inputs here: the row's position makes every row's draw its own
+        rows = np.column_stack([np.arange(len(rows), dtype="<f4"), rows])  # [N, 1 + C]
+    keys = torch.from_numpy(RowKeyer(secret, context).digests(rows))  # [N, 32]
     labels = p.argmax(dim=1)
     out = defend_batch(defense, p, logits_from_probs(p).float(), keys, labels)
     return torch.where(out.bad[:, None], one_hot(labels, p.shape[1]), out.released).numpy()
+
+
+def effective_noise_key(defense: Defense, configured: Literal["output", "input"]) -> Literal["output", "input"]:
+    """What keys the rows' randomness: ``GATEWAY_NOISE_KEY``, unless the defense must key on the input."""
+    return "input" if keyed_on_input(defense) else configured
 
 
 class Pipeline:
@@ -125,7 +133,7 @@ class Pipeline:
         self.metrics = metrics
         self.keyer = keyer
         self.device = device
-        self.noise_key = noise_key
+        self.noise_key = effective_noise_key(defense, noise_key)
         self.noise_key_grid = noise_key_grid
 
     def __call__(self, x: np.ndarray) -> BatchOutput:

@@ -75,6 +75,14 @@ class Defense(Protocol):
         ...
 
 
+def keyed_on_input(defense: Defense) -> bool:
+    """Whether ``defense`` draws its randomness from the input row's key whatever ``GATEWAY_NOISE_KEY`` says
+    (class attribute ``input_keyed``). A defense whose released values must carry nothing of the clean output
+    needs it: under the output key, rows whose outputs share a grid cell share a draw, and every saturated
+    member of a class shares one cell, so the release would mark them."""
+    return bool(getattr(defense, "input_keyed", False))
+
+
 @runtime_checkable
 class ModelBound(Protocol):
     """A defense that runs the served model itself (on inputs it draws from the row keys).

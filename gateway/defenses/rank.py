@@ -10,7 +10,8 @@ kept exactly; every confidence value is replaced (docs/ALGORITHMS.md §10).
   use the global template). Deterministic; a gather and a scatter per row.
 * ``hamp``: HAMP's test-time step (Chen & Pattabiraman, NDSS 2024): v is the model's own output on a
   random input, sorted. The input is drawn from the row's keyed stream (binary features: uniform
-  {0, 1}^D; else uniform in [low, high]^D), so repeats agree; one extra forward pass per row, run by the
+  {0, 1}^D; else uniform in [low, high]^D), keyed by the input row whatever ``GATEWAY_NOISE_KEY`` says, so
+  exact repeats agree and v carries nothing of the clean output; one extra forward pass per row, run by the
   pipeline on the same batch (``ModelBound``).
 """
 
@@ -134,6 +135,11 @@ class HampParams(BaseModel):
 class Hamp:
     name: ClassVar[str] = "hamp"
     randomized: ClassVar[bool] = True
+    #: v must not depend on the clean output: keyed by it, the saturated members of a class shared one v (on an
+    #: overconfident user model, 300 members got 71 distinct top values, 600 non-members 353, and a per-class
+    #: confidence threshold read 0.64 against a label-only floor of 0.61). Averaging jittered copies gains
+    #: nothing without the output key: each copy's v is another draw from the same distribution.
+    input_keyed: ClassVar[bool] = True
     l1_bound = 2.0
 
     def __init__(self, params: HampParams, device: torch.device) -> None:

@@ -300,7 +300,10 @@ def test_audit_label_only_and_lira_attacks(tmp_path: Path) -> None:
     u = report["utility"]
     assert list(report["views"]) == ["shadow", "adaptive", "known", "repeated", "reference"]
     assert u["label_loss"] == 0 and u["top5_accuracy"] == u["undefended_top5_accuracy"] and u["ece"] is not None
-    assert u["exact_repeats_identical"] == 1.0 and u["near_repeats_agree"] >= 0.9
+    # hamp keys on the input: each jittered copy is its own draw, from a distribution the row does not set, so
+    # averaging the copies reads no more than the label does
+    assert u["exact_repeats_identical"] == 1.0 and u["near_repeats_agree"] < 0.1, u
+    assert report["attacks"]["repeated/confidence"]["balanced_accuracy"] <= u["label_only_floor"] + 0.01
     rounding = json.loads((tmp_path / "report" / "report.json").read_text())["attacks"]["reference/lira_label"]
     assert report["attacks"]["reference/lira_label"]["auc"] == rounding["auc"]  # the label alone: any such defense
 

@@ -101,6 +101,26 @@ def test_the_pipeline_runs_hamps_extra_forward_pass_on_its_model() -> None:
                  metrics=GatewayMetrics(max_batch_size=8), keyer=RowKeyer(b"s", b"c"), device=CPU)  # fmt: skip
 
 
+def test_hamp_keys_on_the_input_so_saturated_rows_do_not_share_a_draw() -> None:
+    """Under the output key every row whose clean output is one-hot on a class shares one cell, so one v: the
+    release would mark the saturated (member-like) rows. hamp keys on the input whatever the setting says."""
+    runner = FakeRunner()
+    defense = Hamp(HampParams(inputs="uniform", low=-1.0, high=1.0), CPU)
+    pipe = Pipeline(runner, defense, classes=CLASSES, output_kind="logits", on_defense_error="reject",
+                    metrics=GatewayMetrics(max_batch_size=64), keyer=RowKeyer(b"s", b"c"), device=CPU,
+                    features=WIDTH, noise_key="output")  # fmt: skip
+    assert pipe.noise_key == "input"
+    rng = np.random.default_rng(0)
+    x = (400 * runner.W[:, 0] / np.linalg.norm(runner.W[:, 0]) + rng.normal(size=(20, WIDTH))).astype(np.float32)
+    clean = torch.softmax(torch.from_numpy(x @ runner.W).double(), 1).numpy()
+    assert len(np.unique(output_key_rows(clean), axis=0)) == 1  # one output cell for all 20 rows
+    out = pipe(x).probabilities
+    assert len(np.unique(out.max(axis=1))) == 20 and np.array_equal(pipe(x).probabilities, out)  # repeats agree
+    defense.bind_model(lambda X: torch.softmax(torch.from_numpy(X @ runner.W).double(), 1).numpy(), WIDTH)
+    offline = release_vectors(defense, clean, secret=b"x")
+    assert len(np.unique(offline.max(axis=1))) == 20  # offline too: each row its own draw
+
+
 # --- near-duplicate keys -----------------------------------------------------------------------------
 def test_output_keys_are_shared_by_near_duplicates() -> None:
     p = softmax_rows(500, 10, seed=4).numpy()
