@@ -35,7 +35,7 @@ from gateway.errors import BundleError, GatewayError
 from gateway.logs import incoming_request_id, request_id
 from gateway.metrics import GatewayMetrics, start_metrics_server
 from gateway.openapi import openapi_document
-from gateway.pipeline import Pipeline, effective_noise_key
+from gateway.pipeline import Pipeline
 from gateway.runner import CUDA, ModelRunner, OnnxRunner
 from gateway.schemas import dumps
 from gateway.settings import GatewaySettings
@@ -253,7 +253,7 @@ class GatewayRuntime:
         state, settings = self.state, self.state.settings
         state.loop = asyncio.get_running_loop()
         pipeline = await asyncio.to_thread(_build, state, self.runner_factory)
-        self._announce()
+        self._announce(pipeline)
         # Proxy mode: a short probe first (the upstream may start after us, or hang), so the port is bound within
         # a second whatever the upstream does; readiness probes it again until it answers.
         if not await state.probe_upstream():
@@ -313,7 +313,7 @@ class GatewayRuntime:
                 log.warning("query budgets: Redis does not answer yet; own buckets until it answers")
         log.info("query budgets: %g rows/s, bursts of %d, %s", s.query_budget_rows_per_s, s.query_budget_burst, where)
 
-    def _announce(self) -> None:
+    def _announce(self, pipeline: Pipeline) -> None:
         """Metrics' info series and the startup log lines: what is served, where, with which defense."""
         state = self.state
         assert state.bundle is not None and state.runner is not None and state.defense is not None
@@ -327,9 +327,9 @@ class GatewayRuntime:
         log_defense_quality(m, defense.name, defense.params())
         log.info("threads: %s", state.settings.threads().describe())
         if defense.randomized:
-            key = effective_noise_key(defense, state.settings.noise_key)
-            log.info("randomness keyed per row by its %s", f"clean output on a {state.settings.noise_key_grid:g} "
-                     "grid (near-duplicates share a draw)" if key == "output" else "exact input bytes")  # fmt: skip
+            by_output = f"clean output on a {pipeline.noise_key_grid:g} grid (near-duplicates share a draw)"
+            log.info("randomness keyed per row by its %s",
+                     by_output if pipeline.noise_key == "output" else "exact input bytes")  # fmt: skip
         if state.settings.require_gpu and not state.gpu_ok:
             log.error("GATEWAY_REQUIRE_GPU=true but the provider is %s: readiness stays 503", runner.provider)
 

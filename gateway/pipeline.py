@@ -98,11 +98,6 @@ def release_vectors(
     return torch.where(out.bad[:, None], one_hot(labels, p.shape[1]), out.released).numpy()
 
 
-def effective_noise_key(defense: Defense, configured: Literal["output", "input"]) -> Literal["output", "input"]:
-    """What keys the rows' randomness: ``GATEWAY_NOISE_KEY``, unless the defense must key on the input."""
-    return "input" if keyed_on_input(defense) else configured
-
-
 class Pipeline:
     def __init__(
         self,
@@ -133,7 +128,8 @@ class Pipeline:
         self.metrics = metrics
         self.keyer = keyer
         self.device = device
-        self.noise_key = effective_noise_key(defense, noise_key)
+        # GATEWAY_NOISE_KEY, unless the defense must key on the input (the startup log reads this one)
+        self.noise_key: Literal["output", "input"] = "input" if keyed_on_input(defense) else noise_key
         self.noise_key_grid = noise_key_grid
 
     def __call__(self, x: np.ndarray) -> BatchOutput:
