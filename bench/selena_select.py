@@ -7,7 +7,10 @@ each LiRA reference from its own (``shadows``' cache layout, ``CACHE/shadow_j``)
 against the ``validation`` rows, which neither the target nor any reference trained on, with offline LiRA on
 those references and the plain logit-confidence threshold. (Online LiRA is left out: no reference trains on a
 validation row, so those rows would be scored against the global IN mean and the members against their own.)
-A sub-model missing from a cache is trained there first: run the plan's ``prepare`` before this.
+Each variant's references are real ``shadows`` (``train_shadows``, so a rerun reuses them) in
+``--refs-out``/``selena-<params>``: the variant the audit then takes uses them as its ``lira_shadows`` as
+they are, and what was scored here is what LiRA loads there. A sub-model missing from a cache is trained
+there first: run the plan's ``prepare`` before this.
 
     python bench/selena_select.py --cache artifacts/location30-selena-sub \\
         --refs-cache artifacts/location30-selena-refs-sub --count 16 --base distill_on=both \\
@@ -39,7 +42,7 @@ from defense_models.training.data import Dataset, Split  # noqa: E402
 from defense_models.training.nets import predict_logits  # noqa: E402
 from defense_models.training.recipes import TrainConfig, dataset_and_split, recipe  # noqa: E402
 from defense_models.training.replacements import replacement_context, role_rows, train_replacement  # noqa: E402
-from defense_models.training.shadows import DEFAULT_POOL, ShadowSpec, _train_one, in_mask  # noqa: E402
+from defense_models.training.shadows import ShadowSpec, load_shadows, train_shadows  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -73,23 +76,29 @@ def target_phi(setup: Setup, params: dict[str, Any], cache: str) -> tuple[np.nda
     return logit_confidence(probs, y), float(right[:members].mean()), float(right[members:].mean())
 
 
-def reference_phi(setup: Setup, params: dict[str, Any], cache: str, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """φ [count, members + validation] of the distilled references and their IN masks (validation: never IN)."""
+def reference_phi(setup: Setup, params: dict[str, Any], cache: str, count: int,
+                  refs_out: Path) -> tuple[np.ndarray, np.ndarray]:
+    """φ [count, members + validation] of the distilled references and their IN masks (validation: never IN).
+
+    The references are ``shadows``' own (``train_shadows`` into ``refs_out``, which skips those already
+    there): the set scored here is the set the audit's LiRA loads with ``lira_shadows = refs_out``."""
     config = replace(setup.config, replacement="selena", replacement_params={**params, "cache": cache})
-    arch, fit_config = recipe(config, setup.data)
-    pool = np.concatenate([setup.split.parts[r] for r in DEFAULT_POOL])
-    if pool[: len(setup.members[1])].tolist() != setup.split.parts["target_train"].tolist():
+    train_shadows(config, ShadowSpec(count), refs_out)
+    shadows = load_shadows(refs_out, setup.data)[:count]
+    members = len(setup.members[1])
+    if shadows[0][1].pool_rows[:members] != setup.split.parts["target_train"].tolist():
         raise ValueError("the references' pool must start with the target's members")
-    Xp, yp = torch.from_numpy(setup.data.X[pool]), torch.from_numpy(setup.data.y[pool])
     X = torch.cat([setup.members[0], setup.validation[0]])
     y = torch.cat([setup.members[1], setup.validation[1]]).numpy()
-    phis, masks = [], []
-    for j in range(count):
-        mask = in_mask(j, len(pool), ShadowSpec(count).keep, config.seed)
-        model, _, _ = _train_one(config, setup.data, setup.split, arch, fit_config, (Xp[mask], yp[mask]), ROOT, j)
-        phis.append(logit_confidence(softmax_on(model, X), y))
-        masks.append(np.concatenate([mask[: len(setup.members[1])], np.zeros(len(setup.validation[1]), bool)]))
+    phis = [logit_confidence(softmax_on(model, X), y) for model, _ in shadows]
+    never = np.zeros(len(setup.validation[1]), bool)
+    masks = [np.concatenate([np.asarray(meta.in_mask[:members]), never]) for _, meta in shadows]
     return np.stack(phis), np.stack(masks)
+
+
+def refs_dir(root: Path, params: dict[str, Any]) -> Path:
+    """One ``shadows`` directory per variant: ``root/selena-k=v-k=v`` (sorted keys)."""
+    return root / "-".join(["selena", *(f"{k}={params[k]}" for k in sorted(params))])
 
 
 def attacks(phi: np.ndarray, ref_phi: np.ndarray, ref_in: np.ndarray, members: int) -> dict[str, dict[str, float]]:
@@ -109,6 +118,8 @@ def main() -> int:
     ap.add_argument("--count", type=int, default=16, help="references")
     ap.add_argument("--base", default="", help="k=v,... every variant starts from")
     ap.add_argument("--variant", action="append", default=[], help="k=v,... on top of --base ('' = base)")
+    ap.add_argument("--refs-out", type=Path, default=ROOT / "artifacts" / "selena-select",
+                    help="each variant's references are shadows in REFS_OUT/selena-<params> (kept, reused)")
     ap.add_argument("--out", type=Path, default=ROOT / "reports" / "selena_select.json")
     args = ap.parse_args()
     config = TrainConfig(dataset=args.dataset, progress=False)
@@ -119,7 +130,8 @@ def main() -> int:
     for text in args.variant or [""]:
         params = {**parse_params(args.base), **parse_params(text)}
         phi, train_acc, val_acc = target_phi(setup, params, args.cache)
-        ref_phi, ref_in = reference_phi(setup, params, args.refs_cache, args.count)
+        ref_phi, ref_in = reference_phi(setup, params, args.refs_cache, args.count,
+                                       refs_dir(args.refs_out, params))
         result = attacks(phi, ref_phi, ref_in, len(setup.members[1]))
         rows.append({"variant": text or "(base)", "params": params, "train": train_acc, "validation": val_acc,
                      "attacks": result})  # fmt: skip
