@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 from bench._record import write_record  # noqa: E402
 from defense_models.audit.attacks.lira import Lira, logit_confidence  # noqa: E402
 from defense_models.audit.scoring import auc, tpr_at_fpr  # noqa: E402
+from defense_models.audit.sweep import parse_value  # noqa: E402
 from defense_models.training.data import Dataset, Split  # noqa: E402
 from defense_models.training.nets import predict_logits  # noqa: E402
 from defense_models.training.recipes import TrainConfig, dataset_and_split, recipe  # noqa: E402
@@ -55,8 +56,9 @@ class Setup:
 
 
 def parse_params(text: str) -> dict[str, Any]:
-    """'k=v,k=v' -> {k: v} (values as strings, as ``--replacement-param`` passes them)."""
-    return dict(item.split("=", 1) for item in text.split(",") if item)
+    """'k=v,k=v' -> {k: v}, numbers parsed as ``--replacement-param`` parses them (the shadows' request
+    must equal the one ``shadows`` would record, or it refuses the directory)."""
+    return {key: parse_value(value) for key, value in (item.split("=", 1) for item in text.split(",") if item)}
 
 
 def softmax_on(model: torch.nn.Module, X: torch.Tensor) -> np.ndarray:
