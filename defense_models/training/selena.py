@@ -51,6 +51,15 @@ def trains_on(excluded: np.ndarray, k: int) -> np.ndarray:
     return ~(excluded == k).any(axis=1)
 
 
+def tempered(soft: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Soft labels [M, C] -> softmax(log soft / T) [M, C]: T > 1 flattens each row, keeps its argmax and order."""
+    if temperature <= 0:
+        raise ValueError(f"distill_temperature must be > 0, got {temperature}")
+    if temperature == 1:
+        return soft
+    return torch.softmax(torch.log(soft.clamp_min(1e-12)) / temperature, dim=1).to(soft.dtype)
+
+
 class SoftCrossEntropy(nn.Module):
     """logits [B, C], soft targets [B, C] -> mean over rows of −Σ target · log softmax."""
 

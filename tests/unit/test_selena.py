@@ -7,10 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from defense_models.training.data import Dataset
 from defense_models.training.loop import FitConfig
-from defense_models.training.selena import SplitAI, exclusion_map, map_digest, trains_on
+from defense_models.training.selena import SplitAI, exclusion_map, map_digest, tempered, trains_on
 
 
 def test_each_record_is_left_out_of_exactly_l_distinct_submodels() -> None:
@@ -93,3 +95,38 @@ def test_distill_weight_decay_reaches_the_distillation_and_the_record(tmp_path: 
     decayed, decayed_record = train_replacement("selena", ctx, {**params, "distill_weight_decay": "0.5"})
     assert record["distill_weight_decay"] == 0.0 and float(decayed_record["distill_weight_decay"]) == 0.5
     assert weight_norm(decayed) < 0.5 * weight_norm(plain)  # same sub-models (cached), same init: only the decay
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.floats(1.01, 10.0))
+def test_a_temperature_flattens_every_soft_label_and_keeps_its_order(seed: int, temperature: float) -> None:
+    rng = np.random.default_rng(seed)
+    soft = torch.softmax(torch.from_numpy(rng.normal(scale=3.0, size=(8, 5))), dim=1)  # [8, 5] float64
+    flat = tempered(soft, temperature)
+    assert torch.allclose(flat.sum(dim=1), torch.ones(8, dtype=torch.float64), atol=1e-9)
+    assert (flat.argsort(dim=1) == soft.argsort(dim=1)).all() or torch.allclose(flat, soft, atol=1e-9)
+    assert (flat.max(dim=1).values <= soft.max(dim=1).values + 1e-12).all()  # never more confident
+    entropy = lambda p: -(p * p.clamp_min(1e-300).log()).sum(dim=1)  # noqa: E731
+    assert (entropy(flat) >= entropy(soft) - 1e-9).all()
+    assert tempered(soft, 1.0) is soft
+    with pytest.raises(ValueError, match="> 0"):
+        tempered(soft, 0.0)
+
+
+def test_distill_temperature_reaches_the_distillation_and_the_record(tmp_path: Path) -> None:
+    from defense_models.training.adv_reg import AdvRegConfig
+    from defense_models.training.replacements import Context, train_replacement
+
+    data, X, y = _data()
+    ctx = Context(data, "small-mlp", FitConfig(epochs=2, batch_size=32, lr=1e-2), (X[:80], y[:80]),
+                  (X[80:100], y[80:100]), (X[100:], y[100:]), 0, False, AdvRegConfig(), True)  # fmt: skip
+    params = {"K": "5", "L": "2", "cache": str(tmp_path), "distill_epochs": "60", "distill_lr": "1e-2"}
+
+    def top(model: torch.nn.Module) -> float:
+        with torch.no_grad():
+            return float(torch.softmax(model(X[:80]), dim=1).max(dim=1).values.mean())
+
+    plain, record = train_replacement("selena", ctx, params)
+    flat, flat_record = train_replacement("selena", ctx, {**params, "distill_temperature": "3"})
+    assert record["distill_temperature"] == 1.0 and float(flat_record["distill_temperature"]) == 3.0
+    assert top(flat) < top(plain)  # same sub-models (cached), same init: only the labels' temperature
