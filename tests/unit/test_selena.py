@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -32,6 +33,17 @@ def _data(n: int = 120) -> tuple[Dataset, torch.Tensor, torch.Tensor]:
     X = rng.normal(size=(n, 6)).astype(np.float32)
     y = (X[:, 0] > 0).astype(np.int64) + 2 * (X[:, 1] > 0).astype(np.int64)
     return Dataset(name="toy", X=X, y=y, classes=4, sha256="toy"), torch.from_numpy(X), torch.from_numpy(y)
+
+
+def _replacement_context() -> tuple[Any, torch.Tensor]:
+    """A replacement Context on the toy data: members 80 rows, reference 20, validation 20; and X [120, 6]."""
+    from defense_models.training.adv_reg import AdvRegConfig
+    from defense_models.training.replacements import Context
+
+    data, X, y = _data()
+    ctx = Context(data, "small-mlp", FitConfig(epochs=2, batch_size=32, lr=1e-2), (X[:80], y[:80]),
+                  (X[80:100], y[80:100]), (X[100:], y[100:]), 0, False, AdvRegConfig(), True)  # fmt: skip
+    return ctx, X
 
 
 def test_soft_labels_come_only_from_submodels_that_never_saw_the_record(
@@ -80,12 +92,9 @@ def test_records_no_submodel_saw_are_labelled_by_all_k(tmp_path: Path) -> None:
 
 
 def test_distill_weight_decay_reaches_the_distillation_and_the_record(tmp_path: Path) -> None:
-    from defense_models.training.adv_reg import AdvRegConfig
-    from defense_models.training.replacements import Context, train_replacement
+    from defense_models.training.replacements import train_replacement
 
-    data, X, y = _data()
-    ctx = Context(data, "small-mlp", FitConfig(epochs=2, batch_size=32, lr=1e-2), (X[:80], y[:80]),
-                  (X[80:100], y[80:100]), (X[100:], y[100:]), 0, False, AdvRegConfig(), True)  # fmt: skip
+    ctx, _ = _replacement_context()
     params = {"K": "5", "L": "2", "cache": str(tmp_path), "distill_epochs": "30", "distill_lr": "1e-2"}
 
     def weight_norm(model: torch.nn.Module) -> float:
@@ -114,12 +123,9 @@ def test_a_temperature_flattens_every_soft_label_and_keeps_its_order(seed: int, 
 
 
 def test_distill_temperature_reaches_the_distillation_and_the_record(tmp_path: Path) -> None:
-    from defense_models.training.adv_reg import AdvRegConfig
-    from defense_models.training.replacements import Context, train_replacement
+    from defense_models.training.replacements import train_replacement
 
-    data, X, y = _data()
-    ctx = Context(data, "small-mlp", FitConfig(epochs=2, batch_size=32, lr=1e-2), (X[:80], y[:80]),
-                  (X[80:100], y[80:100]), (X[100:], y[100:]), 0, False, AdvRegConfig(), True)  # fmt: skip
+    ctx, X = _replacement_context()
     params = {"K": "5", "L": "2", "cache": str(tmp_path), "distill_epochs": "60", "distill_lr": "1e-2"}
 
     def top(model: torch.nn.Module) -> float:
