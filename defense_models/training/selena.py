@@ -57,7 +57,7 @@ def tempered(soft: torch.Tensor, temperature: float) -> torch.Tensor:
         raise ValueError(f"distill_temperature must be > 0, got {temperature}")
     if temperature == 1:
         return soft
-    return torch.softmax(torch.log(soft.clamp_min(1e-12)) / temperature, dim=1).to(soft.dtype)
+    return torch.softmax(torch.log(soft.clamp_min(1e-12)) / temperature, dim=1)  # keeps soft's dtype
 
 
 class SoftCrossEntropy(nn.Module):
