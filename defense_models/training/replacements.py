@@ -37,7 +37,14 @@ from defense_models.training.data import Dataset, Split
 from defense_models.training.loop import FitConfig, fit, seed_everything
 from defense_models.training.nets import build, mlp
 from defense_models.training.recipes import TrainConfig, parse_shard
-from defense_models.training.selena import SoftCrossEntropy, SplitAI, exclusion_map, map_digest, tempered
+from defense_models.training.selena import (
+    SoftCrossEntropy,
+    SplitAI,
+    exclusion_map,
+    held_out_relabel,
+    map_digest,
+    tempered,
+)
 from defense_models.training.soft_targets import HampLoss, RelaxLoss
 from gateway.registry import Registry
 
@@ -229,11 +236,13 @@ def _selena(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, dict[str, 
     ``distill_on`` members (the paper), reference (the reference set, labelled by all K: the served model never
     sees a member) or both; ``distill_weight_decay`` regularises the distillation (Adam's L2);
     ``distill_temperature`` T > 1 flattens every soft label (softmax(log p / T)), so a row the model was
-    distilled on is less confident than the teacher ensemble]"""
+    distilled on is less confident than the teacher ensemble; ``relabel_folds`` F ≥ 2 first distills F students,
+    each without one fold of the members, and gives each member the output of the student that never saw it
+    (``held_out_relabel``)]"""
     p = _take(params, {"K": 25, "L": 10, "cache": "", "shard": "", "sub_epochs": ctx.fit_config.epochs,
                        "distill_optimizer": "adam", "distill_lr": 1e-3, "distill_batch_size": 512,
                        "distill_epochs": 60, "distill_weight_decay": 0.0, "distill_temperature": 1.0,
-                       "distill_on": "members"}, "selena")  # fmt: skip
+                       "distill_on": "members", "relabel_folds": 0}, "selena")  # fmt: skip
     if p["distill_on"] not in DISTILL_ON:
         raise ValueError(f"--replacement selena: distill_on must be one of {DISTILL_ON}, got {p['distill_on']!r}")
     X, y = ctx.members
@@ -244,15 +253,24 @@ def _selena(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, dict[str, 
     if p["shard"]:
         _selena_shard(split_ai, p, X, y, ctx.progress)
     Xd, soft = _distillation_set(split_ai, p["distill_on"], ctx, X, y)  # [M, D], [M, C]
-    soft = tempered(soft, float(p["distill_temperature"]))
     distill = FitConfig(epochs=int(p["distill_epochs"]), batch_size=int(p["distill_batch_size"]),
                         lr=float(p["distill_lr"]), optimizer=p["distill_optimizer"],
                         weight_decay=float(p["distill_weight_decay"]), seed=ctx.seed)  # fmt: skip
-    torch.manual_seed(ctx.seed)  # the distilled model's init does not depend on how many sub-models were trained
-    model = build(ctx.arch, ctx.data)
-    fit(model, Xd, soft, distill, loss_fn=SoftCrossEntropy(), progress=ctx.progress, desc="SELENA distillation")
+
+    def distilled(rows: torch.Tensor, labels: torch.Tensor, seed: int, desc: str) -> nn.Module:
+        torch.manual_seed(seed)  # the init does not depend on how many sub-models were trained before
+        model = build(ctx.arch, ctx.data)
+        fit(model, rows, labels, replace(distill, seed=seed), loss_fn=SoftCrossEntropy(), progress=ctx.progress,
+            desc=desc)  # fmt: skip
+        return model.eval()
+
+    if int(p["relabel_folds"]):
+        folds = int(p["relabel_folds"])
+        soft = held_out_relabel(Xd, soft, len(y), folds, ctx.seed, lambda rows, labels, f: distilled(
+            rows, labels, ctx.seed + 1 + f, f"SELENA student {f + 1}/{folds}"))  # fmt: skip
+    model = distilled(Xd, tempered(soft, float(p["distill_temperature"])), ctx.seed, "SELENA distillation")
     keep = ("K", "L", "sub_epochs", "distill_optimizer", "distill_lr", "distill_batch_size", "distill_epochs",
-            "distill_weight_decay", "distill_temperature", "distill_on")  # fmt: skip
+            "distill_weight_decay", "distill_temperature", "distill_on", "relabel_folds")  # fmt: skip
     return model, {**{k: p[k] for k in keep}, "seed": ctx.seed, "exclusion_map": map_digest(excluded),
                    "distill_rows": len(Xd), "trained_on_reference": p["distill_on"] != "members",
                    "cache": p["cache"] or None}  # fmt: skip

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -58,6 +59,29 @@ def tempered(soft: torch.Tensor, temperature: float) -> torch.Tensor:
     if temperature == 1:
         return soft
     return torch.softmax(torch.log(soft.clamp_min(1e-12)) / temperature, dim=1)  # keeps soft's dtype
+
+
+def fold_rows(records: int, folds: int, seed: int) -> list[torch.Tensor]:
+    """The records 0..records-1 in ``folds`` disjoint parts of near-equal size (a seeded permutation)."""
+    if not 2 <= folds <= records:
+        raise ValueError(f"relabel_folds must be 0 (off) or in 2..{records}, got {folds}")
+    order = torch.from_numpy(np.random.default_rng([seed, folds]).permutation(records))
+    return list(torch.tensor_split(order, folds))
+
+
+def held_out_relabel(Xd: torch.Tensor, soft: torch.Tensor, members: int, folds: int, seed: int,
+                     student: Callable[[torch.Tensor, torch.Tensor, int], nn.Module]) -> torch.Tensor:  # fmt: skip
+    """Soft labels [M, C] whose first ``members`` rows are replaced fold by fold: a fold's members get the softmax
+    of a student distilled on every other row of (Xd [M, D], soft), so each member's final label is what a
+    distilled model that never saw it outputs there, the same kind of function LiRA's OUT references are.
+    ``student(X, soft, fold)`` trains one. The other rows (the reference set) keep their labels."""
+    out = soft.clone()
+    for fold, rows in enumerate(fold_rows(members, folds, seed)):
+        keep = torch.ones(len(Xd), dtype=torch.bool)
+        keep[rows] = False
+        model = student(Xd[keep], soft[keep], fold)
+        out[rows] = torch.softmax(predict_logits(model, Xd[rows]).double(), dim=1).to(soft.dtype)
+    return out
 
 
 class SoftCrossEntropy(nn.Module):

@@ -13,7 +13,15 @@ from hypothesis import strategies as st
 
 from defense_models.training.data import Dataset
 from defense_models.training.loop import FitConfig
-from defense_models.training.selena import SplitAI, exclusion_map, map_digest, tempered, trains_on
+from defense_models.training.selena import (
+    SplitAI,
+    exclusion_map,
+    fold_rows,
+    held_out_relabel,
+    map_digest,
+    tempered,
+    trains_on,
+)
 
 
 def test_each_record_is_left_out_of_exactly_l_distinct_submodels() -> None:
@@ -138,3 +146,64 @@ def test_distill_temperature_reaches_the_distillation_and_the_record(tmp_path: P
     flat, flat_record = train_replacement("selena", ctx, {**params, "distill_temperature": "3"})
     assert record["distill_temperature"] == 1.0 and float(flat_record["distill_temperature"]) == 3.0
     assert top(flat) < top(plain)  # same sub-models (cached), same init: only the labels' temperature
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 300), st.integers(2, 12), st.integers(0, 2**31 - 1))
+def test_relabel_folds_partition_the_members(records: int, folds: int, seed: int) -> None:
+    folds = min(folds, records)
+    parts = fold_rows(records, folds, seed)
+    rows = torch.cat(parts)
+    assert sorted(rows.tolist()) == list(range(records))  # disjoint, and every member in one
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    assert all(torch.equal(a, b) for a, b in zip(parts, fold_rows(records, folds, seed), strict=True))  # seeded
+
+
+def test_fold_counts_out_of_range_are_refused() -> None:
+    for folds in (1, 11):
+        with pytest.raises(ValueError, match="relabel_folds"):
+            fold_rows(10, folds, 0)
+
+
+def test_each_member_is_relabelled_by_a_student_that_never_saw_it() -> None:
+    members, reference = 30, 10
+    Xd = torch.arange(members + reference, dtype=torch.float32)[:, None]  # [40, 1]: a row's value is its index
+    soft = torch.softmax(torch.randn(members + reference, 3, generator=torch.Generator().manual_seed(0)), 1)
+    seen: dict[int, set[int]] = {}
+
+    class Remembers(torch.nn.Module):
+        """Logits [N, 3] = log of the fold number's one-hot, so a relabelled row names its student."""
+
+        def __init__(self, fold: int) -> None:
+            super().__init__()
+            self.fold = fold
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.log(torch.nn.functional.one_hot(torch.full((len(x),), self.fold), 3).float() + 1e-9)
+
+    def student(rows: torch.Tensor, labels: torch.Tensor, fold: int) -> torch.nn.Module:
+        seen[fold] = {int(v) for v in rows[:, 0]}
+        assert torch.equal(labels, soft[rows[:, 0].long()])  # trained on the rows' own labels
+        return Remembers(fold)
+
+    out = held_out_relabel(Xd, soft, members, 3, seed=1, student=student)
+    assert out.shape == soft.shape and torch.equal(out[members:], soft[members:])  # the reference keeps its labels
+    for i in range(members):
+        fold = int(out[i].argmax())
+        assert i not in seen[fold]  # its student never trained on it
+        assert all(i in seen[other] for other in range(3) if other != fold)  # and every other student did
+    assert all(set(range(members, members + reference)) <= rows for rows in seen.values())
+
+
+def test_relabel_folds_reaches_the_distillation_and_the_record(tmp_path: Path) -> None:
+    from defense_models.training.replacements import train_replacement
+
+    ctx, _ = _replacement_context()
+    params = {"K": "5", "L": "2", "cache": str(tmp_path), "distill_epochs": "5"}
+    plain, record = train_replacement("selena", ctx, params)
+    again, _ = train_replacement("selena", ctx, params)
+    relabelled, relabelled_record = train_replacement("selena", ctx, {**params, "relabel_folds": "2"})
+    assert record["relabel_folds"] == 0 and int(relabelled_record["relabel_folds"]) == 2
+    weights = lambda m: torch.cat([p.detach().flatten() for p in m.parameters()])  # noqa: E731
+    assert torch.allclose(weights(plain), weights(again))  # same sub-models (cached), same init
+    assert not torch.allclose(weights(plain), weights(relabelled))  # so only the labels moved it
