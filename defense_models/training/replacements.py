@@ -238,13 +238,9 @@ def _selena(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, dict[str, 
     ``distill_temperature`` T > 1 flattens every soft label (softmax(log p / T)), so a row the model was
     distilled on is less confident than the teacher ensemble; ``relabel_folds`` F ≥ 2 first distills F students,
     each without one fold of the members, and gives each member the output of the student that never saw it
-    (``held_out_relabel``)]"""
-    p = _take(params, {"K": 25, "L": 10, "cache": "", "shard": "", "sub_epochs": ctx.fit_config.epochs,
-                       "distill_optimizer": "adam", "distill_lr": 1e-3, "distill_batch_size": 512,
-                       "distill_epochs": 60, "distill_weight_decay": 0.0, "distill_temperature": 1.0,
-                       "distill_on": "members", "relabel_folds": 0}, "selena")  # fmt: skip
-    if p["distill_on"] not in DISTILL_ON:
-        raise ValueError(f"--replacement selena: distill_on must be one of {DISTILL_ON}, got {p['distill_on']!r}")
+    (``held_out_relabel``); ``reference_teachers`` all (every sub-model labels a reference row) or L (L of them,
+    drawn per row and seeded, so a reference row's label is as noisy as a member's)]"""
+    p = _selena_params(ctx, params)
     X, y = ctx.members
     excluded = exclusion_map(len(y), int(p["K"]), int(p["L"]), ctx.seed)
     cache = Path(p["cache"]) if p["cache"] else None
@@ -252,7 +248,29 @@ def _selena(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, dict[str, 
     split_ai = SplitAI(ctx.arch, ctx.data, sub_config, excluded, int(p["K"]), cache)
     if p["shard"]:
         _selena_shard(split_ai, p, X, y, ctx.progress)
-    Xd, soft = _distillation_set(split_ai, p["distill_on"], ctx, X, y)  # [M, D], [M, C]
+    Xd, soft = _distillation_set(split_ai, p, ctx, X, y)  # [M, D], [M, C]
+    model = _selena_distill(ctx, p, Xd, soft, members=len(y))
+    record = {k: v for k, v in p.items() if k not in ("cache", "shard")}
+    return model, {**record, "seed": ctx.seed, "exclusion_map": map_digest(excluded), "distill_rows": len(Xd),
+                   "trained_on_reference": p["distill_on"] != "members", "cache": p["cache"] or None}  # fmt: skip
+
+
+def _selena_params(ctx: Context, params: dict[str, Any]) -> dict[str, Any]:
+    p = _take(params, {"K": 25, "L": 10, "cache": "", "shard": "", "sub_epochs": ctx.fit_config.epochs,
+                       "distill_optimizer": "adam", "distill_lr": 1e-3, "distill_batch_size": 512,
+                       "distill_epochs": 60, "distill_weight_decay": 0.0, "distill_temperature": 1.0,
+                       "distill_on": "members", "relabel_folds": 0, "reference_teachers": "all"}, "selena")  # fmt: skip
+    if p["distill_on"] not in DISTILL_ON:
+        raise ValueError(f"--replacement selena: distill_on must be one of {DISTILL_ON}, got {p['distill_on']!r}")
+    if p["reference_teachers"] not in ("all", "L"):
+        raise ValueError(f"--replacement selena: reference_teachers must be all or L, got {p['reference_teachers']!r}")
+    if int(p["relabel_folds"]) and p["distill_on"] == "reference":
+        raise ValueError("--replacement selena: relabel_folds relabels members; distill_on=reference has none")
+    return p
+
+
+def _selena_distill(ctx: Context, p: dict[str, Any], Xd: torch.Tensor, soft: torch.Tensor, members: int) -> nn.Module:
+    """The served model, distilled on rows Xd [M, D] (the first ``members`` are members) and soft [M, C]."""
     distill = FitConfig(epochs=int(p["distill_epochs"]), batch_size=int(p["distill_batch_size"]),
                         lr=float(p["distill_lr"]), optimizer=p["distill_optimizer"],
                         weight_decay=float(p["distill_weight_decay"]), seed=ctx.seed)  # fmt: skip
@@ -264,16 +282,11 @@ def _selena(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, dict[str, 
             desc=desc)  # fmt: skip
         return model.eval()
 
-    if int(p["relabel_folds"]):
-        folds = int(p["relabel_folds"])
-        soft = held_out_relabel(Xd, soft, len(y), folds, ctx.seed, lambda rows, labels, f: distilled(
+    folds = int(p["relabel_folds"])
+    if folds:
+        soft = held_out_relabel(Xd, soft, members, folds, ctx.seed, lambda rows, labels, f: distilled(
             rows, labels, ctx.seed + 1 + f, f"SELENA student {f + 1}/{folds}"))  # fmt: skip
-    model = distilled(Xd, tempered(soft, float(p["distill_temperature"])), ctx.seed, "SELENA distillation")
-    keep = ("K", "L", "sub_epochs", "distill_optimizer", "distill_lr", "distill_batch_size", "distill_epochs",
-            "distill_weight_decay", "distill_temperature", "distill_on", "relabel_folds")  # fmt: skip
-    return model, {**{k: p[k] for k in keep}, "seed": ctx.seed, "exclusion_map": map_digest(excluded),
-                   "distill_rows": len(Xd), "trained_on_reference": p["distill_on"] != "members",
-                   "cache": p["cache"] or None}  # fmt: skip
+    return distilled(Xd, tempered(soft, float(p["distill_temperature"])), ctx.seed, "SELENA distillation")
 
 
 DISTILL_ON = ("members", "reference", "both")
@@ -290,11 +303,15 @@ def _selena_shard(split_ai: SplitAI, p: dict[str, Any], X: torch.Tensor, y: torc
                       "without shard= to distill and export")  # fmt: skip
 
 
-def _distillation_set(split_ai: SplitAI, distill_on: str, ctx: Context, X: torch.Tensor,
+def _distillation_set(split_ai: SplitAI, p: dict[str, Any], ctx: Context, X: torch.Tensor,
                       y: torch.Tensor) -> Pair:  # fmt: skip
     """(rows [M, D], soft labels [M, C]) the served model distills on."""
+    distill_on = p["distill_on"]
     others = ctx.reference[0] if distill_on != "members" else None
-    soft, reference_soft = split_ai.soft_labels(X, y, ctx.progress, others)  # [N, C], [R, C] or None
+    teachers = None  # reference_teachers=all: every sub-model labels each reference row
+    if others is not None and p["reference_teachers"] == "L":  # L of them, drawn per row, as for a member
+        teachers = exclusion_map(len(others), int(p["K"]), int(p["L"]), ctx.seed, stream=1)
+    soft, reference_soft = split_ai.soft_labels(X, y, ctx.progress, others, teachers)  # [N, C], [R, C] or None
     if reference_soft is None:
         return X, soft
     if distill_on == "reference":

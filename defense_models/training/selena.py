@@ -35,11 +35,12 @@ from defense_models.training.nets import build, predict_logits
 from gateway.defenses.classifier import load_weights, save_weights
 
 
-def exclusion_map(records: int, K: int, L: int, seed: int) -> np.ndarray:
-    """[records, L] the sub-models each record is left out of (distinct, seeded)."""
+def exclusion_map(records: int, K: int, L: int, seed: int, stream: int = 0) -> np.ndarray:
+    """[records, L] the sub-models each record is left out of (distinct, seeded); ``stream`` 1 draws another
+    map from the same seed (the reference rows' teachers)."""
     if not 0 < L < K:
         raise ValueError(f"SELENA needs 0 < L < K, got K={K}, L={L}")
-    rng = np.random.default_rng([seed, K, L])
+    rng = np.random.default_rng([seed, K, L] + ([stream] if stream else []))
     return np.argsort(rng.random((records, K)), axis=1)[:, :L]
 
 
@@ -128,10 +129,11 @@ class SplitAI:
                                         "records": int(mask.sum())}) + "\n")  # fmt: skip
         return model.eval()
 
-    def soft_labels(self, X: torch.Tensor, y: torch.Tensor, progress: bool,
-                    others: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    def soft_labels(self, X: torch.Tensor, y: torch.Tensor, progress: bool, others: torch.Tensor | None = None,
+                    others_teachers: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
         """Members [records, C]: each record's mean softmax over the L sub-models that left it out.
-        ``others`` [M, D] (records no sub-model saw): [M, C], their mean softmax over all K sub-models."""
+        ``others`` [M, D] (records no sub-model saw): [M, C], their mean softmax over all K sub-models, or over
+        the sub-models ``others_teachers`` [M, L'] names for each row."""
         total = torch.zeros(X.shape[0], self.data.classes, dtype=torch.float64)
         rest = None if others is None else torch.zeros(others.shape[0], self.data.classes, dtype=torch.float64)
         for k in range(self.K):
@@ -141,5 +143,7 @@ class SplitAI:
             model = self.train(k, X, y, progress)
             total[left_out] += torch.softmax(predict_logits(model, X[left_out]).double(), dim=1)
             if rest is not None and others is not None:
-                rest += torch.softmax(predict_logits(model, others).double(), dim=1)
-        return (total / self.excluded.shape[1]).float(), None if rest is None else (rest / self.K).float()
+                taught = slice(None) if others_teachers is None else torch.from_numpy((others_teachers == k).any(1))
+                rest[taught] += torch.softmax(predict_logits(model, others[taught]).double(), dim=1)
+        teachers = self.K if others_teachers is None else others_teachers.shape[1]
+        return (total / self.excluded.shape[1]).float(), None if rest is None else (rest / teachers).float()

@@ -27,6 +27,7 @@ from defense_models.training.selena import (
 def test_each_record_is_left_out_of_exactly_l_distinct_submodels() -> None:
     ex = exclusion_map(500, K=25, L=10, seed=3)
     assert ex.shape == (500, 10) and all(len(set(row)) == 10 for row in ex.tolist())
+    assert map_digest(ex) == "3319dfc05698f26e"  # the cached sub-models' key: stream 0 must keep drawing this map
     assert ex.min() >= 0 and ex.max() < 25
     assert (exclusion_map(500, 25, 10, seed=3) == ex).all()  # seeded
     assert map_digest(ex) != map_digest(exclusion_map(500, 25, 10, seed=4))
@@ -97,6 +98,13 @@ def test_records_no_submodel_saw_are_labelled_by_all_k(tmp_path: Path) -> None:
     assert torch.allclose(rest.double(), expected, atol=1e-6)  # the mean of every sub-model, none of which saw them
     alone, _ = split_ai.soft_labels(X[members], y[members], progress=False)
     assert torch.allclose(alone, soft)  # the members' labels do not depend on the others
+    teachers = exclusion_map(40, K=5, L=2, seed=0, stream=1)  # [40, 2]: another map from the same seed
+    assert (teachers != exclusion_map(40, K=5, L=2, seed=0)).any()
+    same, few = split_ai.soft_labels(X[members], y[members], progress=False, others=X[others], others_teachers=teachers)
+    probs = torch.stack([torch.softmax(predict_logits(m, X[others]).double(), 1) for m in models])  # [5, 40, 4]
+    expected = torch.stack([probs[list(row), i].mean(0) for i, row in enumerate(teachers)])  # [40, 4]
+    assert few is not None and torch.allclose(few.double(), expected, atol=1e-6)  # each row: its own L teachers
+    assert torch.allclose(same, soft)
 
 
 def test_distill_weight_decay_reaches_the_distillation_and_the_record(tmp_path: Path) -> None:
@@ -207,3 +215,5 @@ def test_relabel_folds_reaches_the_distillation_and_the_record(tmp_path: Path) -
     weights = lambda m: torch.cat([p.detach().flatten() for p in m.parameters()])  # noqa: E731
     assert torch.allclose(weights(plain), weights(again))  # same sub-models (cached), same init
     assert not torch.allclose(weights(plain), weights(relabelled))  # so only the labels moved it
+    with pytest.raises(ValueError, match="relabel_folds"):  # no members to relabel there
+        train_replacement("selena", ctx, {**params, "relabel_folds": "2", "distill_on": "reference"})
