@@ -40,6 +40,7 @@ from defense_models.training.recipes import TrainConfig, parse_shard
 from defense_models.training.selena import (
     SoftCrossEntropy,
     SplitAI,
+    capped,
     exclusion_map,
     held_out_relabel,
     map_digest,
@@ -239,7 +240,8 @@ def _selena(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, dict[str, 
     distilled on is less confident than the teacher ensemble; ``relabel_folds`` F ≥ 2 first distills F students,
     each without one fold of the members, and gives each member the output of the student that never saw it
     (``held_out_relabel``); ``reference_teachers`` all (every sub-model labels a reference row) or L (L of them,
-    drawn per row and seeded, so a reference row's label is as noisy as a member's)]"""
+    drawn per row and seeded, so a reference row's label is as noisy as a member's); ``label_cap`` c in [0.5, 1]
+    lowers every soft label's top probability above c to c (``capped``)]"""
     p = _selena_params(ctx, params)
     X, y = ctx.members
     excluded = exclusion_map(len(y), int(p["K"]), int(p["L"]), ctx.seed)
@@ -259,7 +261,8 @@ def _selena_params(ctx: Context, params: dict[str, Any]) -> dict[str, Any]:
     p = _take(params, {"K": 25, "L": 10, "cache": "", "shard": "", "sub_epochs": ctx.fit_config.epochs,
                        "distill_optimizer": "adam", "distill_lr": 1e-3, "distill_batch_size": 512,
                        "distill_epochs": 60, "distill_weight_decay": 0.0, "distill_temperature": 1.0,
-                       "distill_on": "members", "relabel_folds": 0, "reference_teachers": "all"}, "selena")  # fmt: skip
+                       "distill_on": "members", "relabel_folds": 0, "reference_teachers": "all",
+                       "label_cap": 1.0}, "selena")  # fmt: skip
     if p["distill_on"] not in DISTILL_ON:
         raise ValueError(f"--replacement selena: distill_on must be one of {DISTILL_ON}, got {p['distill_on']!r}")
     if p["reference_teachers"] not in ("all", "L"):
@@ -286,7 +289,8 @@ def _selena_distill(ctx: Context, p: dict[str, Any], Xd: torch.Tensor, soft: tor
     if folds:
         soft = held_out_relabel(Xd, soft, members, folds, ctx.seed, lambda rows, labels, f: distilled(
             rows, labels, ctx.seed + 1 + f, f"SELENA student {f + 1}/{folds}"))  # fmt: skip
-    return distilled(Xd, tempered(soft, float(p["distill_temperature"])), ctx.seed, "SELENA distillation")
+    soft = capped(tempered(soft, float(p["distill_temperature"])), float(p["label_cap"]))
+    return distilled(Xd, soft, ctx.seed, "SELENA distillation")
 
 
 DISTILL_ON = ("members", "reference", "both")

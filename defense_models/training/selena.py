@@ -85,6 +85,18 @@ def held_out_relabel(Xd: torch.Tensor, soft: torch.Tensor, members: int, folds: 
     return out
 
 
+def capped(soft: torch.Tensor, cap: float) -> torch.Tensor:
+    """Soft labels [M, C] -> each row whose largest probability exceeds ``cap`` gets exactly ``cap`` there and
+    the rest rescaled to sum 1 − cap (their ratios kept). cap ≥ 0.5 keeps every argmax; 1 changes nothing."""
+    if not 0.5 <= cap <= 1:
+        raise ValueError(f"label_cap must be in [0.5, 1], got {cap}")
+    top, where = soft.max(dim=1, keepdim=True)  # [M, 1] each
+    over = top > cap
+    rest = soft * ((1 - cap) / (1 - top).clamp_min(1e-12))  # [M, C]: the others, rescaled
+    out = torch.where(over, rest.scatter(1, where, cap), soft)
+    return out
+
+
 class SoftCrossEntropy(nn.Module):
     """logits [B, C], soft targets [B, C] -> mean over rows of −Σ target · log softmax."""
 

@@ -15,6 +15,7 @@ from defense_models.training.data import Dataset
 from defense_models.training.loop import FitConfig
 from defense_models.training.selena import (
     SplitAI,
+    capped,
     exclusion_map,
     fold_rows,
     held_out_relabel,
@@ -140,7 +141,8 @@ def test_a_temperature_flattens_every_soft_label_and_keeps_its_order(seed: int, 
         tempered(soft, 0.0)
 
 
-def test_distill_temperature_reaches_the_distillation_and_the_record(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("key", "value"), [("distill_temperature", "3"), ("label_cap", "0.5")])
+def test_flatter_labels_reach_the_distillation_and_the_record(tmp_path: Path, key: str, value: str) -> None:
     from defense_models.training.replacements import train_replacement
 
     ctx, X = _replacement_context()
@@ -151,9 +153,9 @@ def test_distill_temperature_reaches_the_distillation_and_the_record(tmp_path: P
             return float(torch.softmax(model(X[:80]), dim=1).max(dim=1).values.mean())
 
     plain, record = train_replacement("selena", ctx, params)
-    flat, flat_record = train_replacement("selena", ctx, {**params, "distill_temperature": "3"})
-    assert record["distill_temperature"] == 1.0 and float(flat_record["distill_temperature"]) == 3.0
-    assert top(flat) < top(plain)  # same sub-models (cached), same init: only the labels' temperature
+    flat, flat_record = train_replacement("selena", ctx, {**params, key: value})
+    assert record[key] == 1.0 and float(flat_record[key]) == float(value)
+    assert top(flat) < top(plain)  # same sub-models (cached), same init: only the labels' flattening
 
 
 @settings(max_examples=60, deadline=None)
@@ -217,3 +219,24 @@ def test_relabel_folds_reaches_the_distillation_and_the_record(tmp_path: Path) -
     assert not torch.allclose(weights(plain), weights(relabelled))  # so only the labels moved it
     with pytest.raises(ValueError, match="relabel_folds"):  # no members to relabel there
         train_replacement("selena", ctx, {**params, "relabel_folds": "2", "distill_on": "reference"})
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.floats(0.5, 1.0))
+def test_a_cap_lowers_only_the_labels_above_it_and_keeps_their_argmax(seed: int, cap: float) -> None:
+    rng = np.random.default_rng(seed)
+    soft = torch.softmax(torch.from_numpy(rng.normal(scale=3.0, size=(8, 5))), dim=1)  # [8, 5] float64
+    out = capped(soft, cap)
+    assert torch.allclose(out.sum(dim=1), torch.ones(8, dtype=torch.float64), atol=1e-9)
+    assert (out >= 0).all() and (out.max(dim=1).values <= cap + 1e-12).all()
+    top = soft.max(dim=1).values
+    assert torch.equal(out[top <= cap], soft[top <= cap])  # rows under the cap are left alone
+    kept = out.gather(1, soft.argmax(dim=1, keepdim=True))[:, 0]  # [8]: the old argmax's new probability
+    assert (kept >= out.max(dim=1).values - 1e-12).all()  # still a largest entry (a tie only at cap 0.5)
+    over = top > cap
+    ratio = out[over] / soft[over]  # [n, 5]: the rest keep their ratios to each other
+    others = torch.ones_like(ratio, dtype=torch.bool).scatter(1, soft[over].argmax(1, keepdim=True), False)
+    assert torch.allclose(ratio[others].view(-1, 4), ratio[others].view(-1, 4)[:, :1].expand(-1, 4), rtol=1e-9)
+    assert torch.equal(capped(soft, 1.0), soft)
+    with pytest.raises(ValueError, match="label_cap"):
+        capped(soft, 0.4)
