@@ -41,6 +41,7 @@ from defense_models.training.selena import (
     SoftCrossEntropy,
     SplitAI,
     capped,
+    crossover_rows,
     exclusion_map,
     held_out_relabel,
     map_digest,
@@ -241,7 +242,8 @@ def _selena(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, dict[str, 
     each without one fold of the members, and gives each member the output of the student that never saw it
     (``held_out_relabel``); ``reference_teachers`` all (every sub-model labels a reference row) or L (L of them,
     drawn per row and seeded, so a reference row's label is as noisy as a member's); ``label_cap`` c in [0.5, 1]
-    lowers every soft label's top probability above c to c (``capped``)]"""
+    lowers every soft label's top probability above c to c (``capped``); ``distill_synthetic`` N adds N crossovers
+    of reference rows (``crossover_rows``), labelled as the reference rows are]"""
     p = _selena_params(ctx, params)
     X, y = ctx.members
     excluded = exclusion_map(len(y), int(p["K"]), int(p["L"]), ctx.seed)
@@ -262,11 +264,14 @@ def _selena_params(ctx: Context, params: dict[str, Any]) -> dict[str, Any]:
                        "distill_optimizer": "adam", "distill_lr": 1e-3, "distill_batch_size": 512,
                        "distill_epochs": 60, "distill_weight_decay": 0.0, "distill_temperature": 1.0,
                        "distill_on": "members", "relabel_folds": 0, "reference_teachers": "all",
-                       "label_cap": 1.0}, "selena")  # fmt: skip
+                       "label_cap": 1.0, "distill_synthetic": 0}, "selena")  # fmt: skip
     if p["distill_on"] not in DISTILL_ON:
         raise ValueError(f"--replacement selena: distill_on must be one of {DISTILL_ON}, got {p['distill_on']!r}")
     if p["reference_teachers"] not in ("all", "L"):
         raise ValueError(f"--replacement selena: reference_teachers must be all or L, got {p['reference_teachers']!r}")
+    if int(p["distill_synthetic"]) and p["distill_on"] == "members":
+        raise ValueError("--replacement selena: distill_synthetic extends the reference rows; distill_on=members "
+                         "has none")
     if int(p["relabel_folds"]) and p["distill_on"] == "reference":
         raise ValueError("--replacement selena: relabel_folds relabels members; distill_on=reference has none")
     return p
@@ -312,15 +317,17 @@ def _distillation_set(split_ai: SplitAI, p: dict[str, Any], ctx: Context, X: tor
     """(rows [M, D], soft labels [M, C]) the served model distills on."""
     distill_on = p["distill_on"]
     others = ctx.reference[0] if distill_on != "members" else None
+    if others is not None and int(p["distill_synthetic"]):  # same-class crossovers, labelled like the reference
+        others = torch.cat([others, crossover_rows(others, ctx.reference[1], int(p["distill_synthetic"]), ctx.seed)])
     teachers = None  # reference_teachers=all: every sub-model labels each reference row
     if others is not None and p["reference_teachers"] == "L":  # L of them, drawn per row, as for a member
         teachers = exclusion_map(len(others), int(p["K"]), int(p["L"]), ctx.seed, stream=1)
     soft, reference_soft = split_ai.soft_labels(X, y, ctx.progress, others, teachers)  # [N, C], [R, C] or None
-    if reference_soft is None:
+    if others is None or reference_soft is None:
         return X, soft
     if distill_on == "reference":
-        return ctx.reference[0], reference_soft
-    return torch.cat([X, ctx.reference[0]]), torch.cat([soft, reference_soft])
+        return others, reference_soft
+    return torch.cat([X, others]), torch.cat([soft, reference_soft])
 
 
 @register("dpsgd")

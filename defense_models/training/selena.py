@@ -85,6 +85,17 @@ def held_out_relabel(Xd: torch.Tensor, soft: torch.Tensor, members: int, folds: 
     return out
 
 
+def crossover_rows(X: torch.Tensor, y: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """[count, D] new rows, each feature taken from one of two rows of X [R, D] of the same class y [R] (both
+    drawn at random, seeded), so a new row stays near its class's rows."""
+    rng = np.random.default_rng([seed, count])
+    a = rng.integers(len(X), size=count)
+    labels = y.numpy()
+    b = np.array([rng.choice(np.flatnonzero(labels == labels[i])) for i in a], dtype=np.int64)
+    mask = torch.from_numpy(rng.random((count, X.shape[1])) < 0.5)  # [count, D]
+    return torch.where(mask, X[a], X[b])
+
+
 def capped(soft: torch.Tensor, cap: float) -> torch.Tensor:
     """Soft labels [M, C] -> each row whose largest probability exceeds ``cap`` gets exactly ``cap`` there and
     the rest rescaled to sum 1 − cap (their ratios kept). cap ≥ 0.5 keeps every argmax; 1 changes nothing."""

@@ -16,6 +16,7 @@ from defense_models.training.loop import FitConfig
 from defense_models.training.selena import (
     SplitAI,
     capped,
+    crossover_rows,
     exclusion_map,
     fold_rows,
     held_out_relabel,
@@ -240,3 +241,27 @@ def test_a_cap_lowers_only_the_labels_above_it_and_keeps_their_argmax(seed: int,
     assert torch.equal(capped(soft, 1.0), soft)
     with pytest.raises(ValueError, match="label_cap"):
         capped(soft, 0.4)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 60))
+def test_crossovers_mix_two_rows_of_one_class(seed: int, count: int) -> None:
+    rng = np.random.default_rng(seed)
+    y = torch.from_numpy(rng.integers(0, 3, size=20))  # [20]
+    X = (10 * y[:, None] + torch.from_numpy(rng.integers(0, 2, size=(20, 7)))).float()  # [20, 7]: 10c or 10c + 1
+    new = crossover_rows(X, y, count, seed)
+    assert new.shape == (count, 7) and torch.equal(new, crossover_rows(X, y, count, seed))  # seeded
+    classes = torch.div(new, 10, rounding_mode="floor")  # [count, 7]
+    assert (classes == classes[:, :1]).all()  # every feature from rows of one class
+    assert ((new - 10 * classes) <= 1).all()
+
+
+def test_distill_synthetic_adds_rows_only_beside_the_reference(tmp_path: Path) -> None:
+    from defense_models.training.replacements import train_replacement
+
+    ctx, _ = _replacement_context()
+    params = {"K": "5", "L": "2", "cache": str(tmp_path), "distill_epochs": "2", "distill_on": "both"}
+    _, record = train_replacement("selena", ctx, {**params, "distill_synthetic": "30"})
+    assert record["distill_rows"] == 80 + 20 + 30 and int(record["distill_synthetic"]) == 30
+    with pytest.raises(ValueError, match="distill_synthetic"):
+        train_replacement("selena", ctx, {**params, "distill_on": "members", "distill_synthetic": "30"})
