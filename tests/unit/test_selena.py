@@ -124,13 +124,22 @@ def test_distill_weight_decay_reaches_the_distillation_and_the_record(tmp_path: 
     assert weight_norm(decayed) < 0.5 * weight_norm(plain)  # same sub-models (cached), same init: only the decay
 
 
+def _random_labels(seed: int) -> torch.Tensor:
+    """[8, 5] float64 soft labels, some confident, some flat."""
+    rng = np.random.default_rng(seed)
+    return torch.softmax(torch.from_numpy(rng.normal(scale=3.0, size=(8, 5))), dim=1)
+
+
+def _rows_sum_to_one(p: torch.Tensor) -> bool:
+    return torch.allclose(p.sum(dim=1), torch.ones(len(p), dtype=p.dtype), atol=1e-9)
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.integers(0, 2**31 - 1), st.floats(1.01, 10.0))
 def test_a_temperature_flattens_every_soft_label_and_keeps_its_order(seed: int, temperature: float) -> None:
-    rng = np.random.default_rng(seed)
-    soft = torch.softmax(torch.from_numpy(rng.normal(scale=3.0, size=(8, 5))), dim=1)  # [8, 5] float64
+    soft = _random_labels(seed)
     flat = tempered(soft, temperature)
-    assert torch.allclose(flat.sum(dim=1), torch.ones(8, dtype=torch.float64), atol=1e-9)
+    assert _rows_sum_to_one(flat)
     assert (flat.argmax(dim=1) == soft.argmax(dim=1)).all()
     above = soft[:, :, None] > soft[:, None, :]  # [8, 5, 5]: class i above class j in the label
     assert (flat[:, :, None] >= flat[:, None, :])[above].all()  # never reversed (ties from rounding allowed)
@@ -225,10 +234,9 @@ def test_relabel_folds_reaches_the_distillation_and_the_record(tmp_path: Path) -
 @settings(max_examples=80, deadline=None)
 @given(st.integers(0, 2**31 - 1), st.floats(0.5, 1.0))
 def test_a_cap_lowers_only_the_labels_above_it_and_keeps_their_argmax(seed: int, cap: float) -> None:
-    rng = np.random.default_rng(seed)
-    soft = torch.softmax(torch.from_numpy(rng.normal(scale=3.0, size=(8, 5))), dim=1)  # [8, 5] float64
+    soft = _random_labels(seed)
     out = capped(soft, cap)
-    assert torch.allclose(out.sum(dim=1), torch.ones(8, dtype=torch.float64), atol=1e-9)
+    assert _rows_sum_to_one(out)
     assert (out >= 0).all() and (out.max(dim=1).values <= cap + 1e-12).all()
     top = soft.max(dim=1).values
     assert torch.equal(out[top <= cap], soft[top <= cap])  # rows under the cap are left alone
