@@ -104,8 +104,7 @@ def capped(soft: torch.Tensor, cap: float) -> torch.Tensor:
     top, where = soft.max(dim=1, keepdim=True)  # [M, 1] each
     over = top > cap
     rest = soft * ((1 - cap) / (1 - top).clamp_min(1e-12))  # [M, C]: the others, rescaled
-    out = torch.where(over, rest.scatter(1, where, cap), soft)
-    return out
+    return torch.where(over, rest.scatter(1, where, cap), soft)
 
 
 class SoftCrossEntropy(nn.Module):
