@@ -41,8 +41,11 @@ from defense_models.training.selena import (
     SoftCrossEntropy,
     SplitAI,
     capped,
+    check_label_cap,
+    check_temperature,
     crossover_rows,
     exclusion_map,
+    fold_rows,
     held_out_relabel,
     map_digest,
     tempered,
@@ -269,6 +272,13 @@ def _selena_params(ctx: Context, params: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"--replacement selena: distill_on must be one of {DISTILL_ON}, got {p['distill_on']!r}")
     if p["reference_teachers"] not in ("all", "L"):
         raise ValueError(f"--replacement selena: reference_teachers must be all or L, got {p['reference_teachers']!r}")
+    # the label transforms' own checks, run before any sub-model trains rather than after
+    check_temperature(float(p["distill_temperature"]))
+    check_label_cap(float(p["label_cap"]))
+    if int(p["relabel_folds"]):
+        fold_rows(len(ctx.members[1]), int(p["relabel_folds"]), ctx.seed)
+    if int(p["distill_synthetic"]) < 0:
+        raise ValueError(f"--replacement selena: distill_synthetic must be >= 0, got {p['distill_synthetic']}")
     if int(p["distill_synthetic"]) and p["distill_on"] == "members":
         raise ValueError("--replacement selena: distill_synthetic extends the reference rows; distill_on=members "
                          "has none")

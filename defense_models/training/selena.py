@@ -53,10 +53,19 @@ def trains_on(excluded: np.ndarray, k: int) -> np.ndarray:
     return ~(excluded == k).any(axis=1)
 
 
-def tempered(soft: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Soft labels [M, C] -> softmax(log soft / T) [M, C]: T > 1 flattens each row, keeps its argmax and order."""
+def check_temperature(temperature: float) -> None:
     if temperature <= 0:
         raise ValueError(f"distill_temperature must be > 0, got {temperature}")
+
+
+def check_label_cap(cap: float) -> None:
+    if not 0.5 <= cap <= 1:
+        raise ValueError(f"label_cap must be in [0.5, 1], got {cap}")
+
+
+def tempered(soft: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Soft labels [M, C] -> softmax(log soft / T) [M, C]: T > 1 flattens each row, keeps its argmax and order."""
+    check_temperature(temperature)
     if temperature == 1:
         return soft
     return torch.softmax(torch.log(soft.clamp_min(1e-12)) / temperature, dim=1)  # keeps soft's dtype
@@ -91,7 +100,8 @@ def crossover_rows(X: torch.Tensor, y: torch.Tensor, count: int, seed: int) -> t
     rng = np.random.default_rng([seed, count])
     a = rng.integers(len(X), size=count)
     labels = y.numpy()
-    b = np.array([rng.choice(np.flatnonzero(labels == labels[i])) for i in a], dtype=np.int64)
+    rows_of = {c: np.flatnonzero(labels == c) for c in np.unique(labels)}  # class -> its rows, found once
+    b = np.array([rng.choice(rows_of[labels[i]]) for i in a], dtype=np.int64)
     mask = torch.from_numpy(rng.random((count, X.shape[1])) < 0.5)  # [count, D]
     return torch.where(mask, X[a], X[b])
 
@@ -99,8 +109,7 @@ def crossover_rows(X: torch.Tensor, y: torch.Tensor, count: int, seed: int) -> t
 def capped(soft: torch.Tensor, cap: float) -> torch.Tensor:
     """Soft labels [M, C] -> each row whose largest probability exceeds ``cap`` gets exactly ``cap`` there and
     the rest rescaled to sum 1 − cap (their ratios kept). cap ≥ 0.5 keeps every argmax; 1 changes nothing."""
-    if not 0.5 <= cap <= 1:
-        raise ValueError(f"label_cap must be in [0.5, 1], got {cap}")
+    check_label_cap(cap)
     top, where = soft.max(dim=1, keepdim=True)  # [M, 1] each
     over = top > cap
     rest = soft * ((1 - cap) / (1 - top).clamp_min(1e-12))  # [M, C]: the others, rescaled

@@ -273,3 +273,18 @@ def test_distill_synthetic_adds_rows_only_beside_the_reference(tmp_path: Path) -
     assert record["distill_rows"] == 80 + 20 + 30 and int(record["distill_synthetic"]) == 30
     with pytest.raises(ValueError, match="distill_synthetic"):
         train_replacement("selena", ctx, {**params, "distill_on": "members", "distill_synthetic": "30"})
+
+
+@pytest.mark.parametrize(("key", "value", "match"), [("label_cap", "0.3", "label_cap"),
+                                                     ("distill_temperature", "0", "distill_temperature"),
+                                                     ("relabel_folds", "1", "relabel_folds"),
+                                                     ("distill_synthetic", "-5", "distill_synthetic")])  # fmt: skip
+def test_bad_label_parameters_fail_before_any_submodel_trains(tmp_path: Path, key: str, value: str,
+                                                              match: str) -> None:  # fmt: skip
+    from defense_models.training.replacements import train_replacement
+
+    ctx, _ = _replacement_context()
+    with pytest.raises(ValueError, match=match):
+        train_replacement("selena", ctx, {"K": "5", "L": "2", "cache": str(tmp_path), "distill_on": "both",
+                                          key: value})  # fmt: skip
+    assert not any(tmp_path.iterdir())  # nothing trained, nothing cached
