@@ -69,7 +69,7 @@ def target_phi(setup: Setup, params: dict[str, Any], cache: str) -> tuple[np.nda
     """The distilled target's φ [members + validation], train and validation accuracy."""
     arch, fit_config = recipe(setup.config, setup.data)
     ctx = replacement_context(setup.config, setup.data, setup.split, arch, fit_config, setup.members, setup.config.seed)
-    model, _ = train_replacement("selena", ctx, {**params, "cache": cache})
+    model, _ = train_replacement("selena", ctx, {**params, **where(cache)})
     X = torch.cat([setup.members[0], setup.validation[0]])
     y = torch.cat([setup.members[1], setup.validation[1]]).numpy()
     probs = softmax_on(model, X)  # [N + V, C]
@@ -78,13 +78,20 @@ def target_phi(setup: Setup, params: dict[str, Any], cache: str) -> tuple[np.nda
     return logit_confidence(probs, y), float(right[:members].mean()), float(right[members:].mean())
 
 
-def reference_phi(setup: Setup, params: dict[str, Any], cache: str, count: int,
-                  refs_out: Path) -> tuple[np.ndarray, np.ndarray]:
+def where(cache: str, own_of: str = "") -> dict[str, str]:
+    """The SELENA cache parameters: the sub-models in ``cache``; the reference set's own teachers
+    (``reference_teachers=own``, no member among them) in ``own_of``/reference_teachers, shared by the target
+    and every reference (default ``cache``'s)."""
+    return {"cache": cache, "reference_cache": str(Path(own_of or cache) / "reference_teachers")}
+
+
+def reference_phi(setup: Setup, params: dict[str, Any], cache: str, count: int, refs_out: Path,
+                  own_of: str) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """φ [count, members + validation] of the distilled references and their IN masks (validation: never IN).
 
     The references are ``shadows``' own (``train_shadows`` into ``refs_out``, which skips those already
     there): the set scored here is the set the audit's LiRA loads with ``lira_shadows = refs_out``."""
-    config = replace(setup.config, replacement="selena", replacement_params={**params, "cache": cache})
+    config = replace(setup.config, replacement="selena", replacement_params={**params, **where(cache, own_of)})
     train_shadows(config, ShadowSpec(count), refs_out)
     shadows = load_shadows(refs_out, setup.data)[:count]
     members = len(setup.members[1])
@@ -133,7 +140,7 @@ def main() -> int:
         params = {**parse_params(args.base), **parse_params(text)}
         phi, train_acc, val_acc = target_phi(setup, params, args.cache)
         ref_phi, ref_in = reference_phi(setup, params, args.refs_cache, args.count,
-                                       refs_dir(args.refs_out, params))
+                                        refs_dir(args.refs_out, params), own_of=args.cache)
         result = attacks(phi, ref_phi, ref_in, len(setup.members[1]))
         rows.append({"variant": text or "(base)", "params": params, "train": train_acc, "validation": val_acc,
                      "attacks": result})  # fmt: skip

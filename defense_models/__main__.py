@@ -384,9 +384,13 @@ def _info_parser(sub: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from defense_models.bundle.quality import WeakDefenseError
+    from gateway.registry import ParameterError
 
     try:
         return int(args.func(args))
+    except ParameterError as exc:  # a bad name or --replacement-param/--param: the user's input, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except WeakDefenseError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3

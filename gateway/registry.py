@@ -14,6 +14,10 @@ T = TypeVar("T", bound=type)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+class ParameterError(ValueError):
+    """A user's bad choice: an unknown member, or a parameter it refuses. The CLIs print it without a traceback."""
+
+
 class Registry:
     def __init__(self, kind: str, builtin_modules: Sequence[str] = ()) -> None:
         self.kind = kind
@@ -58,4 +62,4 @@ class Registry:
         try:
             return self._classes[name]
         except KeyError:
-            raise ValueError(f"unknown {self.kind} {name!r}; choose one of {self.names()}") from None
+            raise ParameterError(f"unknown {self.kind} {name!r}; choose one of {self.names()}") from None

@@ -48,10 +48,11 @@ from defense_models.training.selena import (
     fold_rows,
     held_out_relabel,
     map_digest,
+    own_teachers,
     tempered,
 )
 from defense_models.training.soft_targets import HampLoss, RelaxLoss
-from gateway.registry import Registry
+from gateway.registry import ParameterError, Registry
 
 Pair = tuple[torch.Tensor, torch.Tensor]  # (X [N, D] float32, y [N] int64)
 
@@ -92,7 +93,7 @@ register = REPLACEMENTS.function
 
 def _take(params: dict[str, Any], defaults: dict[str, Any], kind: str) -> dict[str, Any]:
     if unknown := set(params) - set(defaults):
-        raise ValueError(f"--replacement {kind}: unknown parameters {sorted(unknown)}; known: {sorted(defaults)}")
+        raise ParameterError(f"--replacement {kind}: unknown parameters {sorted(unknown)}; known: {sorted(defaults)}")
     return {**defaults, **params}
 
 
@@ -116,7 +117,7 @@ def advreg_setup(ctx: Context, params: dict[str, Any]) -> tuple[AdvRegConfig, Pa
     adv = replace(ctx.advreg, lam=p["lam"], k=p["k"], seed=ctx.seed)
     size = p["reference_size"] or len(ctx.reference[1])
     if not 0 < size <= len(ctx.reference[1]):
-        raise ValueError(f"advreg reference_size must be in 1..{len(ctx.reference[1])}, got {size}")
+        raise ParameterError(f"advreg reference_size must be in 1..{len(ctx.reference[1])}, got {size}")
     reference = (ctx.reference[0][:size], ctx.reference[1][:size])  # Nasr Table 7: the reference set's size
     f = ctx.fit_config
     if ctx.advreg_follow_recipe:  # the target recipe's optimizer; λ, k, epochs and warm-up from advreg
@@ -243,10 +244,12 @@ def _selena(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, dict[str, 
     ``distill_temperature`` T > 1 flattens every soft label (softmax(log p / T)), so a row the model was
     distilled on is less confident than the teacher ensemble; ``relabel_folds`` F ≥ 2 first distills F students,
     each without one fold of the members, and gives each member the output of the student that never saw it
-    (``held_out_relabel``); ``reference_teachers`` all (every sub-model labels a reference row) or L (L of them,
-    drawn per row and seeded, so a reference row's label is as noisy as a member's); ``label_cap`` c in [0.5, 1]
-    lowers every soft label's top probability above c to c (``capped``); ``distill_synthetic`` N adds N crossovers
-    of reference rows (``crossover_rows``), labelled as the reference rows are]"""
+    (``held_out_relabel``); ``reference_teachers`` all (every sub-model labels a reference row), L (L of them,
+    drawn per row and seeded, so a reference row's label is as noisy as a member's) or own (the reference set's
+    own Split-AI, ``own_teachers``: no member in any reference label's teachers; ``reference_cache`` keeps its
+    sub-models, default CACHE/reference_teachers, and may be shared with every LiRA reference); ``label_cap`` c
+    in [0.5, 1] lowers every soft label's top probability above c to c (``capped``); ``distill_synthetic`` N adds
+    N crossovers of reference rows (``crossover_rows``), labelled as the reference rows are]"""
     p = _selena_params(ctx, params)
     X, y = ctx.members
     excluded = exclusion_map(len(y), int(p["K"]), int(p["L"]), ctx.seed)
@@ -254,36 +257,41 @@ def _selena(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, dict[str, 
     sub_config = replace(ctx.fit_config, epochs=int(p["sub_epochs"]))
     split_ai = SplitAI(ctx.arch, ctx.data, sub_config, excluded, int(p["K"]), cache)
     if p["shard"]:
-        _selena_shard(split_ai, p, X, y, ctx.progress)
+        _selena_shard(split_ai, p, ctx)
     Xd, soft = _distillation_set(split_ai, p, ctx, X, y)  # [M, D], [M, C]
     model = _selena_distill(ctx, p, Xd, soft, members=len(y))
-    record = {k: v for k, v in p.items() if k not in ("cache", "shard")}
+    record = {k: v for k, v in p.items() if k not in WHERE}
     return model, {**record, "seed": ctx.seed, "exclusion_map": map_digest(excluded), "distill_rows": len(Xd),
                    "trained_on_reference": p["distill_on"] != "members", "cache": p["cache"] or None}  # fmt: skip
 
 
 def _selena_params(ctx: Context, params: dict[str, Any]) -> dict[str, Any]:
-    p = _take(params, {"K": 25, "L": 10, "cache": "", "shard": "", "sub_epochs": ctx.fit_config.epochs,
-                       "distill_optimizer": "adam", "distill_lr": 1e-3, "distill_batch_size": 512,
-                       "distill_epochs": 60, "distill_weight_decay": 0.0, "distill_temperature": 1.0,
+    p = _take(params, {"K": 25, "L": 10, "cache": "", "reference_cache": "", "shard": "",
+                       "sub_epochs": ctx.fit_config.epochs, "distill_optimizer": "adam", "distill_lr": 1e-3,
+                       "distill_batch_size": 512, "distill_epochs": 60, "distill_weight_decay": 0.0,
+                       "distill_temperature": 1.0,
                        "distill_on": "members", "relabel_folds": 0, "reference_teachers": "all",
                        "label_cap": 1.0, "distill_synthetic": 0}, "selena")  # fmt: skip
     if p["distill_on"] not in DISTILL_ON:
-        raise ValueError(f"--replacement selena: distill_on must be one of {DISTILL_ON}, got {p['distill_on']!r}")
-    if p["reference_teachers"] not in ("all", "L"):
-        raise ValueError(f"--replacement selena: reference_teachers must be all or L, got {p['reference_teachers']!r}")
+        raise ParameterError(f"--replacement selena: distill_on must be one of {DISTILL_ON}, got {p['distill_on']!r}")
+    if p["reference_teachers"] not in ("all", "L", "own"):
+        raise ParameterError("--replacement selena: reference_teachers must be all, L or own, got "
+                         f"{p['reference_teachers']!r}")  # fmt: skip
     # the label transforms' own checks, run before any sub-model trains rather than after
     check_temperature(float(p["distill_temperature"]))
     check_label_cap(float(p["label_cap"]))
     if int(p["relabel_folds"]):
         fold_rows(len(ctx.members[1]), int(p["relabel_folds"]), ctx.seed)
     if int(p["distill_synthetic"]) < 0:
-        raise ValueError(f"--replacement selena: distill_synthetic must be >= 0, got {p['distill_synthetic']}")
+        raise ParameterError(f"--replacement selena: distill_synthetic must be >= 0, got {p['distill_synthetic']}")
     if int(p["distill_synthetic"]) and p["distill_on"] == "members":
-        raise ValueError("--replacement selena: distill_synthetic extends the reference rows; distill_on=members "
+        raise ParameterError("--replacement selena: distill_synthetic extends the reference rows; distill_on=members "
                          "has none")
+    if p["reference_teachers"] != "all" and p["distill_on"] == "members":
+        raise ParameterError(f"--replacement selena: reference_teachers={p['reference_teachers']} labels the reference "
+                         "rows; distill_on=members has none")  # fmt: skip
     if int(p["relabel_folds"]) and p["distill_on"] == "reference":
-        raise ValueError("--replacement selena: relabel_folds relabels members; distill_on=reference has none")
+        raise ParameterError("--replacement selena: relabel_folds relabels members; distill_on=reference has none")
     return p
 
 
@@ -309,15 +317,23 @@ def _selena_distill(ctx: Context, p: dict[str, Any], Xd: torch.Tensor, soft: tor
 
 
 DISTILL_ON = ("members", "reference", "both")
+#: SELENA's parameters that say where its sub-models are kept or which share trains now, not what is trained
+WHERE = ("cache", "reference_cache", "shard")
 
 
-def _selena_shard(split_ai: SplitAI, p: dict[str, Any], X: torch.Tensor, y: torch.Tensor, progress: bool) -> None:
+def _selena_shard(split_ai: SplitAI, p: dict[str, Any], ctx: Context) -> None:
+    """Trains this shard's sub-models k ≡ i (mod N) into the cache (and the reference set's own, when asked)."""
     if not p["cache"]:
-        raise ValueError("--replacement selena: shard=i/N needs cache=DIR, where the shards' sub-models meet")
+        raise ParameterError("--replacement selena: shard=i/N needs cache=DIR, where the shards' sub-models meet")
     i, n = parse_shard(str(p["shard"]))
     mine = [k for k in range(split_ai.K) if k % n == i]
+    X, y = ctx.members
     for k in mine:
-        split_ai.train(k, X, y, progress)
+        split_ai.train(k, X, y, ctx.progress)
+    if p["reference_teachers"] == "own" and p["distill_on"] != "members":
+        teachers = _own_split(split_ai, p, ctx)
+        for k in mine:
+            teachers.train(k, *ctx.reference, ctx.progress)
     raise PartialWork(f"SELENA sub-models {mine} are in {p['cache']}; once every shard is done, run again "
                       "without shard= to distill and export")  # fmt: skip
 
@@ -326,18 +342,42 @@ def _distillation_set(split_ai: SplitAI, p: dict[str, Any], ctx: Context, X: tor
                       y: torch.Tensor) -> Pair:  # fmt: skip
     """(rows [M, D], soft labels [M, C]) the served model distills on."""
     distill_on = p["distill_on"]
-    others = ctx.reference[0] if distill_on != "members" else None
-    if others is not None and int(p["distill_synthetic"]):  # same-class crossovers, labelled like the reference
+    if distill_on == "members":
+        return X, split_ai.soft_labels(X, y, ctx.progress)[0]
+    others = ctx.reference[0]
+    if int(p["distill_synthetic"]):  # same-class crossovers, labelled like the reference
         others = torch.cat([others, crossover_rows(others, ctx.reference[1], int(p["distill_synthetic"]), ctx.seed)])
-    teachers = None  # reference_teachers=all: every sub-model labels each reference row
-    if others is not None and p["reference_teachers"] == "L":  # L of them, drawn per row, as for a member
-        teachers = exclusion_map(len(others), int(p["K"]), int(p["L"]), ctx.seed, stream=1)
-    soft, reference_soft = split_ai.soft_labels(X, y, ctx.progress, others, teachers)  # [N, C], [R, C] or None
-    if others is None or reference_soft is None:
-        return X, soft
-    if distill_on == "reference":
+    if p["reference_teachers"] == "own":  # no member sub-model needed unless the members are distilled on too
+        reference_soft = _own_labels(split_ai, p, ctx, others)  # [R, C]
+        soft = split_ai.soft_labels(X, y, ctx.progress)[0] if distill_on == "both" else None  # [N, C]
+    else:
+        teachers = None  # reference_teachers=all: every sub-model labels each reference row
+        if p["reference_teachers"] == "L":  # L of them, drawn per row, as for a member
+            teachers = exclusion_map(len(others), int(p["K"]), int(p["L"]), ctx.seed, stream=1)
+        soft, labelled = split_ai.soft_labels(X, y, ctx.progress, others, teachers)  # [N, C], [R, C]
+        assert labelled is not None
+        reference_soft = labelled
+    if distill_on == "reference" or soft is None:
         return others, reference_soft
     return torch.cat([X, others]), torch.cat([soft, reference_soft])
+
+
+def _own_labels(split_ai: SplitAI, p: dict[str, Any], ctx: Context, others: torch.Tensor) -> torch.Tensor:
+    """Soft labels [R, C] of the reference rows and their crossovers (``others``, the reference rows first) from
+    the reference set's own Split-AI: a reference row's from the L sub-models that left it out, a crossover's
+    from all K. No sub-model here saw a member."""
+    X_ref, y_ref = ctx.reference
+    teachers = _own_split(split_ai, p, ctx)
+    crossovers = others[len(y_ref):] if len(others) > len(y_ref) else None
+    own, crossed = teachers.soft_labels(X_ref, y_ref, ctx.progress, crossovers)  # [R0, C], [S, C] or None
+    return own if crossed is None else torch.cat([own, crossed])
+
+
+def _own_split(split_ai: SplitAI, p: dict[str, Any], ctx: Context) -> SplitAI:
+    """The reference set's own Split-AI, with the members' K, L and recipe; kept in ``reference_cache``."""
+    cache = p["reference_cache"] or (str(Path(p["cache"]) / "reference_teachers") if p["cache"] else "")
+    return own_teachers(split_ai.arch, ctx.data, split_ai.fit_config, len(ctx.reference[1]), int(p["K"]),
+                        int(p["L"]), Path(cache) if cache else None)  # fmt: skip
 
 
 @register("dpsgd")

@@ -14,6 +14,8 @@ there, then distills. Sub-models already in ``cache`` for the same map and epoch
 What the served model distills on (``distill_on``): the paper's ``members`` (each with its L-model soft label);
 ``reference``, the defender's non-member reference set labelled by all K sub-models, so the served model never
 trains on a member (DMP's idea, Shejwalkar & Houmansadr, AAAI 2021, with Split-AI as the teacher); or ``both``.
+The reference rows' teachers can instead be the reference set's own Split-AI (``own_teachers``): K sub-models
+on the reference rows alone, none of which saw a member, so those labels carry no member at all.
 """
 
 from __future__ import annotations
@@ -33,15 +35,21 @@ from defense_models.training.data import Dataset
 from defense_models.training.loop import FitConfig, fit
 from defense_models.training.nets import build, predict_logits
 from gateway.defenses.classifier import load_weights, save_weights
+from gateway.registry import ParameterError
 
 
 def exclusion_map(records: int, K: int, L: int, seed: int, stream: int = 0) -> np.ndarray:
     """[records, L] the sub-models each record is left out of (distinct, seeded); ``stream`` 1 draws another
     map from the same seed (the reference rows' teachers)."""
     if not 0 < L < K:
-        raise ValueError(f"SELENA needs 0 < L < K, got K={K}, L={L}")
+        raise ParameterError(f"SELENA needs 0 < L < K, got K={K}, L={L}")
     rng = np.random.default_rng([seed, K, L] + ([stream] if stream else []))
     return np.argsort(rng.random((records, K)), axis=1)[:, :L]
+
+
+#: the reference set's own Split-AI (``own_teachers``): its map's stream (1 is ``reference_teachers=L``) and its
+#: seed, fixed, so the target and every LiRA reference that copies it share one set of teachers
+OWN_STREAM, OWN_SEED = 2, 0
 
 
 def map_digest(excluded: np.ndarray) -> str:
@@ -55,12 +63,12 @@ def trains_on(excluded: np.ndarray, k: int) -> np.ndarray:
 
 def check_temperature(temperature: float) -> None:
     if temperature <= 0:
-        raise ValueError(f"distill_temperature must be > 0, got {temperature}")
+        raise ParameterError(f"distill_temperature must be > 0, got {temperature}")
 
 
 def check_label_cap(cap: float) -> None:
     if not 0.5 <= cap <= 1:
-        raise ValueError(f"label_cap must be in [0.5, 1], got {cap}")
+        raise ParameterError(f"label_cap must be in [0.5, 1], got {cap}")
 
 
 def tempered(soft: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -74,7 +82,7 @@ def tempered(soft: torch.Tensor, temperature: float) -> torch.Tensor:
 def fold_rows(records: int, folds: int, seed: int) -> list[torch.Tensor]:
     """The records 0..records-1 in ``folds`` disjoint parts of near-equal size (a seeded permutation)."""
     if not 2 <= folds <= records:
-        raise ValueError(f"relabel_folds must be 0 (off) or in 2..{records}, got {folds}")
+        raise ParameterError(f"relabel_folds must be 0 (off) or in 2..{records}, got {folds}")
     order = torch.from_numpy(np.random.default_rng([seed, folds]).permutation(records))
     return list(torch.tensor_split(order, folds))
 
@@ -146,11 +154,13 @@ class SplitAI:
 
     def train(self, k: int, X: torch.Tensor, y: torch.Tensor, progress: bool) -> nn.Module:
         """Sub-model k on its records (from ``cache`` when it is there for this map)."""
+        seed = self.fit_config.seed + 1 + k
+        torch.manual_seed(seed)  # its init is its own, whichever sub-models this process trained or loaded before
         model = build(self.arch, self.data)
         if self.cached(k):
             return load_weights(model, self._paths(k)[0]).eval()
         mask = torch.from_numpy(trains_on(self.excluded, k))
-        fit(model, X[mask], y[mask], replace(self.fit_config, seed=self.fit_config.seed + 1 + k), progress=progress,
+        fit(model, X[mask], y[mask], replace(self.fit_config, seed=seed), progress=progress,
             desc=f"SELENA sub-model {k + 1}/{self.K}")  # fmt: skip
         if self.cache is not None:
             self.cache.mkdir(parents=True, exist_ok=True)
@@ -178,3 +188,11 @@ class SplitAI:
                 rest[taught] += torch.softmax(predict_logits(model, others[taught]).double(), dim=1)
         teachers = self.K if others_teachers is None else others_teachers.shape[1]
         return (total / self.excluded.shape[1]).float(), None if rest is None else (rest / teachers).float()
+
+
+def own_teachers(arch: str, data: Dataset, fit_config: FitConfig, records: int, K: int, L: int,
+                 cache: Path | None) -> SplitAI:  # fmt: skip
+    """The reference set's own Split-AI over its ``records`` rows: a function of the reference rows, the recipe,
+    K and L only (seed ``OWN_SEED``), never of a member, so one ``cache`` serves the target and its references."""
+    excluded = exclusion_map(records, K, L, OWN_SEED, stream=OWN_STREAM)
+    return SplitAI(arch, data, replace(fit_config, seed=1_000_003 + OWN_SEED), excluded, K, cache)

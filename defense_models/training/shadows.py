@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from defense_models.training.loop import FitConfig, accuracy, fit
 from defense_models.training.nets import build
 from defense_models.training.recipes import TrainConfig, dataset_and_split, recipe
-from defense_models.training.replacements import Pair, replacement_context, train_replacement
+from defense_models.training.replacements import WHERE, Pair, replacement_context, train_replacement
 from gateway.defenses.classifier import load_weights, save_weights
 
 
@@ -93,7 +93,7 @@ def train_shadows(config: TrainConfig, spec: ShadowSpec, out: Path, shard: tuple
     X, y = torch.from_numpy(data.X[pool]), torch.from_numpy(data.y[pool])
     out.mkdir(parents=True, exist_ok=True)
     done = []
-    params = {k: v for k, v in config.replacement_params.items() if k != "cache"}  # where, not what
+    params = {k: v for k, v in config.replacement_params.items() if k not in WHERE}  # where, not what
     request = ShadowRequest(kind=config.replacement, params=params)
     _check_same_request(out, request)
     for j in range(shard[0], spec.count, shard[1]):

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gateway.registry import ParameterError
+
 
 def label_entropy(p: float, classes: int) -> float:
     """Entropy (nats) of the label with the true class at p and the others at (1 − p)/(C − 1)."""
@@ -28,7 +30,7 @@ def label_entropy(p: float, classes: int) -> float:
 def true_class_probability(gamma: float, classes: int) -> float:
     """The p whose label entropy is γ·ln C (0 < γ < 1), by bisection on [1/C, 1] (entropy falls as p rises)."""
     if not 0 < gamma < 1:
-        raise ValueError(f"HAMP's gamma must be in (0, 1), got {gamma}")
+        raise ParameterError(f"HAMP's gamma must be in (0, 1), got {gamma}")
     target, lo, hi = gamma * math.log(classes), 1.0 / classes, 1.0
     for _ in range(100):
         mid = (lo + hi) / 2
@@ -44,7 +46,7 @@ class HampLoss(nn.Module):
     def __init__(self, classes: int, gamma: float, alpha: float, kl_reduction: str = "elements") -> None:
         super().__init__()
         if kl_reduction not in ("elements", "rows"):
-            raise ValueError(f"HAMP's kl_reduction is 'elements' or 'rows', got {kl_reduction!r}")
+            raise ParameterError(f"HAMP's kl_reduction is 'elements' or 'rows', got {kl_reduction!r}")
         self.p = true_class_probability(gamma, classes)
         rest = (1 - self.p) / (classes - 1)
         self.register_buffer("table", torch.full((classes, classes), rest).fill_diagonal_(self.p))  # [C, C]

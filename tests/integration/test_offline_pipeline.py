@@ -172,6 +172,25 @@ def test_shadows_copy_a_replacement(tmp_path: Path, quick: None, tabular: Path) 
     check_references(metas + metas[:2], tmp_path)
 
 
+def test_shadows_share_selenas_own_reference_teachers(tmp_path: Path, quick: None, tabular: Path) -> None:
+    """`reference_teachers=own` teachers depend on no member: every reference loads the one set in
+    `reference_cache`, and where it is stays out of what the shadows were asked for."""
+    from defense_models.training.shadows import ShadowSpec, load_shadows, train_shadows
+
+    own = tmp_path / "own"
+    selena = TrainConfig(dataset="tabular", data_path=str(tabular), progress=False, replacement="selena",
+                         replacement_params={"K": 3, "L": 1, "sub_epochs": 2, "cache": str(tmp_path / "sub"),
+                                             "distill_on": "both", "reference_teachers": "own",
+                                             "reference_cache": str(own)})  # fmt: skip
+    assert train_shadows(selena, ShadowSpec(count=2), tmp_path / "refs") == [0, 1]
+    assert sorted(p.name for p in own.iterdir()) == [f"selena_{k:03d}.{ext}" for k in range(3) for ext in
+                                                     ("json", "safetensors")]  # fmt: skip
+    assert not any((tmp_path / "sub" / "shadow_0000").glob("reference_teachers"))
+    for _, meta in load_shadows(tmp_path / "refs", load_dataset("tabular", tabular)):
+        assert "reference_cache" not in meta.request.params and "reference_cache" not in meta.replacement
+        assert meta.replacement["reference_teachers"] == "own"
+
+
 async def test_export_a_users_onnx_model(tmp_path: Path, quick: None) -> None:
     from defense_models.bundle.byo import export_user_model
     from defense_models.bundle.export import export_onnx
@@ -232,6 +251,23 @@ def test_cli_train_with_advreg_replacement(tabular: Path, tmp_path: Path, quick:
     assert training is not None
     rep = training.replacement
     assert rep["reference_size"] == 20 < full and rep["config"]["lam"] == 2
+
+
+@pytest.mark.parametrize(("param", "says"), [("label_cap=0.3", "label_cap must be in [0.5, 1]"),
+                                             ("bogus=1", "unknown parameters ['bogus']"),
+                                             ("reference_teachers=own", "distill_on=members has none")])  # fmt: skip
+def test_a_bad_replacement_param_is_one_error_line(
+    tabular: Path, tmp_path: Path, quick: None, capsys: pytest.CaptureFixture[str], param: str, says: str
+) -> None:
+    """A typo in --replacement-param is the user's input: exit 2 and one line naming it, no traceback, no bundle."""
+    from defense_models.__main__ import main
+
+    assert main(["train", "--dataset", "tabular", "--data", str(tabular), "--quiet", "--defense", "none",
+                 "--replacement", "selena", "--replacement-param", f"cache={tmp_path / 'sub'}",
+                 "--replacement-param", param, "--out", str(tmp_path / "b")]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and says in err and "Traceback" not in err
+    assert not (tmp_path / "b").exists() and not (tmp_path / "sub").exists()  # failed before any work
 
 
 def test_audit_runs_attacks_and_writes_reports(tabular: Path, tmp_path: Path, quick: None) -> None:

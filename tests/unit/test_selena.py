@@ -21,6 +21,7 @@ from defense_models.training.selena import (
     fold_rows,
     held_out_relabel,
     map_digest,
+    own_teachers,
     tempered,
     trains_on,
 )
@@ -288,3 +289,102 @@ def test_bad_label_parameters_fail_before_any_submodel_trains(tmp_path: Path, ke
         train_replacement("selena", ctx, {"K": "5", "L": "2", "cache": str(tmp_path), "distill_on": "both",
                                           key: value})  # fmt: skip
     assert not any(tmp_path.iterdir())  # nothing trained, nothing cached
+
+
+def _trained_on(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, torch.Tensor]]:
+    """Records (k, the rows [n, D] it trained on) for every sub-model SplitAI trains (not loads) from now."""
+    calls: list[tuple[int, torch.Tensor]] = []
+    train = SplitAI.train
+
+    def recording(self: SplitAI, k: int, X_: torch.Tensor, y_: torch.Tensor, progress: bool) -> torch.nn.Module:
+        if not self.cached(k):
+            calls.append((k, X_[torch.from_numpy(trains_on(self.excluded, k))]))
+        return train(self, k, X_, y_, progress)
+
+    monkeypatch.setattr(SplitAI, "train", recording)
+    return calls
+
+
+def test_own_teachers_label_the_reference_without_any_member(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from defense_models.training.nets import predict_logits
+    from defense_models.training.replacements import _own_labels, _selena_params
+
+    ctx, X = _replacement_context()  # members X[:80], reference X[80:100]
+    calls = _trained_on(monkeypatch)
+    params = {"K": "5", "L": "2", "cache": str(tmp_path), "distill_epochs": "2", "reference_teachers": "own"}
+    _, record = train_replacement_selena(ctx, {**params, "distill_on": "reference", "distill_synthetic": "6"})
+    assert record["distill_rows"] == 20 + 6 and "reference_cache" not in record
+    members = {tuple(row.tolist()) for row in X[:80]}
+    assert len(calls) == 5 and all(not members & {tuple(r.tolist()) for r in rows} for _, rows in calls)
+    teachers = own_teachers("small-mlp", ctx.data, ctx.fit_config, 20, 5, 2, tmp_path / "reference_teachers")
+    models = [teachers.train(k, *ctx.reference, progress=False) for k in range(5)]  # loaded: none trains again
+    assert len(calls) == 5
+    probs = torch.stack([torch.softmax(predict_logits(m, ctx.reference[0]).double(), 1) for m in models])  # [5, 20, 4]
+    crossovers = X[:3]  # any rows: labelled by all K
+    p = _selena_params(ctx, {**params, "distill_on": "both"})
+    labels = _own_labels(teachers_owner(ctx, p), p, ctx, torch.cat([ctx.reference[0], crossovers]))  # [23, 4]
+    expected = torch.stack([probs[list(teachers.excluded[i]), i].mean(0) for i in range(20)])
+    assert torch.allclose(labels[:20].double(), expected, atol=1e-6)  # each row: the L teachers that left it out
+    for i, left_out in enumerate(teachers.excluded):
+        row = ctx.reference[0][i]
+        assert not any(bool((rows == row).all(1).any()) for k, rows in calls if k in left_out)
+    everyone = torch.stack([torch.softmax(predict_logits(m, crossovers).double(), 1) for m in models]).mean(0)
+    assert torch.allclose(labels[20:].double(), everyone, atol=1e-6)
+
+
+def test_own_teachers_are_shared_by_models_with_other_members_and_seeds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dataclasses import replace
+
+    ctx, X = _replacement_context()
+    shared = str(tmp_path / "own")
+    params = {"K": "5", "L": "2", "distill_epochs": "2", "distill_on": "both", "reference_teachers": "own",
+              "reference_cache": shared}  # fmt: skip
+    train_replacement_selena(ctx, {**params, "cache": str(tmp_path / "target")})
+    calls = _trained_on(monkeypatch)
+    other = replace(ctx, members=(X[:60], ctx.members[1][:60]), seed=7, fit_config=replace(ctx.fit_config, seed=7))
+    train_replacement_selena(other, {**params, "cache": str(tmp_path / "reference_0")})
+    assert len(calls) == 5  # the reference's own member sub-models only; its reference teachers were the target's
+    members = {tuple(row.tolist()) for row in X[:60]}
+    assert all({tuple(r.tolist()) for r in rows} <= members for _, rows in calls)
+
+
+@pytest.mark.parametrize("teachers", ["all", "L", "own"])
+def test_distill_on_chooses_the_rows_whatever_labels_them(tmp_path: Path, teachers: str) -> None:
+    ctx, _ = _replacement_context()  # 80 members, 20 reference rows
+    params = {"K": "5", "L": "2", "cache": str(tmp_path), "distill_epochs": "1", "reference_teachers": teachers}
+    rows = {on: train_replacement_selena(ctx, {**params, "distill_on": on})[1]["distill_rows"]
+            for on in ("reference", "both")}  # fmt: skip
+    assert rows == {"reference": 20, "both": 100}
+
+
+def test_own_teachers_need_reference_rows(tmp_path: Path) -> None:
+    ctx, _ = _replacement_context()
+    with pytest.raises(ValueError, match="reference_teachers=own"):
+        train_replacement_selena(ctx, {"K": "5", "L": "2", "cache": str(tmp_path), "reference_teachers": "own"})
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_submodel_is_the_same_whatever_was_trained_before(tmp_path: Path) -> None:
+    data, X, y = _data()
+    ex = exclusion_map(len(y), K=4, L=1, seed=0)
+    config = FitConfig(epochs=2, batch_size=32, lr=1e-2)
+    weights = lambda m: torch.cat([p.detach().flatten() for p in m.parameters()])  # noqa: E731
+    alone = SplitAI("small-mlp", data, config, ex, 4, None).train(2, X, y, progress=False)
+    after = SplitAI("small-mlp", data, config, ex, 4, None)
+    after.train(0, X, y, progress=False)
+    torch.randn(100)  # anything else drawing from the global generator in between
+    assert torch.allclose(weights(alone), weights(after.train(2, X, y, progress=False)))  # a shard or a rerun
+
+
+def train_replacement_selena(ctx: Any, params: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, Any]]:
+    from defense_models.training.replacements import train_replacement
+
+    return train_replacement("selena", ctx, params)
+
+
+def teachers_owner(ctx: Any, p: dict[str, Any]) -> SplitAI:
+    """A members' SplitAI as ``_selena`` builds it (``_own_labels`` takes its architecture and recipe)."""
+    return SplitAI(ctx.arch, ctx.data, ctx.fit_config, exclusion_map(80, 5, 2, ctx.seed), 5, None)
+
