@@ -40,6 +40,7 @@ from defense_models.training.recipes import TrainConfig, parse_shard
 from defense_models.training.selena import (
     SoftCrossEntropy,
     SplitAI,
+    Splits,
     capped,
     check_label_cap,
     check_temperature,
@@ -47,7 +48,6 @@ from defense_models.training.selena import (
     exclusion_map,
     fold_rows,
     held_out_relabel,
-    map_digest,
     own_teachers,
     tempered,
 )
@@ -236,9 +236,11 @@ class PartialWork(Exception):
 
 @register("selena")
 def _selena(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
-    """[defaults: the paper's K = 25, L = 10; every sub-model on the target recipe (``sub_epochs`` shortens it:
-    25 of them dominate on Fashion-MNIST's CNN); the distillation as in the authors' code (Adam 1e-3, batch 512,
-    60 epochs, no weight decay, the last epoch kept: they keep the best test epoch, which an audit must not);
+    """[defaults: the paper's K = 25, L = 10, one map (``splits`` S > 1 averages S maps' labels, ``Splits``:
+    S = 2 gives every record 20 teachers of 50 and reuses map 0's cache); every sub-model on the target recipe
+    (``sub_epochs`` shortens it: 25 of them dominate on Fashion-MNIST's CNN); the distillation as in the authors'
+    code (Adam 1e-3, batch 512, 60 epochs, no weight decay, the last epoch kept: they keep the best test epoch,
+    which an audit must not);
     ``distill_on`` members (the paper), reference (the reference set, labelled by all K: the served model never
     sees a member) or both; ``distill_weight_decay`` regularises the distillation (Adam's L2);
     ``distill_temperature`` T > 1 flattens every soft label (softmax(log p / T)), so a row the model was
@@ -252,21 +254,21 @@ def _selena(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, dict[str, 
     N crossovers of reference rows (``crossover_rows``), labelled as the reference rows are]"""
     p = _selena_params(ctx, params)
     X, y = ctx.members
-    excluded = exclusion_map(len(y), int(p["K"]), int(p["L"]), ctx.seed)
     cache = Path(p["cache"]) if p["cache"] else None
     sub_config = replace(ctx.fit_config, epochs=int(p["sub_epochs"]))
-    split_ai = SplitAI(ctx.arch, ctx.data, sub_config, excluded, int(p["K"]), cache)
+    split_ai = Splits(ctx.arch, ctx.data, sub_config, len(y), int(p["K"]), int(p["L"]), ctx.seed, int(p["splits"]),
+                      cache)  # fmt: skip
     if p["shard"]:
         _selena_shard(split_ai, p, ctx)
     Xd, soft = _distillation_set(split_ai, p, ctx, X, y)  # [M, D], [M, C]
     model = _selena_distill(ctx, p, Xd, soft, members=len(y))
     record = {k: v for k, v in p.items() if k not in WHERE}
-    return model, {**record, "seed": ctx.seed, "exclusion_map": map_digest(excluded), "distill_rows": len(Xd),
+    return model, {**record, "seed": ctx.seed, "exclusion_map": split_ai.digest, "distill_rows": len(Xd),
                    "trained_on_reference": p["distill_on"] != "members", "cache": p["cache"] or None}  # fmt: skip
 
 
 def _selena_params(ctx: Context, params: dict[str, Any]) -> dict[str, Any]:
-    p = _take(params, {"K": 25, "L": 10, "cache": "", "reference_cache": "", "shard": "",
+    p = _take(params, {"K": 25, "L": 10, "splits": 1, "cache": "", "reference_cache": "", "shard": "",
                        "sub_epochs": ctx.fit_config.epochs, "distill_optimizer": "adam", "distill_lr": 1e-3,
                        "distill_batch_size": 512, "distill_epochs": 60, "distill_weight_decay": 0.0,
                        "distill_temperature": 1.0,
@@ -278,6 +280,9 @@ def _selena_params(ctx: Context, params: dict[str, Any]) -> dict[str, Any]:
         raise ParameterError("--replacement selena: reference_teachers must be all, L or own, got "
                          f"{p['reference_teachers']!r}")  # fmt: skip
     # the label transforms' own checks, run before any sub-model trains rather than after
+    exclusion_map(1, int(p["K"]), int(p["L"]), ctx.seed)  # 0 < L < K
+    if int(p["splits"]) < 1:
+        raise ParameterError(f"--replacement selena: splits must be >= 1, got {p['splits']}")
     check_temperature(float(p["distill_temperature"]))
     check_label_cap(float(p["label_cap"]))
     if int(p["relabel_folds"]):
@@ -321,24 +326,24 @@ DISTILL_ON = ("members", "reference", "both")
 WHERE = ("cache", "reference_cache", "shard")
 
 
-def _selena_shard(split_ai: SplitAI, p: dict[str, Any], ctx: Context) -> None:
-    """Trains this shard's sub-models k ≡ i (mod N) into the cache (and the reference set's own, when asked)."""
+def _selena_shard(split_ai: Splits, p: dict[str, Any], ctx: Context) -> None:
+    """Trains this shard's sub-models (every N-th of all maps', from the i-th) into the cache, and the reference
+    set's own k ≡ i (mod N) when asked."""
     if not p["cache"]:
         raise ParameterError("--replacement selena: shard=i/N needs cache=DIR, where the shards' sub-models meet")
     i, n = parse_shard(str(p["shard"]))
-    mine = [k for k in range(split_ai.K) if k % n == i]
     X, y = ctx.members
-    for k in mine:
-        split_ai.train(k, X, y, ctx.progress)
+    for part, k in split_ai.sub_models()[i::n]:
+        part.train(k, X, y, ctx.progress)
     if p["reference_teachers"] == "own" and p["distill_on"] != "members":
         teachers = _own_split(split_ai, p, ctx)
-        for k in mine:
+        for k in range(i, teachers.K, n):
             teachers.train(k, *ctx.reference, ctx.progress)
-    raise PartialWork(f"SELENA sub-models {mine} are in {p['cache']}; once every shard is done, run again "
-                      "without shard= to distill and export")  # fmt: skip
+    raise PartialWork(f"SELENA sub-models of shard {i}/{n} are in {p['cache']}; once every shard is done, run "
+                      "again without shard= to distill and export")  # fmt: skip
 
 
-def _distillation_set(split_ai: SplitAI, p: dict[str, Any], ctx: Context, X: torch.Tensor,
+def _distillation_set(split_ai: Splits, p: dict[str, Any], ctx: Context, X: torch.Tensor,
                       y: torch.Tensor) -> Pair:  # fmt: skip
     """(rows [M, D], soft labels [M, C]) the served model distills on."""
     distill_on = p["distill_on"]
@@ -362,7 +367,7 @@ def _distillation_set(split_ai: SplitAI, p: dict[str, Any], ctx: Context, X: tor
     return torch.cat([X, others]), torch.cat([soft, reference_soft])
 
 
-def _own_labels(split_ai: SplitAI, p: dict[str, Any], ctx: Context, others: torch.Tensor) -> torch.Tensor:
+def _own_labels(split_ai: Splits, p: dict[str, Any], ctx: Context, others: torch.Tensor) -> torch.Tensor:
     """Soft labels [R, C] of the reference rows and their crossovers (``others``, the reference rows first) from
     the reference set's own Split-AI: a reference row's from the L sub-models that left it out, a crossover's
     from all K. No sub-model here saw a member."""
@@ -373,7 +378,7 @@ def _own_labels(split_ai: SplitAI, p: dict[str, Any], ctx: Context, others: torc
     return own if crossed is None else torch.cat([own, crossed])
 
 
-def _own_split(split_ai: SplitAI, p: dict[str, Any], ctx: Context) -> SplitAI:
+def _own_split(split_ai: Splits, p: dict[str, Any], ctx: Context) -> SplitAI:
     """The reference set's own Split-AI, with the members' K, L and recipe; kept in ``reference_cache``."""
     cache = p["reference_cache"] or (str(Path(p["cache"]) / "reference_teachers") if p["cache"] else "")
     return own_teachers(split_ai.arch, ctx.data, split_ai.fit_config, len(ctx.reference[1]), int(p["K"]),

@@ -50,6 +50,8 @@ def exclusion_map(records: int, K: int, L: int, seed: int, stream: int = 0) -> n
 #: the reference set's own Split-AI (``own_teachers``): its map's stream (1 is ``reference_teachers=L``) and its
 #: seed, fixed, so the target and every LiRA reference that copies it share one set of teachers
 OWN_STREAM, OWN_SEED = 2, 0
+#: the further maps of ``splits`` S > 1: map m ≥ 1 is stream SPLIT_STREAM + m of the model's seed
+SPLIT_STREAM = 10
 
 
 def map_digest(excluded: np.ndarray) -> str:
@@ -196,3 +198,45 @@ def own_teachers(arch: str, data: Dataset, fit_config: FitConfig, records: int, 
     K and L only (seed ``OWN_SEED``), never of a member, so one ``cache`` serves the target and its references."""
     excluded = exclusion_map(records, K, L, OWN_SEED, stream=OWN_STREAM)
     return SplitAI(arch, data, replace(fit_config, seed=1_000_003 + OWN_SEED), excluded, K, cache)
+
+
+class Splits:
+    """S independent Split-AI maps over the same records (map 0 is the paper's; map m ≥ 1 is stream
+    ``SPLIT_STREAM + m``, its sub-models in ``cache/split_m``), their labels averaged with equal weights: each
+    record is labelled by the S·L sub-models of S·K that never saw it (S = 2, K = 25, L = 10: 20 of 50, as
+    K = 50, L = 20 would, reusing map 0's cache)."""
+
+    def __init__(self, arch: str, data: Dataset, fit_config: FitConfig, records: int, K: int, L: int, seed: int,
+                 splits: int, cache: Path | None) -> None:  # fmt: skip
+        if splits < 1:
+            raise ParameterError(f"splits must be >= 1, got {splits}")
+        self.arch, self.fit_config = arch, fit_config
+        self.parts = [self._part(data, records, K, L, seed, m, cache) for m in range(splits)]
+
+    def _part(self, data: Dataset, records: int, K: int, L: int, seed: int, m: int, cache: Path | None) -> SplitAI:
+        """Map m: map 0 exactly as without ``splits`` (its cache is reused); map m ≥ 1 with its own stream,
+        sub-model seeds and cache directory."""
+        excluded = exclusion_map(records, K, L, seed, stream=SPLIT_STREAM + m if m else 0)
+        config = replace(self.fit_config, seed=self.fit_config.seed + 100_003 * m)
+        where = cache / f"split_{m}" if cache is not None and m else cache
+        return SplitAI(self.arch, data, config, excluded, K, where)
+
+    @property
+    def digest(self) -> str:
+        """Map 0's digest alone (S = 1, as before ``splits``), else that of every map side by side."""
+        if len(self.parts) == 1:
+            return self.parts[0].digest
+        return map_digest(np.concatenate([part.excluded for part in self.parts], axis=1))
+
+    def sub_models(self) -> list[tuple[SplitAI, int]]:
+        """Every (map, k), map by map: the order ``shard=i/N`` deals them out in."""
+        return [(part, k) for part in self.parts for k in range(part.K)]
+
+    def soft_labels(self, X: torch.Tensor, y: torch.Tensor, progress: bool, others: torch.Tensor | None = None,
+                    others_teachers: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        """``SplitAI.soft_labels`` of every map, averaged: members [records, C], others [M, C] or None."""
+        labels = [part.soft_labels(X, y, progress, others, others_teachers) for part in self.parts]
+        members = torch.stack([m for m, _ in labels]).mean(0)
+        rest = [r for _, r in labels if r is not None]
+        return members, torch.stack(rest).mean(0) if rest else None
+

@@ -15,6 +15,7 @@ from defense_models.training.data import Dataset
 from defense_models.training.loop import FitConfig
 from defense_models.training.selena import (
     SplitAI,
+    Splits,
     capped,
     crossover_rows,
     exclusion_map,
@@ -387,4 +388,43 @@ def train_replacement_selena(ctx: Any, params: dict[str, Any]) -> tuple[torch.nn
 def teachers_owner(ctx: Any, p: dict[str, Any]) -> SplitAI:
     """A members' SplitAI as ``_selena`` builds it (``_own_labels`` takes its architecture and recipe)."""
     return SplitAI(ctx.arch, ctx.data, ctx.fit_config, exclusion_map(80, 5, 2, ctx.seed), 5, None)
+
+
+def test_two_splits_label_each_record_with_twice_the_teachers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from defense_models.training.nets import predict_logits
+
+    data, X, y = _data()
+    config = FitConfig(epochs=2, batch_size=32, lr=1e-2)
+    one = Splits("small-mlp", data, config, len(y), 5, 2, seed=0, splits=1, cache=tmp_path)
+    first, _ = one.soft_labels(X, y, progress=False)
+    assert one.digest == map_digest(exclusion_map(len(y), 5, 2, seed=0))  # as before splits existed
+    calls = _trained_on(monkeypatch)
+    two = Splits("small-mlp", data, config, len(y), 5, 2, seed=0, splits=2, cache=tmp_path)
+    soft, _ = two.soft_labels(X, y, progress=False)
+    assert sorted(k for k, _ in calls) == list(range(5))  # map 0 came from the cache: only map 1 trained
+    assert (tmp_path / "split_1").is_dir() and two.digest != one.digest
+    maps = [part.excluded for part in two.parts]
+    assert (maps[0] != maps[1]).any()  # another draw
+    probs = [torch.stack([torch.softmax(predict_logits(part.train(k, X, y, False), X).double(), 1)
+                          for k in range(5)]) for part in two.parts]  # fmt: skip
+    for i in range(len(y)):  # the mean of 2 × L teachers, none of which saw record i
+        expected = torch.cat([probs[m][list(maps[m][i]), i] for m in range(2)]).mean(0)
+        assert torch.allclose(soft[i].double(), expected, atol=1e-6)
+    assert torch.allclose(first, one.soft_labels(X, y, progress=False)[0])
+    with pytest.raises(ValueError, match="splits"):
+        Splits("small-mlp", data, config, len(y), 5, 2, seed=0, splits=0, cache=None)
+
+
+def test_shards_deal_out_every_maps_submodels(tmp_path: Path) -> None:
+    from defense_models.training.replacements import PartialWork
+
+    ctx, _ = _replacement_context()
+    params = {"K": "3", "L": "1", "splits": "2", "cache": str(tmp_path), "distill_epochs": "1"}
+    for i in range(2):
+        with pytest.raises(PartialWork):
+            train_replacement_selena(ctx, {**params, "shard": f"{i}/2"})
+    cached = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.safetensors"))
+    assert cached == [f"{d}selena_{k:03d}.safetensors" for d in ("", "split_1/") for k in range(3)]
+    _, record = train_replacement_selena(ctx, params)  # every sub-model is there: nothing trains
+    assert int(record["splits"]) == 2
 
