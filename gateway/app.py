@@ -209,7 +209,11 @@ class _RequestTimer:
 def log_defense_quality(manifest: Manifest, name: str, params: dict[str, Any]) -> None:
     """State what the offline job measured for the served defense, loudly when it is weak or unmeasured."""
     entry = manifest.defenses.get(name)
-    if name == "none" or entry is None:
+    if name == "none":
+        log.warning("defense 'none': every confidence vector leaves undefended, as the model computed it; choose "
+                    "one with GATEWAY_DEFENSE (README, \"Defenses\": rank_template first)")  # fmt: skip
+        return
+    if entry is None:
         return
     q = entry.quality
     audited = next((r for r in manifest.self_audit if r.defense == name), None)

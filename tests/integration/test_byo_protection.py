@@ -173,7 +173,8 @@ async def test_rank_preserving_release_protects_the_user_model(user_model: dict,
 
 @pytest.mark.slow
 def test_ungated_defenses_state_their_self_audit(bundle: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """rank_template and hamp have no member classifier to gate: startup states the self-audit, not a warning."""
+    """rank_template and hamp have no member classifier to gate: startup states the self-audit, not a warning;
+    defense none warns that the vectors leave undefended."""
     manifest = load_bundle(bundle).manifest
     for name in ("rank_template", "hamp"):
         assert manifest.defenses[name].quality is None
@@ -182,6 +183,11 @@ def test_ungated_defenses_state_their_self_audit(bundle: Path, caplog: pytest.Lo
             log_defense_quality(manifest, name, dict(manifest.defenses[name].params))
         assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
         assert any("self-audit" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="gateway"):
+        log_defense_quality(manifest, "none", {})
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]  # serving raw vectors is said loudly
+    assert "undefended" in caplog.records[0].getMessage()
 
 
 def test_the_gate_refuses_a_degenerate_defender(user_model: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str],
