@@ -9,6 +9,7 @@ from typing import Any, Literal
 from defense_models.training.adv_reg import AdvRegConfig
 from defense_models.training.data import Dataset, Split, load_dataset, make_split
 from defense_models.training.loop import FitConfig
+from gateway.registry import ParameterError
 
 #: Target recipes per dataset family: (architecture, fit). ``official`` for Location30 is MemGuard's
 #: recipe (train_user_classification_model.py: SGD lr 0.01, batch 64, 200 epochs, ×0.1 after 150).
@@ -91,7 +92,7 @@ def parse_shard(text: str) -> tuple[int, int]:
     try:
         i, n = (int(v) for v in text.split("/"))
     except ValueError:
-        raise ValueError(f"--shard must look like i/N (e.g. 0/4), got {text!r}") from None
+        raise ParameterError(f"--shard must look like i/N (e.g. 0/4), got {text!r}") from None
     if not 0 <= i < n:
-        raise ValueError(f"--shard {text}: need 0 <= i < N")
+        raise ParameterError(f"--shard {text}: need 0 <= i < N")
     return i, n

@@ -30,6 +30,7 @@ from defense_models.training.nets import build
 from defense_models.training.recipes import TrainConfig, dataset_and_split, recipe
 from defense_models.training.replacements import WHERE, Pair, replacement_context, train_replacement
 from gateway.defenses.classifier import load_weights, save_weights
+from gateway.registry import ParameterError
 
 
 class ShadowRequest(BaseModel):
@@ -86,7 +87,7 @@ def in_mask(j: int, pool_size: int, keep: float, seed: int) -> np.ndarray:
 def train_shadows(config: TrainConfig, spec: ShadowSpec, out: Path, shard: tuple[int, int] = (0, 1)) -> list[int]:
     """Train the shadows of this shard that are not already in ``out``; return their indices."""
     if config.replacement in UNSHADOWABLE:
-        raise ValueError(f"shadows --replacement {config.replacement}: {UNSHADOWABLE[config.replacement]}")
+        raise ParameterError(f"shadows --replacement {config.replacement}: {UNSHADOWABLE[config.replacement]}")
     data, split = dataset_and_split(config)
     pool = np.concatenate([split.parts[r] for r in spec.pool])  # dataset row indices
     arch, fit_config = recipe(config, data)
@@ -135,14 +136,14 @@ def _check_same_request(out: Path, request: ShadowRequest) -> None:
         return
     had = ShadowMeta.model_validate_json(first.read_text()).request
     if had != request:
-        raise ValueError(f"{out} holds shadows trained with {had}, not {request}: use another --out")
+        raise ParameterError(f"{out} holds shadows trained with {had}, not {request}: use another --out")
 
 
 def _shadow_params(config: TrainConfig, out: Path, j: int) -> dict[str, Any]:
     """The replacement's parameters for shadow j: a cache directory of its own (SELENA's sub-models)."""
     params = dict(config.replacement_params)
     if params.get("shard"):
-        raise ValueError("shadows --replacement: shard= is per shadow here; scale out with --shard i/N instead")
+        raise ParameterError("shadows --replacement: shard= is per shadow here; scale out with --shard i/N instead")
     if params.get("cache"):
         params["cache"] = str(Path(params["cache"]) / f"shadow_{j:04d}")
     return params

@@ -137,6 +137,15 @@ def test_shadows_split_across_shards_and_resume(tmp_path: Path, quick: None, tab
         parse_shard("two")
 
 
+def test_a_bad_shard_is_one_error_line(tmp_path: Path, tabular: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from defense_models.__main__ import main
+
+    assert main(["shadows", "--dataset", "tabular", "--data", str(tabular), "--count", "2", "--shard", "2/2",
+                 "--out", str(tmp_path / "refs")]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert err.startswith("error: --shard 2/2: need 0 <= i < N") and "Traceback" not in err
+
+
 def test_shadows_copy_a_replacement(tmp_path: Path, quick: None, tabular: Path) -> None:
     """`shadows --replacement`: each reference is that training-time defense on its half, loadable for LiRA."""
     from defense_models.audit.queries import _replacement_of, check_references
