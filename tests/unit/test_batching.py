@@ -249,10 +249,15 @@ async def test_answers_leave_at_the_quantum_whatever_the_work() -> None:
 
 
 async def test_no_quantum_answers_at_once() -> None:
+    """10 ms of work answered well before any 50 ms mark. The fastest of five answers is compared, so one
+    scheduling stall of a loaded CI machine cannot fail it."""
     fn = VariableWork()
     q = BatchQueue(fn, max_batch_size=1, max_delay_s=0.0, max_queue_rows=100, metrics=GatewayMetrics(max_batch_size=1))
     q.start()
-    start = time.perf_counter()
-    await q.submit(req(1))
-    assert time.perf_counter() - start < 0.045
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        await q.submit(req(1))
+        times.append(time.perf_counter() - start)
+    assert min(times) < 0.045, times
     await q.close()
