@@ -23,6 +23,7 @@ KEY=VALUE`` (``TrainConfig.replacement_params``); unknown keys are refused.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -35,7 +36,7 @@ from torch import nn
 from defense_models.training.adv_reg import AdvRegConfig, train_adv_reg
 from defense_models.training.data import Dataset, Split
 from defense_models.training.loop import FitConfig, fit, seed_everything
-from defense_models.training.nets import build, mlp
+from defense_models.training.nets import build, mlp, predict_logits
 from defense_models.training.recipes import TrainConfig, parse_shard
 from defense_models.training.selena import (
     SoftCrossEntropy,
@@ -254,6 +255,8 @@ def _selena(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, dict[str, 
     N crossovers of reference rows (``crossover_rows``), labelled as the reference rows are]"""
     p = _selena_params(ctx, params)
     X, y = ctx.members
+    if p["relabel_by"] == "selena":
+        return _held_out_selena(ctx, p, X, y)
     cache = Path(p["cache"]) if p["cache"] else None
     sub_config = replace(ctx.fit_config, epochs=int(p["sub_epochs"]))
     split_ai = Splits(ctx.arch, ctx.data, sub_config, len(y), int(p["K"]), int(p["L"]), ctx.seed, int(p["splits"]),
@@ -272,8 +275,8 @@ def _selena_params(ctx: Context, params: dict[str, Any]) -> dict[str, Any]:
                        "sub_epochs": ctx.fit_config.epochs, "distill_optimizer": "adam", "distill_lr": 1e-3,
                        "distill_batch_size": 512, "distill_epochs": 60, "distill_weight_decay": 0.0,
                        "distill_temperature": 1.0,
-                       "distill_on": "members", "relabel_folds": 0, "reference_teachers": "all",
-                       "label_cap": 1.0, "distill_synthetic": 0}, "selena")  # fmt: skip
+                       "distill_on": "members", "relabel_folds": 0, "relabel_by": "student",
+                       "reference_teachers": "all", "label_cap": 1.0, "distill_synthetic": 0}, "selena")  # fmt: skip
     if p["distill_on"] not in DISTILL_ON:
         raise ParameterError(f"--replacement selena: distill_on must be one of {DISTILL_ON}, got {p['distill_on']!r}")
     if p["reference_teachers"] not in ("all", "L", "own"):
@@ -295,9 +298,61 @@ def _selena_params(ctx: Context, params: dict[str, Any]) -> dict[str, Any]:
     if p["reference_teachers"] != "all" and p["distill_on"] == "members":
         raise ParameterError(f"--replacement selena: reference_teachers={p['reference_teachers']} labels the reference "
                          "rows; distill_on=members has none")  # fmt: skip
+    if p["relabel_by"] not in ("student", "selena"):
+        raise ParameterError(f"--replacement selena: relabel_by must be student or selena, got {p['relabel_by']!r}")
+    if p["relabel_by"] == "selena" and not int(p["relabel_folds"]):
+        raise ParameterError("--replacement selena: relabel_by=selena needs relabel_folds=F (F >= 2)")
     if int(p["relabel_folds"]) and p["distill_on"] == "reference":
         raise ParameterError("--replacement selena: relabel_folds relabels members; distill_on=reference has none")
     return p
+
+
+def _fold_pipelines(ctx: Context, p: dict[str, Any], X: torch.Tensor,
+                    y: torch.Tensor) -> list[tuple[torch.Tensor, Context, dict[str, Any]]]:  # fmt: skip
+    """``relabel_by=selena``: for fold f of the members, (its rows, a context whose members are every other
+    fold's, the parameters of a whole SELENA on them: its own sub-models in CACHE/fold_f, seeds of its own)."""
+    pipelines = []
+    for f, rows in enumerate(fold_rows(len(y), int(p["relabel_folds"]), ctx.seed)):
+        keep = torch.ones(len(y), dtype=torch.bool)
+        keep[rows] = False
+        sub = replace(ctx, members=(X[keep], y[keep]), seed=ctx.seed + 1 + f,
+                      fit_config=replace(ctx.fit_config, seed=ctx.fit_config.seed + FOLD_SEED * (f + 1)))
+        sub_p = {**p, "relabel_folds": 0, "relabel_by": "student",
+                 "cache": str(Path(p["cache"]) / f"fold_{f}") if p["cache"] else ""}
+        pipelines.append((rows, sub, sub_p))
+    return pipelines
+
+
+def _held_out_selena(ctx: Context, p: dict[str, Any], X: torch.Tensor,
+                     y: torch.Tensor) -> tuple[nn.Module, dict[str, Any]]:  # fmt: skip
+    """``relabel_by=selena``: F whole SELENA pipelines, pipeline f on every fold but f (its sub-models and its
+    reference labels from those members only). A member's label is the output of the pipeline that never saw
+    it, even through a teacher: a draw of the function LiRA's OUT references are. Each reference row's (with
+    ``distill_on=both``) is the mean of the F pipelines' outputs. The served model distills on them."""
+    pipelines = _fold_pipelines(ctx, p, X, y)
+    if p["shard"]:  # every pipeline's share of its sub-models (each pipeline's own run ends in PartialWork)
+        for _, sub, sub_p in pipelines:
+            with contextlib.suppress(PartialWork):
+                _selena(sub, sub_p)
+        raise PartialWork(f"SELENA sub-models of shard {p['shard']} of every fold are in {p['cache']}; once every "
+                          "shard is done, run again without shard= to distill and export")  # fmt: skip
+    others = ctx.reference[0]  # [R, D]
+    soft = torch.zeros(len(y), ctx.data.classes)  # [N, C]
+    others_soft = torch.zeros(len(others), ctx.data.classes)  # [R, C]
+    folds = []
+    for rows, sub, sub_p in pipelines:
+        model, record = _selena(sub, sub_p)
+        soft[rows] = torch.softmax(predict_logits(model, X[rows]).double(), dim=1).float()
+        others_soft += torch.softmax(predict_logits(model, others).double(), dim=1).float() / len(pipelines)
+        folds.append(record["exclusion_map"])
+    if p["distill_on"] == "both":
+        Xd, soft = torch.cat([X, others]), torch.cat([soft, others_soft])
+    else:
+        Xd = X
+    model = _selena_distill(ctx, {**p, "relabel_folds": 0}, Xd, soft, members=len(y))
+    record = {k: v for k, v in p.items() if k not in WHERE}
+    return model, {**record, "seed": ctx.seed, "exclusion_map": ",".join(folds), "distill_rows": len(Xd),
+                   "trained_on_reference": p["distill_on"] != "members", "cache": p["cache"] or None}  # fmt: skip
 
 
 def _selena_distill(ctx: Context, p: dict[str, Any], Xd: torch.Tensor, soft: torch.Tensor, members: int) -> nn.Module:
@@ -322,6 +377,8 @@ def _selena_distill(ctx: Context, p: dict[str, Any], Xd: torch.Tensor, soft: tor
 
 
 DISTILL_ON = ("members", "reference", "both")
+#: ``relabel_by=selena``: fold f's sub-models start from the recipe's seed + FOLD_SEED·(f + 1)
+FOLD_SEED = 7_919
 #: SELENA's parameters that say where its sub-models are kept or which share trains now, not what is trained
 WHERE = ("cache", "reference_cache", "shard")
 

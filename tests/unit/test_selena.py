@@ -428,3 +428,53 @@ def test_shards_deal_out_every_maps_submodels(tmp_path: Path) -> None:
     _, record = train_replacement_selena(ctx, params)  # every sub-model is there: nothing trains
     assert int(record["splits"]) == 2
 
+
+
+def test_relabel_by_selena_labels_each_member_by_a_pipeline_that_never_saw_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from defense_models.training.replacements import PartialWork, _fold_pipelines, _selena_params
+
+    ctx, X = _replacement_context()  # members X[:80], reference X[80:100]
+    params = {"K": "4", "L": "1", "cache": str(tmp_path), "distill_epochs": "2", "distill_on": "both",
+              "relabel_folds": "2", "relabel_by": "selena"}  # fmt: skip
+    calls = _trained_on(monkeypatch)
+    for shard in ("0/2", "1/2"):  # the folds' sub-models dealt out over two shards, then the distillation
+        with pytest.raises(PartialWork):
+            train_replacement_selena(ctx, {**params, "shard": shard})
+    assert len(calls) == 2 * 4  # each fold's 4 sub-models, each trained once
+    import defense_models.training.replacements as replacements
+
+    distilled: list[tuple[torch.Tensor, torch.Tensor]] = []
+    distill = replacements._selena_distill
+
+    def recording(c: Any, p: dict[str, Any], Xd: torch.Tensor, soft: torch.Tensor, members: int) -> torch.nn.Module:
+        distilled.append((Xd, soft))
+        return distill(c, p, Xd, soft, members)
+
+    monkeypatch.setattr(replacements, "_selena_distill", recording)
+    _, record = train_replacement_selena(ctx, params)
+    assert len(calls) == 2 * 4 and record["distill_rows"] == 100 and record["relabel_by"] == "selena"
+    Xd, soft = distilled[-1]  # [100, D], [100, 4]: the served model's rows and labels, the members first
+    assert torch.equal(Xd, X[:100])
+    from defense_models.training.nets import predict_logits
+
+    outputs = []
+    for rows, sub, sub_p in _fold_pipelines(ctx, _selena_params(ctx, params), *ctx.members):
+        model = replacements._selena(sub, sub_p)[0]  # cached sub-models, seeded distillation: the same model
+        probs = torch.softmax(predict_logits(model, X[:100]).double(), 1).float()  # [100, 4]
+        assert torch.allclose(soft[rows], probs[rows], atol=1e-6)  # a member: its fold's pipeline
+        outputs.append(probs[80:])
+    assert torch.allclose(soft[80:], torch.stack(outputs).mean(0), atol=1e-6)  # a reference row: their mean
+    assert len(record["exclusion_map"].split(",")) == 2
+    pipelines = _fold_pipelines(ctx, _selena_params(ctx, params), *ctx.members)
+    trained = [{tuple(r.tolist()) for r in rows} for _, rows in calls]  # each sub-model's rows
+    for rows, sub, _ in pipelines:
+        fold = {tuple(r.tolist()) for r in X[rows]}
+        assert len(sub.members[1]) == 80 - len(rows) and not fold & {tuple(r.tolist()) for r in sub.members[0]}
+        assert sum(not fold & seen for seen in trained) == 4  # its pipeline's 4 teachers never saw the fold
+    assert all(any(not {tuple(r.tolist()) for r in X[rows]} & seen for rows, _, _ in pipelines) for seen in trained)
+    with pytest.raises(ValueError, match="relabel_by=selena needs relabel_folds"):
+        train_replacement_selena(ctx, {**params, "relabel_folds": "0"})
+    with pytest.raises(ValueError, match="relabel_by must be"):
+        train_replacement_selena(ctx, {**params, "relabel_by": "teacher"})
