@@ -255,7 +255,7 @@ def _selena(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, dict[str, 
     N crossovers of reference rows (``crossover_rows``), labelled as the reference rows are]"""
     p = _selena_params(ctx, params)
     X, y = ctx.members
-    if p["relabel_by"] == "selena":
+    if p["relabel_by"] != "student":
         return _held_out_selena(ctx, p, X, y)
     cache = Path(p["cache"]) if p["cache"] else None
     sub_config = replace(ctx.fit_config, epochs=int(p["sub_epochs"]))
@@ -298,10 +298,13 @@ def _selena_params(ctx: Context, params: dict[str, Any]) -> dict[str, Any]:
     if p["reference_teachers"] != "all" and p["distill_on"] == "members":
         raise ParameterError(f"--replacement selena: reference_teachers={p['reference_teachers']} labels the reference "
                          "rows; distill_on=members has none")  # fmt: skip
-    if p["relabel_by"] not in ("student", "selena"):
-        raise ParameterError(f"--replacement selena: relabel_by must be student or selena, got {p['relabel_by']!r}")
-    if p["relabel_by"] == "selena" and not int(p["relabel_folds"]):
-        raise ParameterError("--replacement selena: relabel_by=selena needs relabel_folds=F (F >= 2)")
+    if p["relabel_by"] not in RELABEL_BY:
+        raise ParameterError(f"--replacement selena: relabel_by must be one of {RELABEL_BY}, got {p['relabel_by']!r}")
+    if p["relabel_by"] != "student" and not int(p["relabel_folds"]):
+        raise ParameterError(f"--replacement selena: relabel_by={p['relabel_by']} needs relabel_folds=F (F >= 2)")
+    if p["relabel_by"] != "student" and (int(p["distill_synthetic"]) or p["reference_teachers"] != "all"):
+        raise ParameterError(f"--replacement selena: relabel_by={p['relabel_by']} labels the reference rows with its "
+                             "pipelines: no distill_synthetic, reference_teachers=all")  # fmt: skip
     if int(p["relabel_folds"]) and p["distill_on"] == "reference":
         raise ParameterError("--replacement selena: relabel_folds relabels members; distill_on=reference has none")
     return p
@@ -310,14 +313,19 @@ def _selena_params(ctx: Context, params: dict[str, Any]) -> dict[str, Any]:
 def _fold_pipelines(ctx: Context, p: dict[str, Any], X: torch.Tensor,
                     y: torch.Tensor) -> list[tuple[torch.Tensor, Context, dict[str, Any]]]:  # fmt: skip
     """``relabel_by=selena``: for fold f of the members, (its rows, a context whose members are every other
-    fold's, the parameters of a whole SELENA on them: its own sub-models in CACHE/fold_f, seeds of its own)."""
+    fold's, the parameters of a whole SELENA on them: its own sub-models in CACHE/fold_f, seeds of its own).
+    ``selena_reference``: the reference rows join each pipeline's members (its sub-models train on them too)."""
     pipelines = []
+    with_reference = p["relabel_by"] == "selena_reference"
     for f, rows in enumerate(fold_rows(len(y), int(p["relabel_folds"]), ctx.seed)):
         keep = torch.ones(len(y), dtype=torch.bool)
         keep[rows] = False
-        sub = replace(ctx, members=(X[keep], y[keep]), seed=ctx.seed + 1 + f,
+        own = (torch.cat([X[keep], ctx.reference[0]]), torch.cat([y[keep], ctx.reference[1]])) if with_reference \
+            else (X[keep], y[keep])  # fmt: skip
+        sub = replace(ctx, members=own, seed=ctx.seed + 1 + f,
                       fit_config=replace(ctx.fit_config, seed=ctx.fit_config.seed + FOLD_SEED * (f + 1)))
         sub_p = {**p, "relabel_folds": 0, "relabel_by": "student",
+                 "distill_on": "members" if with_reference else p["distill_on"],
                  "cache": str(Path(p["cache"]) / f"fold_{f}") if p["cache"] else ""}
         pipelines.append((rows, sub, sub_p))
     return pipelines
@@ -328,7 +336,8 @@ def _held_out_selena(ctx: Context, p: dict[str, Any], X: torch.Tensor,
     """``relabel_by=selena``: F whole SELENA pipelines, pipeline f on every fold but f (its sub-models and its
     reference labels from those members only). A member's label is the output of the pipeline that never saw
     it, even through a teacher: a draw of the function LiRA's OUT references are. Each reference row's (with
-    ``distill_on=both``) is the mean of the F pipelines' outputs. The served model distills on them."""
+    ``distill_on=both``) is the mean of the F pipelines' outputs. The served model distills on them.
+    ``selena_reference``: each pipeline's Split-AI and distillation also cover the reference rows."""
     pipelines = _fold_pipelines(ctx, p, X, y)
     if p["shard"]:  # every pipeline's share of its sub-models (each pipeline's own run ends in PartialWork)
         for _, sub, sub_p in pipelines:
@@ -352,7 +361,8 @@ def _held_out_selena(ctx: Context, p: dict[str, Any], X: torch.Tensor,
     model = _selena_distill(ctx, {**p, "relabel_folds": 0}, Xd, soft, members=len(y))
     record = {k: v for k, v in p.items() if k not in WHERE}
     return model, {**record, "seed": ctx.seed, "exclusion_map": ",".join(folds), "distill_rows": len(Xd),
-                   "trained_on_reference": p["distill_on"] != "members", "cache": p["cache"] or None}  # fmt: skip
+                   "trained_on_reference": p["distill_on"] != "members" or p["relabel_by"] == "selena_reference",
+                   "cache": p["cache"] or None}  # fmt: skip
 
 
 def _selena_distill(ctx: Context, p: dict[str, Any], Xd: torch.Tensor, soft: torch.Tensor, members: int) -> nn.Module:
@@ -377,6 +387,9 @@ def _selena_distill(ctx: Context, p: dict[str, Any], Xd: torch.Tensor, soft: tor
 
 
 DISTILL_ON = ("members", "reference", "both")
+#: where a member's label comes from with ``relabel_folds``: a distilled student, or a whole SELENA without
+#: its fold (``selena``; ``selena_reference``: the reference rows in that SELENA's members too)
+RELABEL_BY = ("student", "selena", "selena_reference")
 #: ``relabel_by=selena``: fold f's sub-models start from the recipe's seed + FOLD_SEED·(f + 1)
 FOLD_SEED = 7_919
 #: SELENA's parameters that say where its sub-models are kept or which share trains now, not what is trained

@@ -430,14 +430,16 @@ def test_shards_deal_out_every_maps_submodels(tmp_path: Path) -> None:
 
 
 
+@pytest.mark.parametrize("relabel_by", ["selena", "selena_reference"])
 def test_relabel_by_selena_labels_each_member_by_a_pipeline_that_never_saw_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, relabel_by: str
 ) -> None:
     from defense_models.training.replacements import PartialWork, _fold_pipelines, _selena_params
 
     ctx, X = _replacement_context()  # members X[:80], reference X[80:100]
     params = {"K": "4", "L": "1", "cache": str(tmp_path), "distill_epochs": "2", "distill_on": "both",
-              "relabel_folds": "2", "relabel_by": "selena"}  # fmt: skip
+              "relabel_folds": "2", "relabel_by": relabel_by}  # fmt: skip
+    pipeline_rows = 40 + (20 if relabel_by == "selena_reference" else 0)  # the other fold, and the reference
     calls = _trained_on(monkeypatch)
     for shard in ("0/2", "1/2"):  # the folds' sub-models dealt out over two shards, then the distillation
         with pytest.raises(PartialWork):
@@ -454,7 +456,8 @@ def test_relabel_by_selena_labels_each_member_by_a_pipeline_that_never_saw_it(
 
     monkeypatch.setattr(replacements, "_selena_distill", recording)
     _, record = train_replacement_selena(ctx, params)
-    assert len(calls) == 2 * 4 and record["distill_rows"] == 100 and record["relabel_by"] == "selena"
+    assert len(calls) == 2 * 4 and record["distill_rows"] == 100 and record["relabel_by"] == relabel_by
+    assert record["trained_on_reference"]
     Xd, soft = distilled[-1]  # [100, D], [100, 4]: the served model's rows and labels, the members first
     assert torch.equal(Xd, X[:100])
     from defense_models.training.nets import predict_logits
@@ -471,10 +474,14 @@ def test_relabel_by_selena_labels_each_member_by_a_pipeline_that_never_saw_it(
     trained = [{tuple(r.tolist()) for r in rows} for _, rows in calls]  # each sub-model's rows
     for rows, sub, _ in pipelines:
         fold = {tuple(r.tolist()) for r in X[rows]}
-        assert len(sub.members[1]) == 80 - len(rows) and not fold & {tuple(r.tolist()) for r in sub.members[0]}
+        assert len(sub.members[1]) == pipeline_rows and not fold & {tuple(r.tolist()) for r in sub.members[0]}
+        reference = {tuple(r.tolist()) for r in X[80:100]}
+        assert (reference <= {tuple(r.tolist()) for r in sub.members[0]}) == (relabel_by == "selena_reference")
         assert sum(not fold & seen for seen in trained) == 4  # its pipeline's 4 teachers never saw the fold
     assert all(any(not {tuple(r.tolist()) for r in X[rows]} & seen for rows, _, _ in pipelines) for seen in trained)
-    with pytest.raises(ValueError, match="relabel_by=selena needs relabel_folds"):
+    with pytest.raises(ValueError, match=f"relabel_by={relabel_by} needs relabel_folds"):
         train_replacement_selena(ctx, {**params, "relabel_folds": "0"})
+    with pytest.raises(ValueError, match="no distill_synthetic"):
+        train_replacement_selena(ctx, {**params, "distill_synthetic": "5"})
     with pytest.raises(ValueError, match="relabel_by must be"):
         train_replacement_selena(ctx, {**params, "relabel_by": "teacher"})
