@@ -247,7 +247,9 @@ def _selena(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, dict[str, 
     ``distill_temperature`` T > 1 flattens every soft label (softmax(log p / T)), so a row the model was
     distilled on is less confident than the teacher ensemble; ``relabel_folds`` F ≥ 2 first distills F students,
     each without one fold of the members, and gives each member the output of the student that never saw it
-    (``held_out_relabel``); ``reference_teachers`` all (every sub-model labels a reference row), L (L of them,
+    (``held_out_relabel``), or with ``relabel_by`` selena (selena_reference) the output of a whole SELENA on
+    the other folds (and the reference rows), so no teacher behind a member's label saw it (``_held_out_selena``);
+    ``reference_teachers`` all (every sub-model labels a reference row), L (L of them,
     drawn per row and seeded, so a reference row's label is as noisy as a member's) or own (the reference set's
     own Split-AI, ``own_teachers``: no member in any reference label's teachers; ``reference_cache`` keeps its
     sub-models, default CACHE/reference_teachers, and may be shared with every LiRA reference); ``label_cap`` c
