@@ -18,7 +18,7 @@ from defense_models.audit.attacks import AttackData
 from defense_models.audit.config import VIEWS, AuditConfig
 from defense_models.audit.predictors import Predictor
 from defense_models.audit.scoring import balanced_accuracy_at
-from defense_models.training.nets import predict_logits
+from defense_models.training.nets import predict_probs
 
 PER_CLASS_MIN_ROWS = 10  # per-class accuracies only for classes with this many members and non-members
 
@@ -41,7 +41,7 @@ Predict = Callable[[np.ndarray], np.ndarray]  # X [N, D] -> probabilities [N, C]
 
 def softmax_predict(model: torch.nn.Module) -> Predict:
     def predict(X: np.ndarray) -> np.ndarray:
-        return torch.softmax(predict_logits(model, torch.from_numpy(np.asarray(X, np.float32))).double(), 1).numpy()
+        return predict_probs(model, torch.from_numpy(np.asarray(X, np.float32))).numpy()
 
     return predict
 

@@ -21,7 +21,7 @@ from defense_models.bundle.defender_step import defender_summary as defender_sum
 from defense_models.bundle.export import write_bundle
 from defense_models.training.data import Dataset, Split
 from defense_models.training.loop import FitConfig, accuracy, fit
-from defense_models.training.nets import build, predict_logits
+from defense_models.training.nets import build, predict_probs
 from defense_models.training.recipes import TrainConfig, dataset_and_split, recipe
 from defense_models.training.replacements import Pair, replacement_context, role_rows, train_replacement
 from gateway.artifacts import AccuracyRecord, DatasetRecord, SplitRecord, TrainingRecord
@@ -129,11 +129,11 @@ def defender_config(config: TrainConfig) -> DefenderConfig:
 
 def train_defenders(config: TrainConfig, target: torch.nn.Module, members: Pair, nonmembers: Pair) -> Defenders:
     """Train, gate and self-audit the requested defender's classifiers on the target's outputs."""
-    p_in = torch.softmax(predict_logits(target, members[0]).double(), dim=1)  # [N, C]
-    p_out = torch.softmax(predict_logits(target, nonmembers[0]).double(), dim=1)
+    p_in = predict_probs(target, members[0])  # [N, C]
+    p_out = predict_probs(target, nonmembers[0])
 
     def predict(X: np.ndarray) -> np.ndarray:  # for defenses that run the model (hamp's self-audit)
-        return torch.softmax(predict_logits(target, torch.from_numpy(X)).double(), dim=1).numpy()
+        return predict_probs(target, torch.from_numpy(X)).numpy()
 
     model, inputs = (predict, members[0].shape[1]), torch.cat([members[0], nonmembers[0]]).numpy()
     outputs = TargetOutputs(p_in, members[1], p_out, nonmembers[1], model=model, inputs=inputs)

@@ -84,3 +84,8 @@ def predict_logits(model: nn.Module, X: torch.Tensor, batch: int = 4096) -> torc
     """X[N, D] -> logits[N, C] in eval mode."""
     model.eval()
     return torch.cat([model(X[i : i + batch]) for i in range(0, X.shape[0], batch)])
+
+
+def predict_probs(model: nn.Module, X: torch.Tensor) -> torch.Tensor:
+    """X[N, D] -> softmax probabilities [N, C] in float64, in eval mode."""
+    return torch.softmax(predict_logits(model, X).double(), dim=1)

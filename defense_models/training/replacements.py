@@ -36,7 +36,7 @@ from torch import nn
 from defense_models.training.adv_reg import AdvRegConfig, train_adv_reg
 from defense_models.training.data import Dataset, Split
 from defense_models.training.loop import FitConfig, fit, seed_everything
-from defense_models.training.nets import build, mlp, predict_logits
+from defense_models.training.nets import build, mlp, predict_probs
 from defense_models.training.recipes import TrainConfig, parse_shard
 from defense_models.training.selena import (
     SoftCrossEntropy,
@@ -353,8 +353,8 @@ def _held_out_selena(ctx: Context, p: dict[str, Any], X: torch.Tensor,
     folds = []
     for rows, sub, sub_p in pipelines:
         model, record = _selena(sub, sub_p)
-        soft[rows] = torch.softmax(predict_logits(model, X[rows]).double(), dim=1).float()
-        others_soft += torch.softmax(predict_logits(model, others).double(), dim=1).float() / len(pipelines)
+        soft[rows] = predict_probs(model, X[rows]).float()
+        others_soft += predict_probs(model, others).float() / len(pipelines)
         folds.append(record["exclusion_map"])
     if p["distill_on"] == "both":
         Xd, soft = torch.cat([X, others]), torch.cat([soft, others_soft])

@@ -33,7 +33,7 @@ from torch import nn
 
 from defense_models.training.data import Dataset
 from defense_models.training.loop import FitConfig, fit
-from defense_models.training.nets import build, predict_logits
+from defense_models.training.nets import build, predict_probs
 from gateway.defenses.classifier import load_weights, save_weights
 from gateway.registry import ParameterError
 
@@ -100,7 +100,7 @@ def held_out_relabel(Xd: torch.Tensor, soft: torch.Tensor, members: int, folds: 
         keep = torch.ones(len(Xd), dtype=torch.bool)
         keep[rows] = False
         model = student(Xd[keep], soft[keep], fold)
-        out[rows] = torch.softmax(predict_logits(model, Xd[rows]).double(), dim=1).to(soft.dtype)
+        out[rows] = predict_probs(model, Xd[rows]).to(soft.dtype)
     return out
 
 
@@ -184,10 +184,10 @@ class SplitAI:
             if not bool(left_out.any()) and rest is None:
                 continue
             model = self.train(k, X, y, progress)
-            total[left_out] += torch.softmax(predict_logits(model, X[left_out]).double(), dim=1)
+            total[left_out] += predict_probs(model, X[left_out])
             if rest is not None and others is not None:
                 taught = slice(None) if others_teachers is None else torch.from_numpy((others_teachers == k).any(1))
-                rest[taught] += torch.softmax(predict_logits(model, others[taught]).double(), dim=1)
+                rest[taught] += predict_probs(model, others[taught])
         teachers = self.K if others_teachers is None else others_teachers.shape[1]
         return (total / self.excluded.shape[1]).float(), None if rest is None else (rest / teachers).float()
 
