@@ -267,9 +267,14 @@ def _selena(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, dict[str, 
         _selena_shard(split_ai, p, ctx)
     Xd, soft = _distillation_set(split_ai, p, ctx, X, y)  # [M, D], [M, C]
     model = _selena_distill(ctx, p, Xd, soft, members=len(y))
+    return model, _selena_record(ctx, p, split_ai.digest, len(Xd), p["distill_on"] != "members")
+
+
+def _selena_record(ctx: Context, p: dict[str, Any], digest: str, rows: int, on_reference: bool) -> dict[str, Any]:
+    """The manifest's record of a SELENA: what was trained (not where: ``WHERE``), its map and rows."""
     record = {k: v for k, v in p.items() if k not in WHERE}
-    return model, {**record, "seed": ctx.seed, "exclusion_map": split_ai.digest, "distill_rows": len(Xd),
-                   "trained_on_reference": p["distill_on"] != "members", "cache": p["cache"] or None}  # fmt: skip
+    return {**record, "seed": ctx.seed, "exclusion_map": digest, "distill_rows": rows,
+            "trained_on_reference": on_reference, "cache": p["cache"] or None}  # fmt: skip
 
 
 def _selena_params(ctx: Context, params: dict[str, Any]) -> dict[str, Any]:
@@ -347,24 +352,19 @@ def _held_out_selena(ctx: Context, p: dict[str, Any], X: torch.Tensor,
                 _selena(sub, sub_p)
         raise PartialWork(f"SELENA sub-models of shard {p['shard']} of every fold are in {p['cache']}; once every "
                           "shard is done, run again without shard= to distill and export")  # fmt: skip
-    others = ctx.reference[0]  # [R, D]
-    soft = torch.zeros(len(y), ctx.data.classes)  # [N, C]
-    others_soft = torch.zeros(len(others), ctx.data.classes)  # [R, C]
+    both = p["distill_on"] == "both"
+    Xd = torch.cat([X, ctx.reference[0]]) if both else X  # [M, D]: the members, then the reference rows
+    soft = torch.zeros(len(Xd), ctx.data.classes)  # [M, C]
     folds = []
     for rows, sub, sub_p in pipelines:
         model, record = _selena(sub, sub_p)
         soft[rows] = predict_probs(model, X[rows]).float()
-        others_soft += predict_probs(model, others).float() / len(pipelines)
+        if both:
+            soft[len(y):] += predict_probs(model, Xd[len(y):]).float() / len(pipelines)
         folds.append(record["exclusion_map"])
-    if p["distill_on"] == "both":
-        Xd, soft = torch.cat([X, others]), torch.cat([soft, others_soft])
-    else:
-        Xd = X
     model = _selena_distill(ctx, {**p, "relabel_folds": 0}, Xd, soft, members=len(y))
-    record = {k: v for k, v in p.items() if k not in WHERE}
-    return model, {**record, "seed": ctx.seed, "exclusion_map": ",".join(folds), "distill_rows": len(Xd),
-                   "trained_on_reference": p["distill_on"] != "members" or p["relabel_by"] == "selena_reference",
-                   "cache": p["cache"] or None}  # fmt: skip
+    on_reference = both or p["relabel_by"] == "selena_reference"
+    return model, _selena_record(ctx, p, ",".join(folds), len(Xd), on_reference)
 
 
 def _selena_distill(ctx: Context, p: dict[str, Any], Xd: torch.Tensor, soft: torch.Tensor, members: int) -> nn.Module:

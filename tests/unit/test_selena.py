@@ -429,7 +429,6 @@ def test_shards_deal_out_every_maps_submodels(tmp_path: Path) -> None:
     assert int(record["splits"]) == 2
 
 
-
 @pytest.mark.parametrize("relabel_by", ["selena", "selena_reference"])
 def test_relabel_by_selena_labels_each_member_by_a_pipeline_that_never_saw_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, relabel_by: str
@@ -462,15 +461,15 @@ def test_relabel_by_selena_labels_each_member_by_a_pipeline_that_never_saw_it(
     assert torch.equal(Xd, X[:100])
     from defense_models.training.nets import predict_logits
 
+    pipelines = _fold_pipelines(ctx, _selena_params(ctx, params), *ctx.members)
     outputs = []
-    for rows, sub, sub_p in _fold_pipelines(ctx, _selena_params(ctx, params), *ctx.members):
+    for rows, sub, sub_p in pipelines:
         model = replacements._selena(sub, sub_p)[0]  # cached sub-models, seeded distillation: the same model
         probs = torch.softmax(predict_logits(model, X[:100]).double(), 1).float()  # [100, 4]
         assert torch.allclose(soft[rows], probs[rows], atol=1e-6)  # a member: its fold's pipeline
         outputs.append(probs[80:])
     assert torch.allclose(soft[80:], torch.stack(outputs).mean(0), atol=1e-6)  # a reference row: their mean
     assert len(record["exclusion_map"].split(",")) == 2
-    pipelines = _fold_pipelines(ctx, _selena_params(ctx, params), *ctx.members)
     trained = [{tuple(r.tolist()) for r in rows} for _, rows in calls]  # each sub-model's rows
     for rows, sub, _ in pipelines:
         fold = {tuple(r.tolist()) for r in X[rows]}
