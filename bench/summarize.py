@@ -4,9 +4,9 @@
     python bench/summarize.py reports/location30-replacements/sweep.json --goals plain
 
 ``--goals BASELINE`` prints issue 15's table instead: train and test accuracy (and the change from the
-BASELINE setting's), the best attack of the whole suite, the largest TPR at 0.1% FPR of any attack, and the
-verdicts: test ≥ baseline − 3 points, best ≤ 0.60 and TPR@0.1% ≤ 1% (alone), best ≤ 0.56 and label loss 0
-(with MemGuard on top).
+BASELINE setting's), the best attack of the whole suite, the largest TPR at 0.1% FPR of any attack (with that
+attack's 95% bootstrap interval, in reports that have one), and the verdicts: test ≥ baseline − 3 points,
+best ≤ 0.60 and TPR@0.1% ≤ 1% (alone), best ≤ 0.56 and label loss 0 (with MemGuard on top).
 
 Prints one Markdown row per setting: utility, the label-only floor, MemGuard's NN attack (shadow and
 adaptive views), the best attack of each family, and the goals' verdicts. ``--extra`` sweeps add their
@@ -117,6 +117,13 @@ def _mark(ok: bool) -> str:
     return "yes" if ok else "**no**"
 
 
+def _interval(attack: dict[str, float]) -> str:
+    """' [low–high]': the TPR@0.1% FPR's 95% bootstrap interval, in sweeps audited since it is reported."""
+    if "tpr_at_01pct_fpr_low" not in attack:
+        return ""
+    return f" [{attack['tpr_at_01pct_fpr_low']:.1%}–{attack['tpr_at_01pct_fpr_high']:.1%}]"
+
+
 def goals(rows: list[dict[str, Any]], baseline: str) -> None:
     """Issue 15's verdicts per setting (a setting with MemGuard on top is judged by the stricter goal)."""
     base = next(r for r in rows if r["setting"] == baseline)["test_accuracy"]
@@ -134,7 +141,7 @@ def goals(rows: list[dict[str, Any]], baseline: str) -> None:
         print(f"| {r['setting']} | {r['train_accuracy']:.3f} | {r['test_accuracy']:.3f} "
               f"({r['test_accuracy'] - base:+.3f}) | {r['label_only_floor']:.3f} | {best:.3f} ({best_key}) | "
               f"{_cell(_best(a, FAMILIES['LiRA']))} | {_cell(_best(a, FAMILIES['label-only']))} | "
-              f"{tpr:.1%} ({tpr_key}) | {_mark(r['test_accuracy'] >= base - 0.03)} | "
+              f"{tpr:.1%}{_interval(a[tpr_key])} ({tpr_key}) | {_mark(r['test_accuracy'] >= base - 0.03)} | "
               f"{_mark(best <= ceiling and label_ok)} ({goal}) | "
               f"{_mark(tpr <= 0.01)} |")  # fmt: skip
 

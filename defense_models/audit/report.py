@@ -19,7 +19,7 @@ import numpy as np
 from defense_models.audit.attacks.base import AttackData
 from defense_models.audit.attacks.metric import confidence, neg_entropy
 from defense_models.audit.run import AuditResult
-from defense_models.audit.schema import AuditReport, write
+from defense_models.audit.schema import AttackResult, AuditReport, write
 from defense_models.audit.scoring import roc
 
 PLOTS = ("roc.png", "distributions.png", "l1.png", "per_class_cdf.png")
@@ -111,6 +111,13 @@ def plot_per_class(result: AuditResult, path: Path) -> None:
     _save(fig, path)
 
 
+def _interval(r: AttackResult) -> str:
+    """' [low, high]': the TPR@0.1% FPR bootstrap interval, where the report has one."""
+    if r.tpr_at_01pct_fpr_low is None or r.tpr_at_01pct_fpr_high is None:
+        return ""
+    return f" [{r.tpr_at_01pct_fpr_low:.4f}, {r.tpr_at_01pct_fpr_high:.4f}]"
+
+
 def markdown(report: AuditReport) -> str:
     u, s = report.utility, report.summary
     floor = u.label_only_floor
@@ -158,14 +165,15 @@ def markdown(report: AuditReport) -> str:
     lines += ["", "Attacker views:"] + [f"- `{v}`: {note}" for v, note in report.views.items()]
     lines += [
         "",
-        "| view / attack | balanced acc. (attacker's τ) | oracle | AUC | TPR@1% FPR | TPR@0.1% FPR | vs floor |",
+        "| view / attack | balanced acc. (attacker's τ) | oracle | AUC | TPR@1% FPR | TPR@0.1% FPR [95% CI] "
+        "| vs floor |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in report.attacks.items():
         own = r.label_only_floor_on_rows or floor  # label-only attacks query a subsample: its own floor
         lines.append(
             f"| {name} | {r.balanced_accuracy:.4f} | {r.oracle_balanced_accuracy:.4f} | {r.auc:.4f} | "
-            f"{r.tpr_at_1pct_fpr:.4f} | {r.tpr_at_01pct_fpr:.4f} | {r.balanced_accuracy - own:+.4f} |"
+            f"{r.tpr_at_1pct_fpr:.4f} | {r.tpr_at_01pct_fpr:.4f}{_interval(r)} | {r.balanced_accuracy - own:+.4f} |"
         )
     best, conf = s.best_attack, s.best_confidence_based
     lines += [""]
@@ -175,7 +183,8 @@ def markdown(report: AuditReport) -> str:
         verdict = "within" if s.confidence_based_within_1pt_of_floor else "**not** within"
         lines.append(f"Best confidence-based attack: `{conf.attack}` at {conf.balanced_accuracy:.4f}, {verdict} "
                      f"1 point of the floor; largest TPR@0.1% FPR {s.max_tpr_at_01pct_fpr:.4f}.")  # fmt: skip
-    lines += ["", f"Sets: {report.sets.model_dump()}. TPR@0.1% FPR resolves 1/{report.sets.nonmembers}.",
+    lines += ["", f"Sets: {report.sets.model_dump()}. TPR@0.1% FPR resolves 1/{report.sets.nonmembers}; its "
+              "interval is a seeded bootstrap over members and non-members.",
               f"Plots: {', '.join(PLOTS)}. Raw scores: scores.npz. {report.seconds} s.", ""]  # fmt: skip
     return "\n".join(lines)
 

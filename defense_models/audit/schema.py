@@ -30,6 +30,9 @@ class AttackResult(_Record):
     auc: float
     tpr_at_1pct_fpr: float
     tpr_at_01pct_fpr: float
+    #: its 95% seeded bootstrap interval (``scoring.tpr_interval``); None in reports written before it existed
+    tpr_at_01pct_fpr_low: float | None = None
+    tpr_at_01pct_fpr_high: float | None = None
     advantage: float
     threshold: float
     n_members: int

@@ -45,6 +45,39 @@ def tpr_at_fpr(members: np.ndarray, nonmembers: np.ndarray, max_fpr: float) -> f
     return float(r.tpr[r.fpr <= max_fpr + 1e-12].max())
 
 
+def tpr_above_kth(members: np.ndarray, nonmembers: np.ndarray, max_fpr: float) -> np.ndarray:
+    """``tpr_at_fpr`` of many score sets at once: members [B, M], non-members [B, N] -> TPR [B].
+
+    A threshold may pass at most k = ⌊max_fpr·N⌋ non-members, so the best one sits just above the (k+1)-th
+    largest non-member score v: TPR = share of members > v (ties with v stay out, as in the ROC)."""
+    k = int(np.floor(max_fpr * nonmembers.shape[1] + 1e-9))
+    if k >= nonmembers.shape[1]:
+        return np.ones(members.shape[0])
+    kth = nonmembers.shape[1] - 1 - k
+    v = np.partition(nonmembers, kth, axis=1)[:, kth]  # [B]
+    return (members > v[:, None]).mean(axis=1)
+
+
+#: the bootstrap behind every TPR interval: resamples, seed, and resamples per chunk (memory: chunk × rows)
+BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, BOOTSTRAP_CHUNK = 1_000, 0, 100
+
+
+def tpr_interval(members: np.ndarray, nonmembers: np.ndarray, max_fpr: float,
+                 level: float = 0.95) -> tuple[float, float]:  # fmt: skip
+    """A seeded percentile-bootstrap interval for ``tpr_at_fpr``: members and non-members resampled
+    independently. At 0.1% FPR the threshold is set by the top one or two non-members, so the interval is wide
+    unless there are many thousands of them."""
+    m, n = np.asarray(members, np.float64), np.asarray(nonmembers, np.float64)
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    tprs = []
+    for start in range(0, BOOTSTRAP_RESAMPLES, BOOTSTRAP_CHUNK):
+        b = min(BOOTSTRAP_CHUNK, BOOTSTRAP_RESAMPLES - start)
+        tprs.append(tpr_above_kth(m[rng.integers(0, m.size, (b, m.size))], n[rng.integers(0, n.size, (b, n.size))],
+                                  max_fpr))  # fmt: skip
+    low, high = np.percentile(np.concatenate(tprs), [50 * (1 - level), 50 * (1 + level)])
+    return float(low), float(high)
+
+
 def balanced_accuracy_at(members: np.ndarray, nonmembers: np.ndarray, threshold: float) -> float:
     m, n = np.asarray(members), np.asarray(nonmembers)
     return float(0.5 * ((m >= threshold).mean() + (n < threshold).mean()))
@@ -67,6 +100,8 @@ class AttackScores:
     auc: float
     tpr_at_1pct_fpr: float
     tpr_at_01pct_fpr: float
+    tpr_at_01pct_fpr_low: float  # its 95% bootstrap interval (``tpr_interval``)
+    tpr_at_01pct_fpr_high: float
     advantage: float  # max(TPR − FPR)
     threshold: float
     n_members: int
@@ -89,6 +124,7 @@ def score_attack(
     tau = best_threshold(*shadow)[0] if shadow is not None else tau_oracle
     tp, fp = float((m >= tau).sum()), float((n >= tau).sum())
     r = roc(m, n)
+    low, high = tpr_interval(m, n, 0.001)
     return AttackScores(
         balanced_accuracy=balanced_accuracy_at(m, n, tau),
         oracle_balanced_accuracy=oracle,
@@ -97,6 +133,8 @@ def score_attack(
         auc=auc(m, n),
         tpr_at_1pct_fpr=tpr_at_fpr(m, n, 0.01),
         tpr_at_01pct_fpr=tpr_at_fpr(m, n, 0.001),
+        tpr_at_01pct_fpr_low=low,
+        tpr_at_01pct_fpr_high=high,
         advantage=float((r.tpr - r.fpr).max()),
         threshold=tau,
         n_members=int(m.size),

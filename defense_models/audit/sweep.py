@@ -29,7 +29,7 @@ from defense_models.audit.config import AuditConfig
 from defense_models.audit.queries import check_references
 from defense_models.audit.report import write_report
 from defense_models.audit.run import run_audit
-from defense_models.audit.schema import AuditReport, Sweep, SweepRow, read, write
+from defense_models.audit.schema import AttackResult, AuditReport, Sweep, SweepRow, read, write
 from defense_models.training.shadows import shadow_metas
 
 #: MemGuard's published Location curve, NN attack vs ε (docs/ALGORITHMS.md §9; for comparison only).
@@ -118,10 +118,18 @@ def _row(setting: Setting, report: AuditReport) -> SweepRow:
         best_confidence_based_auc=conf.auc if conf else None,
         max_tpr_at_1pct_fpr=max(r.tpr_at_1pct_fpr for r in report.attacks.values()),
         max_tpr_at_01pct_fpr=s.max_tpr_at_01pct_fpr,
-        attacks={k: {m: getattr(r, m) for m in ("balanced_accuracy", "auc", "tpr_at_1pct_fpr", "tpr_at_01pct_fpr")}
-                 for k, r in report.attacks.items()},
+        attacks={k: _attack_metrics(r) for k, r in report.attacks.items()},
         utility=u,
     )  # fmt: skip
+
+
+#: what a sweep row keeps of each attack (the interval's bounds only where the report has them)
+SWEEP_METRICS = ("balanced_accuracy", "auc", "tpr_at_1pct_fpr", "tpr_at_01pct_fpr", "tpr_at_01pct_fpr_low",
+                 "tpr_at_01pct_fpr_high")  # fmt: skip
+
+
+def _attack_metrics(r: AttackResult) -> dict[str, float]:
+    return {m: v for m in SWEEP_METRICS if (v := getattr(r, m)) is not None}
 
 
 def run_sweep(bundle: Path, settings: list[Setting], out: Path, base: AuditConfig | None = None, *,

@@ -16,7 +16,9 @@ from defense_models.audit.scoring import (
     label_loss,
     roc,
     score_attack,
+    tpr_above_kth,
     tpr_at_fpr,
+    tpr_interval,
 )
 
 
@@ -41,6 +43,27 @@ def test_tpr_at_low_fpr_takes_the_best_point_within_budget() -> None:
     assert tpr_at_fpr(members, nonmembers, 0.0) == 0.25  # only τ = 10 has FPR 0
     assert tpr_at_fpr(members, nonmembers, 0.001) == 1.0  # FPR 1/1000 is allowed: τ = 1
     assert tpr_at_fpr(members, nonmembers, 0.0009) == 0.25
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 6), min_size=1, max_size=40), st.lists(st.integers(0, 6), min_size=1, max_size=40),
+       st.sampled_from([0.0, 0.001, 0.01, 0.1, 0.25, 0.5, 1.0]))  # fmt: skip
+def test_the_bootstraps_tpr_is_the_rocs(m: list[int], n: list[int], max_fpr: float) -> None:
+    """The bootstrap's vectorised TPR equals tpr_at_fpr's on the full ROC, ties included."""
+    a, b = np.array(m, float), np.array(n, float)
+    assert tpr_above_kth(a[None], b[None], max_fpr)[0] == pytest.approx(tpr_at_fpr(a, b, max_fpr))
+
+
+def test_the_tpr_interval_is_seeded_and_holds_the_estimate() -> None:
+    rng = np.random.default_rng(3)
+    members, nonmembers = rng.normal(0.3, 1, 1000), rng.normal(0, 1, 1000)
+    low, high = tpr_interval(members, nonmembers, 0.001)
+    assert low <= tpr_at_fpr(members, nonmembers, 0.001) <= high and 0 <= low < high <= 1
+    assert tpr_interval(members, nonmembers, 0.001) == (low, high)  # seeded: a re-audit reads the same
+    s = score_attack(members, nonmembers)
+    assert (s.tpr_at_01pct_fpr_low, s.tpr_at_01pct_fpr_high) == (low, high)
+    wide = tpr_interval(members[:100], nonmembers[:100], 0.001)
+    assert wide[1] - wide[0] > high - low  # fewer rows, a wider interval
 
 
 def test_balanced_accuracy_and_thresholds() -> None:
