@@ -40,7 +40,7 @@ from defense_models.audit.attacks.lira import Lira, logit_confidence  # noqa: E4
 from defense_models.audit.scoring import auc, tpr_at_fpr  # noqa: E402
 from defense_models.audit.sweep import parse_value  # noqa: E402
 from defense_models.training.data import Dataset, Split  # noqa: E402
-from defense_models.training.nets import predict_logits  # noqa: E402
+from defense_models.training.nets import predict_probs  # noqa: E402
 from defense_models.training.recipes import TrainConfig, dataset_and_split, recipe  # noqa: E402
 from defense_models.training.replacements import replacement_context, role_rows, train_replacement  # noqa: E402
 from defense_models.training.shadows import ShadowSpec, load_shadows, train_shadows  # noqa: E402
@@ -62,7 +62,7 @@ def parse_params(text: str) -> dict[str, Any]:
 
 
 def softmax_on(model: torch.nn.Module, X: torch.Tensor) -> np.ndarray:
-    return torch.softmax(predict_logits(model, X).double(), dim=1).numpy()
+    return predict_probs(model, X).numpy()  # [N, C] float64
 
 
 def target_phi(setup: Setup, params: dict[str, Any], cache: str) -> tuple[np.ndarray, float, float]:
