@@ -11,7 +11,7 @@ members alone and on the members plus the reference rows: what the data allows w
         --pipelines selena=artifacts/location30-selena-heldout-sub \\
         --pipelines selena_reference=artifacts/location30-selena-heldref-sub
 
-Prints a table (one row per fold pipeline, then the plain rows) and writes ``reports/selena_pipelines.json``.
+Prints a table (one row per fold pipeline, then the plain rows) and writes ``bench/results/selena_pipelines.json``.
 Run it with ``OMP_NUM_THREADS=1``: thread count changes the trained weights a little.
 """
 
@@ -83,7 +83,7 @@ def main() -> int:
     ap.add_argument("--folds", type=int, default=2, help="relabel_folds")
     ap.add_argument("--distill-epochs", type=int, default=200)
     ap.add_argument("--distill-on", default="both")
-    ap.add_argument("--out", type=Path, default=ROOT / "reports" / "selena_pipelines.json")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "selena_pipelines.json")
     args = ap.parse_args()
     config = TrainConfig(dataset=args.dataset, progress=False)
     data, split = dataset_and_split(config)
