@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -168,8 +169,10 @@ class SplitAI:
             self.cache.mkdir(parents=True, exist_ok=True)
             weights, meta = self._paths(k)
             save_weights(model, weights)
-            meta.write_text(json.dumps({"k": k, "map": self.digest, "epochs": self.fit_config.epochs,
-                                        "records": int(mask.sum())}) + "\n")  # fmt: skip
+            tmp = meta.with_name(f".{meta.name}.{os.getpid()}.tmp")  # renamed: shards sharing a cache never
+            tmp.write_text(json.dumps({"k": k, "map": self.digest, "epochs": self.fit_config.epochs,  # read half
+                                       "records": int(mask.sum())}) + "\n")  # fmt: skip
+            tmp.replace(meta)
         return model.eval()
 
     def soft_labels(self, X: torch.Tensor, y: torch.Tensor, progress: bool, others: torch.Tensor | None = None,

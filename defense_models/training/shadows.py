@@ -16,7 +16,6 @@ IN mask over the pool, accuracy, recipe, replacement). ``load_shadows`` collects
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -103,7 +102,7 @@ def train_shadows(config: TrainConfig, spec: ShadowSpec, out: Path, shard: tuple
             continue  # idempotent: a retried shard skips finished shadows
         mask = in_mask(j, len(pool), spec.keep, config.seed)
         model, record, shadow_arch = _train_one(config, data, split, arch, fit_config, (X[mask], y[mask]), out, j)
-        _write_weights(model, out / f"shadow_{j:04d}.safetensors")
+        save_weights(model, out / f"shadow_{j:04d}.safetensors")
         meta = ShadowMeta(
             index=j, count=spec.count, dataset=data.name, dataset_sha256=data.sha256, split=split.name,
             seed=config.seed, pool_roles=list(spec.pool), pool_rows=pool.tolist(), in_mask=mask.tolist(),
@@ -147,12 +146,6 @@ def _shadow_params(config: TrainConfig, out: Path, j: int) -> dict[str, Any]:
     if params.get("cache"):
         params["cache"] = str(Path(params["cache"]) / f"shadow_{j:04d}")
     return params
-
-
-def _write_weights(model: torch.nn.Module, path: Path) -> None:
-    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".tmp") as tmp:
-        save_weights(model, Path(tmp.name))
-    Path(tmp.name).replace(path)
 
 
 def shadow_metas(directory: Path) -> list[tuple[Path, ShadowMeta]]:

@@ -8,6 +8,7 @@ for training and for the reference implementations in the tests.
 from __future__ import annotations
 
 import itertools
+import os
 from pathlib import Path
 from typing import TypeVar
 
@@ -82,9 +83,16 @@ class AepptSubstitute(nn.Module):
 
 
 def save_weights(module: nn.Module, path: Path) -> None:
+    """Written to a temporary file beside ``path`` and renamed over it: a reader (another shard sharing a
+    cache) sees the old file or the whole new one, never a partial write."""
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, str(path))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, str(tmp))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 M = TypeVar("M", bound=nn.Module)

@@ -72,3 +72,28 @@ def test_other_format_versions_and_renamed_training_fields_refuse(bundle_copy: P
     path.write_text(json.dumps(renamed))
     with pytest.raises(BundleError, match="parity_max_abs_diff"):
         load_bundle(bundle_copy)
+
+
+def test_weights_are_replaced_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shards that share a sub-model cache read each other's files: a write that dies half-way must leave the
+    previous file whole (and no partial file under the real name)."""
+    import safetensors.torch
+    import torch
+
+    from gateway.defenses.classifier import load_weights, save_weights
+
+    path = tmp_path / "selena_000.safetensors"
+    first = torch.nn.Linear(3, 2)
+    save_weights(first, path)
+
+    def dies_half_way(tensors: dict[str, torch.Tensor], filename: str) -> None:
+        Path(filename).write_bytes(b"\0" * 7)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", dies_half_way)
+    with pytest.raises(OSError, match="disk full"):
+        save_weights(torch.nn.Linear(3, 2), path)
+    monkeypatch.undo()
+    loaded = load_weights(torch.nn.Linear(3, 2), path)
+    assert torch.equal(loaded.weight, first.weight)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # the temporary file is gone too
