@@ -10,12 +10,30 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gateway.errors import BundleError
+
+
+def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """``write`` a temporary file beside ``path``, then rename it over ``path``: a reader (another shard sharing
+    a directory) sees the old file or the whole new one, never a partial write; a failed write leaves no trace."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    write_atomically(path, lambda tmp: tmp.write_text(text))
+
 
 MANIFEST_NAME = "manifest.json"
 #: 2: ``training`` became a typed, versioned ``TrainingRecord`` (1 held a free-form dict).

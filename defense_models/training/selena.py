@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -35,6 +34,7 @@ from torch import nn
 from defense_models.training.data import Dataset
 from defense_models.training.loop import FitConfig, fit
 from defense_models.training.nets import build, predict_probs
+from gateway.artifacts import write_text_atomically
 from gateway.defenses.classifier import load_weights, save_weights
 from gateway.registry import ParameterError
 
@@ -169,10 +169,8 @@ class SplitAI:
             self.cache.mkdir(parents=True, exist_ok=True)
             weights, meta = self._paths(k)
             save_weights(model, weights)
-            tmp = meta.with_name(f".{meta.name}.{os.getpid()}.tmp")  # renamed: shards sharing a cache never
-            tmp.write_text(json.dumps({"k": k, "map": self.digest, "epochs": self.fit_config.epochs,  # read half
-                                       "records": int(mask.sum())}) + "\n")  # fmt: skip
-            tmp.replace(meta)
+            write_text_atomically(meta, json.dumps({"k": k, "map": self.digest, "epochs": self.fit_config.epochs,
+                                                    "records": int(mask.sum())}) + "\n")  # fmt: skip
         return model.eval()
 
     def soft_labels(self, X: torch.Tensor, y: torch.Tensor, progress: bool, others: torch.Tensor | None = None,

@@ -28,6 +28,7 @@ from defense_models.training.loop import FitConfig, accuracy, fit
 from defense_models.training.nets import build
 from defense_models.training.recipes import TrainConfig, dataset_and_split, recipe
 from defense_models.training.replacements import WHERE, Pair, replacement_context, train_replacement
+from gateway.artifacts import write_text_atomically
 from gateway.defenses.classifier import load_weights, save_weights
 from gateway.registry import ParameterError
 
@@ -109,7 +110,7 @@ def train_shadows(config: TrainConfig, spec: ShadowSpec, out: Path, shard: tuple
             architecture=shadow_arch, fit=asdict(fit_config), request=request, replacement=record,
             train_accuracy=accuracy(model, X[mask], y[mask]), out_accuracy=accuracy(model, X[~mask], y[~mask]),
         )  # fmt: skip
-        meta_path.write_text(meta.model_dump_json() + "\n")  # written last: marks the shadow complete
+        write_text_atomically(meta_path, meta.model_dump_json() + "\n")  # written last: marks the shadow complete
         done.append(j)
     return done
 

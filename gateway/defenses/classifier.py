@@ -8,12 +8,13 @@ for training and for the reference implementations in the tests.
 from __future__ import annotations
 
 import itertools
-import os
 from pathlib import Path
 from typing import TypeVar
 
 import torch
 from torch import nn
+
+from gateway.artifacts import write_atomically
 
 
 class MemGuardClassifier(nn.Module):
@@ -87,12 +88,8 @@ def save_weights(module: nn.Module, path: Path) -> None:
     cache) sees the old file or the whole new one, never a partial write."""
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, str(tmp))
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    write_atomically(path, lambda tmp: save_file(tensors, str(tmp)))
 
 
 M = TypeVar("M", bound=nn.Module)
