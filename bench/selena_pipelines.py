@@ -28,24 +28,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench._record import write_record  # noqa: E402
-from defense_models.training.loop import fit  # noqa: E402
-from defense_models.training.nets import build, predict_logits  # noqa: E402
+from defense_models.training.loop import accuracy  # noqa: E402
 from defense_models.training.recipes import TrainConfig, dataset_and_split, recipe  # noqa: E402
 from defense_models.training.replacements import (  # noqa: E402
     Context,
     _fold_pipelines,
+    _plain,
     _selena,
     _selena_params,
     replacement_context,
     role_rows,
 )
-
-Pair = tuple[torch.Tensor, torch.Tensor]
-
-
-def accuracy(model: torch.nn.Module, rows: Pair) -> float:
-    X, y = rows  # [N, D], [N]
-    return float((predict_logits(model, X).argmax(1) == y).float().mean())
 
 
 def pipeline_rows(ctx: Context, relabel_by: str, cache: str, params: dict[str, Any]) -> list[dict[str, Any]]:
@@ -56,8 +49,8 @@ def pipeline_rows(ctx: Context, relabel_by: str, cache: str, params: dict[str, A
     for f, (fold, sub, sub_p) in enumerate(_fold_pipelines(ctx, p, X, y)):
         model, _ = _selena(sub, sub_p)
         rows.append({"pipeline": f"{relabel_by} fold {f}", "trained_rows": len(sub.members[1]),
-                     "own": accuracy(model, sub.members), "held_out_fold": accuracy(model, (X[fold], y[fold])),
-                     "validation": accuracy(model, ctx.validation)})  # fmt: skip
+                     "own": accuracy(model, *sub.members), "held_out_fold": accuracy(model, X[fold], y[fold]),
+                     "validation": accuracy(model, *ctx.validation)})  # fmt: skip
     return rows
 
 
@@ -66,12 +59,10 @@ def plain_rows(ctx: Context) -> list[dict[str, Any]]:
     both = (torch.cat([ctx.members[0], ctx.reference[0]]), torch.cat([ctx.members[1], ctx.reference[1]]))
     rows = []
     for name, data in (("plain, members", ctx.members), ("plain, members + reference", both)):
-        torch.manual_seed(ctx.seed)
-        model = build(ctx.arch, ctx.data)
-        fit(model, *data, ctx.fit_config, progress=False, desc=name)
-        model.eval()
-        rows.append({"pipeline": name, "trained_rows": len(data[1]), "own": accuracy(model, data),
-                     "held_out_fold": None, "validation": accuracy(model, ctx.validation)})  # fmt: skip
+        torch.manual_seed(ctx.seed)  # as train_replacement seeds every replacement
+        model = _plain(ctx, *data, ctx.fit_config, name)
+        rows.append({"pipeline": name, "trained_rows": len(data[1]), "own": accuracy(model, *data),
+                     "held_out_fold": None, "validation": accuracy(model, *ctx.validation)})  # fmt: skip
     return rows
 
 
