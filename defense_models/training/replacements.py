@@ -259,15 +259,20 @@ def _selena(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, dict[str, 
     X, y = ctx.members
     if p["relabel_by"] != "student":
         return _held_out_selena(ctx, p, X, y)
-    cache = Path(p["cache"]) if p["cache"] else None
-    sub_config = replace(ctx.fit_config, epochs=int(p["sub_epochs"]))
-    split_ai = Splits(ctx.arch, ctx.data, sub_config, len(y), int(p["K"]), int(p["L"]), ctx.seed, int(p["splits"]),
-                      cache)  # fmt: skip
+    split_ai = _splits(ctx, p)
     if p["shard"]:
         _selena_shard(split_ai, p, ctx)
     Xd, soft = _distillation_set(split_ai, p, ctx, X, y)  # [M, D], [M, C]
     model = _selena_distill(ctx, p, Xd, soft, members=len(y))
     return model, _selena_record(ctx, p, split_ai.digest, len(Xd), p["distill_on"] != "members")
+
+
+def _splits(ctx: Context, p: dict[str, Any]) -> Splits:
+    """The Split-AI maps of a SELENA on ``ctx.members`` (sub-models from ``p["cache"]`` where they are there)."""
+    cache = Path(p["cache"]) if p["cache"] else None
+    sub_config = replace(ctx.fit_config, epochs=int(p["sub_epochs"]))
+    return Splits(ctx.arch, ctx.data, sub_config, len(ctx.members[1]), int(p["K"]), int(p["L"]), ctx.seed,
+                  int(p["splits"]), cache)  # fmt: skip
 
 
 def _selena_record(ctx: Context, p: dict[str, Any], digest: str, rows: int, on_reference: bool) -> dict[str, Any]:
@@ -283,7 +288,8 @@ def _selena_params(ctx: Context, params: dict[str, Any]) -> dict[str, Any]:
                        "distill_batch_size": 512, "distill_epochs": 60, "distill_weight_decay": 0.0,
                        "distill_temperature": 1.0,
                        "distill_on": "members", "relabel_folds": 0, "relabel_by": "student",
-                       "reference_teachers": "all", "label_cap": 1.0, "distill_synthetic": 0}, "selena")  # fmt: skip
+                       "reference_teachers": "all", "label_cap": 1.0, "distill_synthetic": 0,
+                       "pipeline_label": "distilled"}, "selena")  # fmt: skip
     if p["distill_on"] not in DISTILL_ON:
         raise ParameterError(f"--replacement selena: distill_on must be one of {DISTILL_ON}, got {p['distill_on']!r}")
     if p["reference_teachers"] not in ("all", "L", "own"):
@@ -312,6 +318,12 @@ def _selena_params(ctx: Context, params: dict[str, Any]) -> dict[str, Any]:
     if p["relabel_by"] != "student" and (int(p["distill_synthetic"]) or p["reference_teachers"] != "all"):
         raise ParameterError(f"--replacement selena: relabel_by={p['relabel_by']} labels the reference rows with its "
                              "pipelines: no distill_synthetic, reference_teachers=all")  # fmt: skip
+    if p["pipeline_label"] not in PIPELINE_LABEL:
+        raise ParameterError(f"--replacement selena: pipeline_label must be one of {PIPELINE_LABEL}, got "
+                             f"{p['pipeline_label']!r}")  # fmt: skip
+    if p["pipeline_label"] != "distilled" and p["relabel_by"] == "student":
+        raise ParameterError(f"--replacement selena: pipeline_label={p['pipeline_label']} labels members with a fold "
+                             "pipeline's sub-models: it needs relabel_by=selena or selena_reference")  # fmt: skip
     if int(p["relabel_folds"]) and p["distill_on"] == "reference":
         raise ParameterError("--replacement selena: relabel_folds relabels members; distill_on=reference has none")
     return p
@@ -331,7 +343,7 @@ def _fold_pipelines(ctx: Context, p: dict[str, Any], X: torch.Tensor,
             else (X[keep], y[keep])  # fmt: skip
         sub = replace(ctx, members=own, seed=ctx.seed + 1 + f,
                       fit_config=replace(ctx.fit_config, seed=ctx.fit_config.seed + FOLD_SEED * (f + 1)))
-        sub_p = {**p, "relabel_folds": 0, "relabel_by": "student",
+        sub_p = {**p, "relabel_folds": 0, "relabel_by": "student", "pipeline_label": "distilled",
                  "distill_on": "members" if with_reference else p["distill_on"],
                  "cache": str(Path(p["cache"]) / f"fold_{f}") if p["cache"] else ""}
         pipelines.append((rows, sub, sub_p))
@@ -357,14 +369,36 @@ def _held_out_selena(ctx: Context, p: dict[str, Any], X: torch.Tensor,
     soft = torch.zeros(len(Xd), ctx.data.classes)  # [M, C]
     folds = []
     for rows, sub, sub_p in pipelines:
-        model, record = _selena(sub, sub_p)
-        soft[rows] = predict_probs(model, X[rows]).float()
-        if both:
-            soft[len(y):] += predict_probs(model, Xd[len(y):]).float() / len(pipelines)
-        folds.append(record["exclusion_map"])
+        fold_soft, reference_soft, digest = _pipeline_labels(sub, sub_p, p, X[rows], Xd[len(y):] if both else None)
+        soft[rows] = fold_soft
+        if reference_soft is not None:
+            soft[len(y):] += reference_soft / len(pipelines)
+        folds.append(digest)
     model = _selena_distill(ctx, {**p, "relabel_folds": 0}, Xd, soft, members=len(y))
     on_reference = both or p["relabel_by"] == "selena_reference"
     return model, _selena_record(ctx, p, ",".join(folds), len(Xd), on_reference)
+
+
+def _pipeline_labels(sub: Context, sub_p: dict[str, Any], p: dict[str, Any], X_fold: torch.Tensor,
+                     X_ref: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, str]:  # fmt: skip
+    """Fold pipeline ``sub``'s labels for the members it never saw, X_fold [n, D] -> [n, C], and for the reference
+    rows X_ref [R, D] -> [R, C] (None: not distilled on), with its maps' digest. ``pipeline_label=distilled``: its
+    distilled model's softmax; ``teachers``: the mean softmax of all K of its sub-models for X_fold, and for a
+    reference row what its own SELENA would label it with (``selena_reference``: the L sub-models that left it
+    out; ``selena``: all K, as ``reference_teachers=all``). No pipeline is distilled then."""
+    if p["pipeline_label"] == "distilled":
+        model, record = _selena(sub, sub_p)
+        reference = None if X_ref is None else predict_probs(model, X_ref).float()
+        return predict_probs(model, X_fold).float(), reference, record["exclusion_map"]
+    split_ai = _splits(sub, sub_p)
+    own = p["relabel_by"] == "selena_reference"  # the reference rows are this pipeline's records
+    others = X_fold if own or X_ref is None else torch.cat([X_fold, X_ref])  # [n (+ R), D]
+    records_soft, others_soft = split_ai.soft_labels(*sub.members, sub.progress, others)
+    assert others_soft is not None
+    if X_ref is None:
+        return others_soft, None, split_ai.digest
+    reference = records_soft[-len(X_ref):] if own else others_soft[len(X_fold):]
+    return others_soft[: len(X_fold)], reference, split_ai.digest
 
 
 def _selena_distill(ctx: Context, p: dict[str, Any], Xd: torch.Tensor, soft: torch.Tensor, members: int) -> nn.Module:
@@ -392,6 +426,9 @@ DISTILL_ON = ("members", "reference", "both")
 #: where a member's label comes from with ``relabel_folds``: a distilled student, or a whole SELENA without
 #: its fold (``selena``; ``selena_reference``: the reference rows in that SELENA's members too)
 RELABEL_BY = ("student", "selena", "selena_reference")
+#: with ``relabel_by`` selena(_reference), what labels fold f's members: pipeline f's distilled model, or the
+#: mean softmax of its K sub-models (``teachers``: none of them saw fold f, and their mean varies less)
+PIPELINE_LABEL = ("distilled", "teachers")
 #: ``relabel_by=selena``: fold f's sub-models start from the recipe's seed + FOLD_SEED·(f + 1)
 FOLD_SEED = 7_919
 #: SELENA's parameters that say where its sub-models are kept or which share trains now, not what is trained

@@ -484,3 +484,48 @@ def test_relabel_by_selena_labels_each_member_by_a_pipeline_that_never_saw_it(
         train_replacement_selena(ctx, {**params, "distill_synthetic": "5"})
     with pytest.raises(ValueError, match="relabel_by must be"):
         train_replacement_selena(ctx, {**params, "relabel_by": "teacher"})
+
+
+@pytest.mark.parametrize("relabel_by", ["selena", "selena_reference"])
+def test_pipeline_label_teachers_labels_a_fold_by_the_mean_of_its_pipelines_sub_models(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, relabel_by: str
+) -> None:
+    """``pipeline_label=teachers``: a fold-f member's label is the mean softmax of all K of pipeline f's
+    sub-models (none saw fold f); a reference row's the mean over pipelines of its own SELENA label there; no
+    pipeline is distilled, only the served model."""
+    import defense_models.training.replacements as replacements
+    from defense_models.training.replacements import _fold_pipelines, _selena_params, _splits
+
+    ctx, X = _replacement_context()  # members X[:80], reference X[80:100]
+    params = {"K": "4", "L": "1", "cache": str(tmp_path), "distill_epochs": "2", "distill_on": "both",
+              "relabel_folds": "2", "relabel_by": relabel_by, "pipeline_label": "teachers"}  # fmt: skip
+    distilled: list[tuple[torch.Tensor, torch.Tensor]] = []
+    distill = replacements._selena_distill
+
+    def recording(c: Any, p: dict[str, Any], Xd: torch.Tensor, soft: torch.Tensor, members: int) -> torch.nn.Module:
+        distilled.append((Xd, soft))
+        return distill(c, p, Xd, soft, members)
+
+    monkeypatch.setattr(replacements, "_selena_distill", recording)
+    calls = _trained_on(monkeypatch)
+    _, record = train_replacement_selena(ctx, params)
+    assert len(distilled) == 1 and len(calls) == 2 * 4  # the served model only; each pipeline's 4 sub-models
+    assert record["pipeline_label"] == "teachers" and len(record["exclusion_map"].split(",")) == 2
+    Xd, soft = distilled[0]  # [100, D], [100, 4]
+    assert torch.equal(Xd, X[:100])
+    references = []
+    for rows, sub, sub_p in _fold_pipelines(ctx, _selena_params(ctx, params), *ctx.members):
+        split_ai = _splits(sub, sub_p)
+        teachers = [split_ai.parts[0].train(k, *sub.members, False) for k in range(4)]  # from the cache
+        probs = torch.stack([torch.softmax(m(X[:100]).double(), 1) for m in teachers]).detach()  # [4, 100, 4]
+        assert torch.allclose(soft[rows], probs.mean(0)[rows].float(), atol=1e-6)
+        if relabel_by == "selena_reference":  # its records end with the reference rows: the L = 1 that left it out
+            left_out = torch.from_numpy(split_ai.parts[0].excluded[-20:, 0])  # [20]
+            references.append(probs[left_out, torch.arange(80, 100)])
+        else:
+            references.append(probs.mean(0)[80:])
+    assert torch.allclose(soft[80:], torch.stack(references).mean(0).float(), atol=1e-6)
+    with pytest.raises(ValueError, match="pipeline_label must be"):
+        train_replacement_selena(ctx, {**params, "pipeline_label": "student"})
+    with pytest.raises(ValueError, match="needs relabel_by=selena or selena_reference"):
+        train_replacement_selena(ctx, {**params, "relabel_by": "student", "relabel_folds": "0"})
