@@ -27,7 +27,7 @@ import contextlib
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -49,6 +49,8 @@ from defense_models.training.selena import (
     exclusion_map,
     fold_rows,
     held_out_relabel,
+    log_odds,
+    matched_temperature,
     own_teachers,
     tempered,
 )
@@ -366,39 +368,75 @@ def _held_out_selena(ctx: Context, p: dict[str, Any], X: torch.Tensor,
                           "shard is done, run again without shard= to distill and export")  # fmt: skip
     both = p["distill_on"] == "both"
     Xd = torch.cat([X, ctx.reference[0]]) if both else X  # [M, D]: the members, then the reference rows
+    matched = p["pipeline_label"] == "matched_teachers"
     soft = torch.zeros(len(Xd), ctx.data.classes)  # [M, C]
-    folds = []
+    digests, validation = [], []
     for rows, sub, sub_p in pipelines:
-        fold_soft, reference_soft, digest = _pipeline_labels(sub, sub_p, p, X[rows], Xd[len(y):] if both else None)
-        soft[rows] = fold_soft
-        if reference_soft is not None:
-            soft[len(y):] += reference_soft / len(pipelines)
-        folds.append(digest)
+        labels = _pipeline_labels(sub, sub_p, p, X[rows], Xd[len(y):] if both else None,
+                                  ctx.validation[0] if matched else None)  # fmt: skip
+        soft[rows] = labels.fold
+        if labels.reference is not None:
+            soft[len(y):] += labels.reference / len(pipelines)
+        digests.append(labels.digest)
+        validation.append(labels.validation)
+    extra = {}
+    if matched:
+        soft, extra["label_temperatures"] = _matched(ctx, p, Xd, soft, [rows for rows, _, _ in pipelines], validation)
     model = _selena_distill(ctx, {**p, "relabel_folds": 0}, Xd, soft, members=len(y))
     on_reference = both or p["relabel_by"] == "selena_reference"
-    return model, _selena_record(ctx, p, ",".join(folds), len(Xd), on_reference)
+    return model, {**_selena_record(ctx, p, ",".join(digests), len(Xd), on_reference), **extra}
+
+
+def _matched(ctx: Context, p: dict[str, Any], Xd: torch.Tensor, soft: torch.Tensor, folds: list[torch.Tensor],
+             validation: list[torch.Tensor | None]) -> tuple[torch.Tensor, list[float]]:  # fmt: skip
+    """``pipeline_label=matched_teachers``: soft [M, C] with fold f's member labels tempered (T_f) so that the
+    mean log-odds of pipeline f's teachers on the validation rows (``validation[f]`` [V, C]) equals that of a
+    served model distilled on the untempered labels: a member's label is then as confident as what the served
+    model says about a record it never saw, which is what LiRA's OUT references say about it."""
+    first = _selena_distill(ctx, {**p, "relabel_folds": 0}, Xd, soft, members=int(sum(len(r) for r in folds)))
+    X_val, y_val = ctx.validation
+    target = float(log_odds(predict_probs(first, X_val).float(), y_val).mean())
+    out, temperatures = soft.clone(), []
+    for rows, val_soft in zip(folds, validation, strict=True):
+        assert val_soft is not None
+        temperatures.append(matched_temperature(val_soft, y_val, target))
+        out[rows] = tempered(soft[rows], temperatures[-1])
+    return out, temperatures
+
+
+class PipelineLabels(NamedTuple):
+    """A fold pipeline's labels: its fold's members [n, C], the reference rows [R, C] (None: not distilled on),
+    the validation rows [V, C] (None: not asked), and its maps' digest."""
+
+    fold: torch.Tensor
+    reference: torch.Tensor | None
+    validation: torch.Tensor | None
+    digest: str
 
 
 def _pipeline_labels(sub: Context, sub_p: dict[str, Any], p: dict[str, Any], X_fold: torch.Tensor,
-                     X_ref: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, str]:  # fmt: skip
-    """Fold pipeline ``sub``'s labels for the members it never saw, X_fold [n, D] -> [n, C], and for the reference
-    rows X_ref [R, D] -> [R, C] (None: not distilled on), with its maps' digest. ``pipeline_label=distilled``: its
-    distilled model's softmax; ``teachers``: the mean softmax of all K of its sub-models for X_fold, and for a
-    reference row what its own SELENA would label it with (``selena_reference``: the L sub-models that left it
-    out; ``selena``: all K, as ``reference_teachers=all``). No pipeline is distilled then."""
+                     X_ref: torch.Tensor | None, X_val: torch.Tensor | None) -> PipelineLabels:  # fmt: skip
+    """Fold pipeline ``sub``'s labels for the members it never saw (X_fold [n, D]), the reference rows (X_ref
+    [R, D]) and the validation rows (X_val [V, D], teachers only). ``pipeline_label=distilled``: its distilled
+    model's softmax; ``teachers`` (and ``matched_teachers``): the mean softmax of all K of its sub-models for
+    X_fold and X_val, and for a reference row what its own SELENA would label it with (``selena_reference``:
+    the L sub-models that left it out; ``selena``: all K, as ``reference_teachers=all``). No pipeline is
+    distilled then."""
     if p["pipeline_label"] == "distilled":
         model, record = _selena(sub, sub_p)
         reference = None if X_ref is None else predict_probs(model, X_ref).float()
-        return predict_probs(model, X_fold).float(), reference, record["exclusion_map"]
+        return PipelineLabels(predict_probs(model, X_fold).float(), reference, None, record["exclusion_map"])
     split_ai = _splits(sub, sub_p)
     own = p["relabel_by"] == "selena_reference"  # the reference rows are this pipeline's records
-    others = X_fold if own or X_ref is None else torch.cat([X_fold, X_ref])  # [n (+ R), D]
-    records_soft, others_soft = split_ai.soft_labels(*sub.members, sub.progress, others)
+    none = X_fold[:0]  # [0, D]: a part not asked for
+    parts = [X_fold, none if X_ref is None or own else X_ref, none if X_val is None else X_val]
+    records_soft, others_soft = split_ai.soft_labels(*sub.members, sub.progress, torch.cat(parts))
     assert others_soft is not None
-    if X_ref is None:
-        return others_soft, None, split_ai.digest
-    reference = records_soft[-len(X_ref):] if own else others_soft[len(X_fold):]
-    return others_soft[: len(X_fold)], reference, split_ai.digest
+    fold, reference, validation = others_soft.split([len(x) for x in parts])  # [n, C], [R or 0, C], [V or 0, C]
+    if X_ref is not None and own:
+        reference = records_soft[-len(X_ref):]
+    return PipelineLabels(fold, None if X_ref is None else reference, None if X_val is None else validation,
+                          split_ai.digest)  # fmt: skip
 
 
 def _selena_distill(ctx: Context, p: dict[str, Any], Xd: torch.Tensor, soft: torch.Tensor, members: int) -> nn.Module:
@@ -427,8 +465,9 @@ DISTILL_ON = ("members", "reference", "both")
 #: its fold (``selena``; ``selena_reference``: the reference rows in that SELENA's members too)
 RELABEL_BY = ("student", "selena", "selena_reference")
 #: with ``relabel_by`` selena(_reference), what labels fold f's members: pipeline f's distilled model, or the
-#: mean softmax of its K sub-models (``teachers``: none of them saw fold f, and their mean varies less)
-PIPELINE_LABEL = ("distilled", "teachers")
+#: mean softmax of its K sub-models (``teachers``: none of them saw fold f, and their mean varies less), or that
+#: mean tempered per fold to the served model's confidence on unseen rows (``matched_teachers``, ``_matched``)
+PIPELINE_LABEL = ("distilled", "teachers", "matched_teachers")
 #: ``relabel_by=selena``: fold f's sub-models start from the recipe's seed + FOLD_SEED·(f + 1)
 FOLD_SEED = 7_919
 #: SELENA's parameters that say where its sub-models are kept or which share trains now, not what is trained

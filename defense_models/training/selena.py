@@ -82,6 +82,23 @@ def tempered(soft: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.softmax(torch.log(soft.clamp_min(1e-12)) / temperature, dim=1)  # keeps soft's dtype
 
 
+def log_odds(soft: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Soft labels [M, C], labels [M] -> [M] float64: log p_y − log(1 − p_y), the statistic LiRA compares."""
+    p = soft.double().gather(1, labels[:, None])[:, 0].clamp(1e-12, 1 - 1e-12)  # [M]
+    return torch.log(p) - torch.log1p(-p)
+
+
+#: the temperatures ``matched_temperature`` chooses from (1 among them: 0.25 · 32^(120/300))
+TEMPERATURES = np.geomspace(0.25, 8.0, 301)
+
+
+def matched_temperature(soft: torch.Tensor, labels: torch.Tensor, target: float) -> float:
+    """The T of ``TEMPERATURES`` whose tempered(soft, T) [M, C] has the mean log-odds on labels [M] nearest to
+    ``target`` (the first of equals, so a tie keeps the smaller T)."""
+    gaps = [abs(float(log_odds(tempered(soft, float(t)), labels).mean()) - target) for t in TEMPERATURES]
+    return float(TEMPERATURES[int(np.argmin(gaps))])
+
+
 def fold_rows(records: int, folds: int, seed: int) -> list[torch.Tensor]:
     """The records 0..records-1 in ``folds`` disjoint parts of near-equal size (a seeded permutation)."""
     if not 2 <= folds <= records:

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from defense_models.training.data import Dataset
 from defense_models.training.loop import FitConfig
 from defense_models.training.selena import (
+    TEMPERATURES,
     SplitAI,
     Splits,
     capped,
@@ -21,7 +22,9 @@ from defense_models.training.selena import (
     exclusion_map,
     fold_rows,
     held_out_relabel,
+    log_odds,
     map_digest,
+    matched_temperature,
     own_teachers,
     tempered,
     trains_on,
@@ -151,6 +154,22 @@ def test_a_temperature_flattens_every_soft_label_and_keeps_its_order(seed: int, 
     assert tempered(soft, 1.0) is soft
     with pytest.raises(ValueError, match="> 0"):
         tempered(soft, 0.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.floats(-3.0, 3.0))
+def test_matched_temperature_moves_the_mean_log_odds_towards_the_target(seed: int, shift: float) -> None:
+    soft = _random_labels(seed).double()  # [8, 5]
+    labels = soft.argmax(dim=1)  # every label the argmax: a flatter label is less confident in it
+    p = soft.gather(1, labels[:, None])[:, 0]
+    assert torch.allclose(log_odds(soft, labels), torch.log(p / (1 - p)))
+    own = float(log_odds(soft, labels).mean())
+    assert matched_temperature(soft, labels, own) == pytest.approx(1.0)  # already matched: unchanged
+    t = matched_temperature(soft, labels, own + shift)
+    assert (t <= 1 + 1e-9) if shift > 0 else (t >= 1 - 1e-9)  # sharper to rise, flatter to fall
+    gap = abs(float(log_odds(tempered(soft, t), labels).mean()) - own - shift)
+    assert all(gap <= abs(float(log_odds(tempered(soft, float(u)), labels).mean()) - own - shift) + 1e-12
+               for u in TEMPERATURES[::10])  # fmt: skip
 
 
 @pytest.mark.parametrize(("key", "value"), [("distill_temperature", "3"), ("label_cap", "0.5")])
@@ -529,3 +548,39 @@ def test_pipeline_label_teachers_labels_a_fold_by_the_mean_of_its_pipelines_sub_
         train_replacement_selena(ctx, {**params, "pipeline_label": "student"})
     with pytest.raises(ValueError, match="needs relabel_by=selena or selena_reference"):
         train_replacement_selena(ctx, {**params, "relabel_by": "student", "relabel_folds": "0"})
+
+
+def test_matched_teachers_tempers_each_folds_labels_to_the_served_models_confidence(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``pipeline_label=matched_teachers``: a first served model on the teachers' labels; fold f's member labels
+    tempered by the T_f that brings its teachers' mean log-odds on the validation rows to that model's there;
+    the reference rows' labels unchanged; the temperatures recorded."""
+    import defense_models.training.replacements as replacements
+    from defense_models.training.nets import predict_probs
+
+    ctx, _ = _replacement_context()  # members X[:80], reference X[80:100], validation X[100:]
+    params = {"K": "4", "L": "1", "cache": str(tmp_path), "distill_epochs": "2", "distill_on": "both",
+              "relabel_folds": "2", "relabel_by": "selena_reference"}  # fmt: skip
+    runs: list[tuple[torch.Tensor, torch.nn.Module]] = []
+    distill = replacements._selena_distill
+
+    def recording(c: Any, p: dict[str, Any], Xd: torch.Tensor, soft: torch.Tensor, members: int) -> torch.nn.Module:
+        runs.append((soft, model := distill(c, p, Xd, soft, members)))
+        return model
+
+    monkeypatch.setattr(replacements, "_selena_distill", recording)
+    train_replacement_selena(ctx, {**params, "pipeline_label": "teachers"})
+    _, record = train_replacement_selena(ctx, {**params, "pipeline_label": "matched_teachers"})
+    (teachers, _), (first_soft, first), (served, _) = runs
+    assert torch.equal(first_soft, teachers)  # the first distillation is the teachers recipe's
+    X_val, y_val = ctx.validation
+    target = float(log_odds(predict_probs(first, X_val).float(), y_val).mean())
+    pipelines = replacements._fold_pipelines(ctx, replacements._selena_params(ctx, params), *ctx.members)
+    assert len(record["label_temperatures"]) == 2
+    for (rows, sub, sub_p), t in zip(pipelines, record["label_temperatures"], strict=True):
+        split_ai = replacements._splits(sub, sub_p)
+        val_soft = split_ai.soft_labels(*sub.members, False, X_val)[1]
+        assert val_soft is not None and t == matched_temperature(val_soft, y_val, target)
+        assert torch.allclose(served[rows], tempered(teachers[rows], t), atol=1e-6)
+    assert torch.equal(served[80:], teachers[80:])
