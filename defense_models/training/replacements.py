@@ -291,7 +291,7 @@ def _selena_params(ctx: Context, params: dict[str, Any]) -> dict[str, Any]:
                        "distill_temperature": 1.0,
                        "distill_on": "members", "relabel_folds": 0, "relabel_by": "student",
                        "reference_teachers": "all", "label_cap": 1.0, "distill_synthetic": 0,
-                       "pipeline_label": "distilled"}, "selena")  # fmt: skip
+                       "pipeline_label": "distilled", "match_rounds": 1}, "selena")  # fmt: skip
     if p["distill_on"] not in DISTILL_ON:
         raise ParameterError(f"--replacement selena: distill_on must be one of {DISTILL_ON}, got {p['distill_on']!r}")
     if p["reference_teachers"] not in ("all", "L", "own"):
@@ -326,6 +326,8 @@ def _selena_params(ctx: Context, params: dict[str, Any]) -> dict[str, Any]:
     if p["pipeline_label"] != "distilled" and p["relabel_by"] == "student":
         raise ParameterError(f"--replacement selena: pipeline_label={p['pipeline_label']} labels members with a fold "
                              "pipeline's sub-models: it needs relabel_by=selena or selena_reference")  # fmt: skip
+    if int(p["match_rounds"]) < 1:
+        raise ParameterError(f"--replacement selena: match_rounds must be >= 1, got {p['match_rounds']}")
     if int(p["relabel_folds"]) and p["distill_on"] == "reference":
         raise ParameterError("--replacement selena: relabel_folds relabels members; distill_on=reference has none")
     return p
@@ -379,29 +381,34 @@ def _held_out_selena(ctx: Context, p: dict[str, Any], X: torch.Tensor,
             soft[len(y):] += labels.reference / len(pipelines)
         digests.append(labels.digest)
         validation.append(labels.validation)
-    extra = {}
+    extra: dict[str, Any] = {}
     if matched:
-        soft, extra["label_temperatures"] = _matched(ctx, p, Xd, soft, [rows for rows, _, _ in pipelines], validation)
+        soft, rounds = _matched(ctx, p, Xd, soft, [rows for rows, _, _ in pipelines], validation)
+        extra = {"label_temperatures": rounds[-1], "label_temperature_rounds": rounds}
     model = _selena_distill(ctx, {**p, "relabel_folds": 0}, Xd, soft, members=len(y))
     on_reference = both or p["relabel_by"] == "selena_reference"
     return model, {**_selena_record(ctx, p, ",".join(digests), len(Xd), on_reference), **extra}
 
 
 def _matched(ctx: Context, p: dict[str, Any], Xd: torch.Tensor, soft: torch.Tensor, folds: list[torch.Tensor],
-             validation: list[torch.Tensor | None]) -> tuple[torch.Tensor, list[float]]:  # fmt: skip
+             validation: list[torch.Tensor | None]) -> tuple[torch.Tensor, list[list[float]]]:  # fmt: skip
     """``pipeline_label=matched_teachers``: soft [M, C] with fold f's member labels tempered (T_f) so that the
-    mean log-odds of pipeline f's teachers on the validation rows (``validation[f]`` [V, C]) equals that of a
-    served model distilled on the untempered labels: a member's label is then as confident as what the served
-    model says about a record it never saw, which is what LiRA's OUT references say about it."""
-    first = _selena_distill(ctx, {**p, "relabel_folds": 0}, Xd, soft, members=int(sum(len(r) for r in folds)))
+    mean log-odds of pipeline f's teachers on the validation rows (``validation[f]`` [V, C]) equals that of the
+    served model there: a member's label is then as confident as what the served model says about a record it
+    never saw, which is what LiRA's OUT references say about it. Flatter labels make a flatter served model, so
+    ``match_rounds`` R distills R times, each time on the last round's labels (the first on the teachers'
+    own), and fits the T_f to it. Returns the labels and every round's temperatures."""
     X_val, y_val = ctx.validation
-    target = float(log_odds(predict_probs(first, X_val).float(), y_val).mean())
-    out, temperatures = soft.clone(), []
-    for rows, val_soft in zip(folds, validation, strict=True):
-        assert val_soft is not None
-        temperatures.append(matched_temperature(val_soft, y_val, target))
-        out[rows] = tempered(soft[rows], temperatures[-1])
-    return out, temperatures
+    current, rounds = soft, []
+    for _ in range(int(p["match_rounds"])):
+        served = _selena_distill(ctx, {**p, "relabel_folds": 0}, Xd, current, members=int(sum(map(len, folds))))
+        target = float(log_odds(predict_probs(served, X_val).float(), y_val).mean())
+        temperatures = [matched_temperature(v, y_val, target) for v in validation if v is not None]
+        current = soft.clone()
+        for rows, t in zip(folds, temperatures, strict=True):
+            current[rows] = tempered(soft[rows], t)
+        rounds.append(temperatures)
+    return current, rounds
 
 
 class PipelineLabels(NamedTuple):

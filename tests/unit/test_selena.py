@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -553,9 +554,10 @@ def test_pipeline_label_teachers_labels_a_fold_by_the_mean_of_its_pipelines_sub_
 def test_matched_teachers_tempers_each_folds_labels_to_the_served_models_confidence(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``pipeline_label=matched_teachers``: a first served model on the teachers' labels; fold f's member labels
-    tempered by the T_f that brings its teachers' mean log-odds on the validation rows to that model's there;
-    the reference rows' labels unchanged; the temperatures recorded."""
+    """``pipeline_label=matched_teachers``, ``match_rounds=2``: a first served model on the teachers' labels;
+    fold f's member labels tempered by the T_f that brings its teachers' mean log-odds on the validation rows to
+    that model's there; a second served model on those labels and new T_f fitted to it; the reference rows'
+    labels never changed; every round's temperatures recorded."""
     import defense_models.training.replacements as replacements
     from defense_models.training.nets import predict_probs
 
@@ -571,16 +573,19 @@ def test_matched_teachers_tempers_each_folds_labels_to_the_served_models_confide
 
     monkeypatch.setattr(replacements, "_selena_distill", recording)
     train_replacement_selena(ctx, {**params, "pipeline_label": "teachers"})
-    _, record = train_replacement_selena(ctx, {**params, "pipeline_label": "matched_teachers"})
-    (teachers, _), (first_soft, first), (served, _) = runs
-    assert torch.equal(first_soft, teachers)  # the first distillation is the teachers recipe's
+    _, record = train_replacement_selena(ctx, {**params, "pipeline_label": "matched_teachers", "match_rounds": "2"})
+    teachers = runs[0][0]
+    assert len(runs) == 1 + 3 and torch.equal(runs[1][0], teachers)  # round 1 distills the teachers recipe's labels
+    rounds = record["label_temperature_rounds"]
+    assert len(rounds) == 2 and record["label_temperatures"] == rounds[-1] and int(record["match_rounds"]) == 2
     X_val, y_val = ctx.validation
-    target = float(log_odds(predict_probs(first, X_val).float(), y_val).mean())
     pipelines = replacements._fold_pipelines(ctx, replacements._selena_params(ctx, params), *ctx.members)
-    assert len(record["label_temperatures"]) == 2
-    for (rows, sub, sub_p), t in zip(pipelines, record["label_temperatures"], strict=True):
-        split_ai = replacements._splits(sub, sub_p)
-        val_soft = split_ai.soft_labels(*sub.members, False, X_val)[1]
-        assert val_soft is not None and t == matched_temperature(val_soft, y_val, target)
-        assert torch.allclose(served[rows], tempered(teachers[rows], t), atol=1e-6)
-    assert torch.equal(served[80:], teachers[80:])
+    for r, ((_, served), (labels, _)) in enumerate(pairwise(runs[1:])):  # each round and the next distillation
+        target = float(log_odds(predict_probs(served, X_val).float(), y_val).mean())
+        for (rows, sub, sub_p), t in zip(pipelines, rounds[r], strict=True):
+            val_soft = replacements._splits(sub, sub_p).soft_labels(*sub.members, False, X_val)[1]
+            assert val_soft is not None and t == matched_temperature(val_soft, y_val, target)
+            assert torch.allclose(labels[rows], tempered(teachers[rows], t), atol=1e-6)
+        assert torch.equal(labels[80:], teachers[80:])
+    with pytest.raises(ValueError, match="match_rounds must be >= 1"):
+        train_replacement_selena(ctx, {**params, "pipeline_label": "matched_teachers", "match_rounds": "0"})
