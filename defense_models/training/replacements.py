@@ -291,7 +291,7 @@ def _selena_params(ctx: Context, params: dict[str, Any]) -> dict[str, Any]:
                        "distill_temperature": 1.0,
                        "distill_on": "members", "relabel_folds": 0, "relabel_by": "student",
                        "reference_teachers": "all", "label_cap": 1.0, "distill_synthetic": 0,
-                       "pipeline_label": "distilled", "match_rounds": 1}, "selena")  # fmt: skip
+                       "pipeline_label": "distilled", "match_rounds": 1, "students": 1}, "selena")  # fmt: skip
     if p["distill_on"] not in DISTILL_ON:
         raise ParameterError(f"--replacement selena: distill_on must be one of {DISTILL_ON}, got {p['distill_on']!r}")
     if p["reference_teachers"] not in ("all", "L", "own"):
@@ -326,6 +326,10 @@ def _selena_params(ctx: Context, params: dict[str, Any]) -> dict[str, Any]:
     if p["pipeline_label"] != "distilled" and p["relabel_by"] == "student":
         raise ParameterError(f"--replacement selena: pipeline_label={p['pipeline_label']} labels members with a fold "
                              "pipeline's sub-models: it needs relabel_by=selena or selena_reference")  # fmt: skip
+    if int(p["students"]) < 1 or (int(p["students"]) > 1 and (p["relabel_by"] == "student"
+                                                             or p["pipeline_label"] != "distilled")):
+        raise ParameterError("--replacement selena: students S >= 1 distilled models per fold pipeline, more than "
+                             "one only with relabel_by=selena or selena_reference and pipeline_label=distilled")
     if int(p["match_rounds"]) < 1:
         raise ParameterError(f"--replacement selena: match_rounds must be >= 1, got {p['match_rounds']}")
     if int(p["relabel_folds"]) and p["distill_on"] == "reference":
@@ -347,7 +351,7 @@ def _fold_pipelines(ctx: Context, p: dict[str, Any], X: torch.Tensor,
             else (X[keep], y[keep])  # fmt: skip
         sub = replace(ctx, members=own, seed=ctx.seed + 1 + f,
                       fit_config=replace(ctx.fit_config, seed=ctx.fit_config.seed + FOLD_SEED * (f + 1)))
-        sub_p = {**p, "relabel_folds": 0, "relabel_by": "student", "pipeline_label": "distilled",
+        sub_p = {**p, "relabel_folds": 0, "relabel_by": "student", "pipeline_label": "distilled", "students": 1,
                  "distill_on": "members" if with_reference else p["distill_on"],
                  "cache": str(Path(p["cache"]) / f"fold_{f}") if p["cache"] else ""}
         pipelines.append((rows, sub, sub_p))
@@ -430,9 +434,9 @@ def _pipeline_labels(sub: Context, sub_p: dict[str, Any], p: dict[str, Any], X_f
     the L sub-models that left it out; ``selena``: all K, as ``reference_teachers=all``). No pipeline is
     distilled then."""
     if p["pipeline_label"] == "distilled":
-        model, record = _selena(sub, sub_p)
-        reference = None if X_ref is None else predict_probs(model, X_ref).float()
-        return PipelineLabels(predict_probs(model, X_fold).float(), reference, None, record["exclusion_map"])
+        models, digest = _students(sub, sub_p, int(p["students"]))
+        mean = lambda rows: torch.stack([predict_probs(m, rows).float() for m in models]).mean(0)  # noqa: E731
+        return PipelineLabels(mean(X_fold), None if X_ref is None else mean(X_ref), None, digest)
     split_ai = _splits(sub, sub_p)
     own = p["relabel_by"] == "selena_reference"  # the reference rows are this pipeline's records
     none = X_fold[:0]  # [0, D]: a part not asked for
@@ -444,6 +448,19 @@ def _pipeline_labels(sub: Context, sub_p: dict[str, Any], p: dict[str, Any], X_f
         reference = records_soft[-len(X_ref):]
     return PipelineLabels(fold, None if X_ref is None else reference, None if X_val is None else validation,
                           split_ai.digest)  # fmt: skip
+
+
+def _students(sub: Context, sub_p: dict[str, Any], count: int) -> tuple[list[nn.Module], str]:
+    """Fold pipeline ``sub``'s distilled model and ``count`` − 1 more, distilled on the same labels from seeds
+    sub.seed + STUDENT_SEED·s (``students``: their mean varies less than one, and is of the same kind), with its
+    maps' digest."""
+    model, record = _selena(sub, sub_p)
+    if count == 1:
+        return [model], record["exclusion_map"]
+    Xd, soft = _distillation_set(_splits(sub, sub_p), sub_p, sub, *sub.members)  # [M, D], [M, C]
+    others = [_selena_distill(replace(sub, seed=sub.seed + STUDENT_SEED * s), sub_p, Xd, soft, len(sub.members[1]))
+              for s in range(1, count)]  # fmt: skip
+    return [model, *others], record["exclusion_map"]
 
 
 def _selena_distill(ctx: Context, p: dict[str, Any], Xd: torch.Tensor, soft: torch.Tensor, members: int) -> nn.Module:
@@ -477,6 +494,8 @@ RELABEL_BY = ("student", "selena", "selena_reference")
 PIPELINE_LABEL = ("distilled", "teachers", "matched_teachers")
 #: ``relabel_by=selena``: fold f's sub-models start from the recipe's seed + FOLD_SEED·(f + 1)
 FOLD_SEED = 7_919
+#: ``students``: fold pipeline f's student s ≥ 1 distills from its seed + STUDENT_SEED·s
+STUDENT_SEED = 1_009
 #: SELENA's parameters that say where its sub-models are kept or which share trains now, not what is trained
 WHERE = ("cache", "reference_cache", "shard")
 

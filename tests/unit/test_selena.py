@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -589,3 +590,38 @@ def test_matched_teachers_tempers_each_folds_labels_to_the_served_models_confide
         assert torch.equal(labels[80:], teachers[80:])
     with pytest.raises(ValueError, match="match_rounds must be >= 1"):
         train_replacement_selena(ctx, {**params, "pipeline_label": "matched_teachers", "match_rounds": "0"})
+
+
+def test_students_average_several_distilled_models_of_each_fold_pipeline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``students=2``: a fold's member labels (and the reference rows' share) are the mean of its pipeline's
+    distilled model and a second one distilled on the same labels from seed + STUDENT_SEED."""
+    import defense_models.training.replacements as replacements
+    from defense_models.training.nets import predict_probs
+
+    ctx, X = _replacement_context()  # members X[:80], reference X[80:100]
+    params = {"K": "4", "L": "1", "cache": str(tmp_path), "distill_epochs": "2", "distill_on": "both",
+              "relabel_folds": "2", "relabel_by": "selena_reference", "students": "2"}  # fmt: skip
+    served: list[torch.Tensor] = []
+    distill = replacements._selena_distill
+
+    def recording(c: Any, p: dict[str, Any], Xd: torch.Tensor, soft: torch.Tensor, members: int) -> torch.nn.Module:
+        served.append(soft)
+        return distill(c, p, Xd, soft, members)
+
+    monkeypatch.setattr(replacements, "_selena_distill", recording)
+    _, record = train_replacement_selena(ctx, params)
+    assert len(served) == 2 * 2 + 1 and int(record["students"]) == 2  # two students per pipeline, then the model
+    labels, references = served[-1], []
+    for rows, sub, sub_p in replacements._fold_pipelines(ctx, replacements._selena_params(ctx, params), *ctx.members):
+        first = replacements._selena(sub, sub_p)[0]
+        Xd, soft = replacements._distillation_set(replacements._splits(sub, sub_p), sub_p, sub, *sub.members)
+        second = distill(replace(sub, seed=sub.seed + replacements.STUDENT_SEED), sub_p, Xd, soft, len(Xd))
+        mean = (predict_probs(first, X[:100]).float() + predict_probs(second, X[:100]).float()) / 2  # [100, 4]
+        assert torch.allclose(labels[rows], mean[rows], atol=1e-6)
+        references.append(mean[80:])
+    assert torch.allclose(labels[80:], torch.stack(references).mean(0), atol=1e-6)
+    for bad in ({"students": "0"}, {"pipeline_label": "teachers"}, {"relabel_by": "student"}):
+        with pytest.raises(ValueError, match="students S >= 1"):
+            train_replacement_selena(ctx, {**params, **bad})
