@@ -400,6 +400,21 @@ def test_a_submodel_is_the_same_whatever_was_trained_before(tmp_path: Path) -> N
     assert torch.allclose(weights(alone), weights(after.train(2, X, y, progress=False)))  # a shard or a rerun
 
 
+def _distillations(monkeypatch: pytest.MonkeyPatch) -> list[tuple[torch.Tensor, torch.Tensor, torch.nn.Module]]:
+    """Records (rows [M, D], soft labels [M, C], the model) of every SELENA distillation from now on."""
+    import defense_models.training.replacements as replacements
+
+    runs: list[tuple[torch.Tensor, torch.Tensor, torch.nn.Module]] = []
+    distill = replacements._selena_distill
+
+    def recording(c: Any, p: dict[str, Any], Xd: torch.Tensor, soft: torch.Tensor, members: int) -> torch.nn.Module:
+        runs.append((Xd, soft, model := distill(c, p, Xd, soft, members)))
+        return model
+
+    monkeypatch.setattr(replacements, "_selena_distill", recording)
+    return runs
+
+
 def train_replacement_selena(ctx: Any, params: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, Any]]:
     from defense_models.training.replacements import train_replacement
 
@@ -467,18 +482,11 @@ def test_relabel_by_selena_labels_each_member_by_a_pipeline_that_never_saw_it(
     assert len(calls) == 2 * 4  # each fold's 4 sub-models, each trained once
     import defense_models.training.replacements as replacements
 
-    distilled: list[tuple[torch.Tensor, torch.Tensor]] = []
-    distill = replacements._selena_distill
-
-    def recording(c: Any, p: dict[str, Any], Xd: torch.Tensor, soft: torch.Tensor, members: int) -> torch.nn.Module:
-        distilled.append((Xd, soft))
-        return distill(c, p, Xd, soft, members)
-
-    monkeypatch.setattr(replacements, "_selena_distill", recording)
+    distilled = _distillations(monkeypatch)
     _, record = train_replacement_selena(ctx, params)
     assert len(calls) == 2 * 4 and record["distill_rows"] == 100 and record["relabel_by"] == relabel_by
     assert record["trained_on_reference"]
-    Xd, soft = distilled[-1]  # [100, D], [100, 4]: the served model's rows and labels, the members first
+    Xd, soft, _ = distilled[-1]  # [100, D], [100, 4]: the served model's rows and labels, the members first
     assert torch.equal(Xd, X[:100])
     from defense_models.training.nets import predict_logits
 
@@ -514,25 +522,17 @@ def test_pipeline_label_teachers_labels_a_fold_by_the_mean_of_its_pipelines_sub_
     """``pipeline_label=teachers``: a fold-f member's label is the mean softmax of all K of pipeline f's
     sub-models (none saw fold f); a reference row's the mean over pipelines of its own SELENA label there; no
     pipeline is distilled, only the served model."""
-    import defense_models.training.replacements as replacements
     from defense_models.training.replacements import _fold_pipelines, _selena_params, _splits
 
     ctx, X = _replacement_context()  # members X[:80], reference X[80:100]
     params = {"K": "4", "L": "1", "cache": str(tmp_path), "distill_epochs": "2", "distill_on": "both",
               "relabel_folds": "2", "relabel_by": relabel_by, "pipeline_label": "teachers"}  # fmt: skip
-    distilled: list[tuple[torch.Tensor, torch.Tensor]] = []
-    distill = replacements._selena_distill
-
-    def recording(c: Any, p: dict[str, Any], Xd: torch.Tensor, soft: torch.Tensor, members: int) -> torch.nn.Module:
-        distilled.append((Xd, soft))
-        return distill(c, p, Xd, soft, members)
-
-    monkeypatch.setattr(replacements, "_selena_distill", recording)
+    distilled = _distillations(monkeypatch)
     calls = _trained_on(monkeypatch)
     _, record = train_replacement_selena(ctx, params)
     assert len(distilled) == 1 and len(calls) == 2 * 4  # the served model only; each pipeline's 4 sub-models
     assert record["pipeline_label"] == "teachers" and len(record["exclusion_map"].split(",")) == 2
-    Xd, soft = distilled[0]  # [100, D], [100, 4]
+    Xd, soft, _ = distilled[0]  # [100, D], [100, 4]
     assert torch.equal(Xd, X[:100])
     references = []
     for rows, sub, sub_p in _fold_pipelines(ctx, _selena_params(ctx, params), *ctx.members):
@@ -565,23 +565,16 @@ def test_matched_teachers_tempers_each_folds_labels_to_the_served_models_confide
     ctx, _ = _replacement_context()  # members X[:80], reference X[80:100], validation X[100:]
     params = {"K": "4", "L": "1", "cache": str(tmp_path), "distill_epochs": "2", "distill_on": "both",
               "relabel_folds": "2", "relabel_by": "selena_reference"}  # fmt: skip
-    runs: list[tuple[torch.Tensor, torch.nn.Module]] = []
-    distill = replacements._selena_distill
-
-    def recording(c: Any, p: dict[str, Any], Xd: torch.Tensor, soft: torch.Tensor, members: int) -> torch.nn.Module:
-        runs.append((soft, model := distill(c, p, Xd, soft, members)))
-        return model
-
-    monkeypatch.setattr(replacements, "_selena_distill", recording)
+    runs = _distillations(monkeypatch)
     train_replacement_selena(ctx, {**params, "pipeline_label": "teachers"})
     _, record = train_replacement_selena(ctx, {**params, "pipeline_label": "matched_teachers", "match_rounds": "2"})
-    teachers = runs[0][0]
-    assert len(runs) == 1 + 3 and torch.equal(runs[1][0], teachers)  # round 1 distills the teachers recipe's labels
+    teachers = runs[0][1]
+    assert len(runs) == 1 + 3 and torch.equal(runs[1][1], teachers)  # round 1 distills the teachers recipe's labels
     rounds = record["label_temperature_rounds"]
     assert len(rounds) == 2 and record["label_temperatures"] == rounds[-1] and int(record["match_rounds"]) == 2
     X_val, y_val = ctx.validation
     pipelines = replacements._fold_pipelines(ctx, replacements._selena_params(ctx, params), *ctx.members)
-    for r, ((_, served), (labels, _)) in enumerate(pairwise(runs[1:])):  # each round and the next distillation
+    for r, ((_, _, served), (_, labels, _)) in enumerate(pairwise(runs[1:])):  # each round and the next distillation
         target = float(log_odds(predict_probs(served, X_val).float(), y_val).mean())
         for (rows, sub, sub_p), t in zip(pipelines, rounds[r], strict=True):
             val_soft = replacements._splits(sub, sub_p).soft_labels(*sub.members, False, X_val)[1]
@@ -603,21 +596,15 @@ def test_students_average_several_distilled_models_of_each_fold_pipeline(
     ctx, X = _replacement_context()  # members X[:80], reference X[80:100]
     params = {"K": "4", "L": "1", "cache": str(tmp_path), "distill_epochs": "2", "distill_on": "both",
               "relabel_folds": "2", "relabel_by": "selena_reference", "students": "2"}  # fmt: skip
-    served: list[torch.Tensor] = []
-    distill = replacements._selena_distill
-
-    def recording(c: Any, p: dict[str, Any], Xd: torch.Tensor, soft: torch.Tensor, members: int) -> torch.nn.Module:
-        served.append(soft)
-        return distill(c, p, Xd, soft, members)
-
-    monkeypatch.setattr(replacements, "_selena_distill", recording)
+    served = _distillations(monkeypatch)
     _, record = train_replacement_selena(ctx, params)
     assert len(served) == 2 * 2 + 1 and int(record["students"]) == 2  # two students per pipeline, then the model
-    labels, references = served[-1], []
+    labels, references = served[-1][1], []
     for rows, sub, sub_p in replacements._fold_pipelines(ctx, replacements._selena_params(ctx, params), *ctx.members):
         first = replacements._selena(sub, sub_p)[0]
         Xd, soft = replacements._distillation_set(replacements._splits(sub, sub_p), sub_p, sub, *sub.members)
-        second = distill(replace(sub, seed=sub.seed + replacements.STUDENT_SEED), sub_p, Xd, soft, len(Xd))
+        second = replacements._selena_distill(replace(sub, seed=sub.seed + replacements.STUDENT_SEED), sub_p, Xd, soft,
+                                              len(Xd))  # fmt: skip
         mean = (predict_probs(first, X[:100]).float() + predict_probs(second, X[:100]).float()) / 2  # [100, 4]
         assert torch.allclose(labels[rows], mean[rows], atol=1e-6)
         references.append(mean[80:])
