@@ -451,16 +451,14 @@ def _pipeline_labels(sub: Context, sub_p: dict[str, Any], p: dict[str, Any], X_f
 
 
 def _students(sub: Context, sub_p: dict[str, Any], count: int) -> tuple[list[nn.Module], str]:
-    """Fold pipeline ``sub``'s distilled model and ``count`` − 1 more, distilled on the same labels from seeds
-    sub.seed + STUDENT_SEED·s (``students``: their mean varies less than one, and is of the same kind), with its
-    maps' digest."""
-    model, record = _selena(sub, sub_p)
-    if count == 1:
-        return [model], record["exclusion_map"]
-    Xd, soft = _distillation_set(_splits(sub, sub_p), sub_p, sub, *sub.members)  # [M, D], [M, C]
-    others = [_selena_distill(replace(sub, seed=sub.seed + STUDENT_SEED * s), sub_p, Xd, soft, len(sub.members[1]))
-              for s in range(1, count)]  # fmt: skip
-    return [model, *others], record["exclusion_map"]
+    """Fold pipeline ``sub``'s ``count`` distilled models on its one distillation set, student s from seed
+    sub.seed + STUDENT_SEED·s (s = 0: the model ``_selena(sub, sub_p)`` distills; ``students``: their mean
+    varies less than one, and is of the same kind), with its maps' digest."""
+    split_ai = _splits(sub, sub_p)
+    Xd, soft = _distillation_set(split_ai, sub_p, sub, *sub.members)  # [M, D], [M, C]
+    models = [_selena_distill(replace(sub, seed=sub.seed + STUDENT_SEED * s), sub_p, Xd, soft, len(sub.members[1]))
+              for s in range(count)]  # fmt: skip
+    return models, split_ai.digest
 
 
 def _selena_distill(ctx: Context, p: dict[str, Any], Xd: torch.Tensor, soft: torch.Tensor, members: int) -> nn.Module:
