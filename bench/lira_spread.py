@@ -10,14 +10,13 @@ mean above 0 is a shift, a spread above the non-members' is a variance mismatch 
     python bench/lira_spread.py \\
         --row "selena_reference=artifacts/location30-selena-heldref,artifacts/location30-selena-heldref-refs"
 
-Reads the bundle's ONNX model (its raw output: run it on a replacement served without an output defense) and
-writes ``bench/results/lira_spread.json``.
+Reads the bundle's ONNX model and its records as the audit does (``RawOnnxPredictor``, ``load_sets``: its raw
+output, so run it on a replacement served without an output defense) and writes ``bench/results/lira_spread.json``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,34 +28,24 @@ sys.path.insert(0, str(ROOT))
 
 from bench._record import write_record  # noqa: E402
 from defense_models.audit.attacks.lira import logit_confidence  # noqa: E402
+from defense_models.audit.config import AuditConfig  # noqa: E402
+from defense_models.audit.predictors import RawOnnxPredictor  # noqa: E402
+from defense_models.audit.run import load_sets  # noqa: E402
 from defense_models.audit.views import softmax_predict  # noqa: E402
-from defense_models.training.data import Split, load_dataset  # noqa: E402
 from defense_models.training.shadows import load_shadows  # noqa: E402
-
-
-def served_probs(bundle: Path, X: np.ndarray) -> np.ndarray:
-    """The bundle's ONNX model on X [N, D] -> softmax [N, C] (the raw output, no output defense)."""
-    import onnxruntime as ort
-
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    session = ort.InferenceSession(str(bundle / manifest["model_file"]), providers=["CPUExecutionProvider"])
-    logits = session.run(None, {manifest["input"]["name"]: X.astype(np.float32)})[0]  # [N, C]
-    z = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return z / z.sum(axis=1, keepdims=True)
+from gateway.artifacts import load_bundle  # noqa: E402
 
 
 def spread(bundle: Path, references: Path) -> dict[str, dict[str, float]]:
     """{members|nonmembers: the statistics above} for one bundle and its reference directory."""
-    training = json.loads((bundle / "manifest.json").read_text())["training"]
-    data_path = training["dataset"]["data_path"]
-    data = load_dataset(training["dataset"]["loader"], Path(data_path) if data_path else None)
-    parts = Split.load(bundle / training["split"]["file"]).parts
+    sets = load_sets(AuditConfig(bundle=bundle), load_bundle(bundle))  # the bundle's own dataset and split
+    data, parts = sets.data, sets.parts
     rows = np.concatenate([parts["target_train"], parts["eval_nonmember"]])  # [N]
     refs = load_shadows(references, data)
     position = {int(r): i for i, r in enumerate(refs[0][1].pool_rows)}
     idx = np.array([position[int(r)] for r in rows])  # pool positions of the evaluation rows
     X, y = data.X[rows], data.y[rows]
-    phi = logit_confidence(served_probs(bundle, X), y)  # [N]
+    phi = logit_confidence(RawOnnxPredictor(bundle).predict(X), y)  # [N]
     ref_phi = np.stack([logit_confidence(softmax_predict(m.eval())(X), y) for m, _ in refs])  # [K, N]
     inside = np.stack([np.asarray(meta.in_mask, bool)[idx] for _, meta in refs])  # [K, N]
     stats = {side: per_record(ref_phi, inside == (side == "in")) for side in ("in", "out")}  # (μ, σ) [N] each
