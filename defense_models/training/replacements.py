@@ -325,11 +325,12 @@ def _selena_params(ctx: Context, params: dict[str, Any]) -> dict[str, Any]:
                              f"{p['pipeline_label']!r}")  # fmt: skip
     if p["pipeline_label"] != "distilled" and p["relabel_by"] == "student":
         raise ParameterError(f"--replacement selena: pipeline_label={p['pipeline_label']} labels members with a fold "
-                             "pipeline's sub-models: it needs relabel_by=selena or selena_reference")  # fmt: skip
+                             "pipeline: it needs relabel_by=selena or selena_reference")  # fmt: skip
     if int(p["students"]) < 1 or (int(p["students"]) > 1 and (p["relabel_by"] == "student"
-                                                             or p["pipeline_label"] != "distilled")):
+                                                             or p["pipeline_label"] not in DISTILLED)):
         raise ParameterError("--replacement selena: students S >= 1 distilled models per fold pipeline, more than "
-                             "one only with relabel_by=selena or selena_reference and pipeline_label=distilled")
+                             "one only with relabel_by=selena or selena_reference and pipeline_label=distilled or "
+                             "matched_distilled")  # fmt: skip
     if int(p["match_rounds"]) < 1:
         raise ParameterError(f"--replacement selena: match_rounds must be >= 1, got {p['match_rounds']}")
     if int(p["relabel_folds"]) and p["distill_on"] == "reference":
@@ -374,7 +375,7 @@ def _held_out_selena(ctx: Context, p: dict[str, Any], X: torch.Tensor,
                           "shard is done, run again without shard= to distill and export")  # fmt: skip
     both = p["distill_on"] == "both"
     Xd = torch.cat([X, ctx.reference[0]]) if both else X  # [M, D]: the members, then the reference rows
-    matched = p["pipeline_label"] == "matched_teachers"
+    matched = p["pipeline_label"] in MATCHED
     soft = torch.zeros(len(Xd), ctx.data.classes)  # [M, C]
     digests, validation = [], []
     for rows, sub, sub_p in pipelines:
@@ -396,11 +397,11 @@ def _held_out_selena(ctx: Context, p: dict[str, Any], X: torch.Tensor,
 
 def _matched(ctx: Context, p: dict[str, Any], Xd: torch.Tensor, soft: torch.Tensor, folds: list[torch.Tensor],
              validation: list[torch.Tensor | None]) -> tuple[torch.Tensor, list[list[float]]]:  # fmt: skip
-    """``pipeline_label=matched_teachers``: soft [M, C] with fold f's member labels tempered (T_f) so that the
-    mean log-odds of pipeline f's teachers on the validation rows (``validation[f]`` [V, C]) equals that of the
-    served model there: a member's label is then as confident as what the served model says about a record it
-    never saw, which is what LiRA's OUT references say about it. Flatter labels make a flatter served model, so
-    ``match_rounds`` R distills R times, each time on the last round's labels (the first on the teachers'
+    """``pipeline_label=matched_teachers`` (``matched_distilled``): soft [M, C] with fold f's member labels tempered
+    (T_f) so that the mean log-odds of pipeline f's teachers (its students) on the validation rows (``validation[f]``
+    [V, C]) equals that of the served model there: a member's label is then as confident as what the served model says
+    about a record it never saw, which is what LiRA's OUT references say about it. Flatter labels make a flatter served
+    model, so ``match_rounds`` R distills R times, each time on the last round's labels (the first on the teachers'
     own), and fits the T_f to it. Returns the labels and every round's temperatures."""
     X_val, y_val = ctx.validation
     current, rounds = soft, []
@@ -427,16 +428,20 @@ class PipelineLabels(NamedTuple):
 
 def _pipeline_labels(sub: Context, sub_p: dict[str, Any], p: dict[str, Any], X_fold: torch.Tensor,
                      X_ref: torch.Tensor | None, X_val: torch.Tensor | None) -> PipelineLabels:  # fmt: skip
-    """Fold pipeline ``sub``'s labels for the members it never saw (X_fold [n, D]), the reference rows (X_ref
-    [R, D]) and the validation rows (X_val [V, D], teachers only). ``pipeline_label=distilled``: its distilled
-    model's softmax; ``teachers`` (and ``matched_teachers``): the mean softmax of all K of its sub-models for
-    X_fold and X_val, and for a reference row what its own SELENA would label it with (``selena_reference``:
-    the L sub-models that left it out; ``selena``: all K, as ``reference_teachers=all``). No pipeline is
-    distilled then."""
-    if p["pipeline_label"] == "distilled":
+    """Fold pipeline ``sub``'s labels for the members it never saw (X_fold [n, D]), the reference rows (X_ref [R, D])
+    and the validation rows (X_val [V, D], only when matched). ``pipeline_label=distilled`` (and ``matched_distilled``):
+    the mean softmax of its ``students`` distilled models; ``teachers`` (and ``matched_teachers``): the mean softmax of
+    all K of its sub-models for X_fold and X_val, and for a reference row what its own SELENA would label it with
+    (``selena_reference``: the L sub-models that left it out; ``selena``: all K, as ``reference_teachers=all``). No
+    pipeline is distilled then."""
+    if p["pipeline_label"] in DISTILLED:
         models, digest = _students(sub, sub_p, int(p["students"]))
-        mean = lambda rows: torch.stack([predict_probs(m, rows).float() for m in models]).mean(0)  # noqa: E731
-        return PipelineLabels(mean(X_fold), None if X_ref is None else mean(X_ref), None, digest)
+
+        def mean(rows: torch.Tensor) -> torch.Tensor:  # [r, D] -> [r, C]
+            return torch.stack([predict_probs(m, rows).float() for m in models]).mean(0)
+
+        return PipelineLabels(mean(X_fold), None if X_ref is None else mean(X_ref),
+                              None if X_val is None else mean(X_val), digest)  # fmt: skip
     split_ai = _splits(sub, sub_p)
     own = p["relabel_by"] == "selena_reference"  # the reference rows are this pipeline's records
     none = X_fold[:0]  # [0, D]: a part not asked for
@@ -487,9 +492,11 @@ DISTILL_ON = ("members", "reference", "both")
 #: its fold (``selena``; ``selena_reference``: the reference rows in that SELENA's members too)
 RELABEL_BY = ("student", "selena", "selena_reference")
 #: with ``relabel_by`` selena(_reference), what labels fold f's members: pipeline f's distilled model, or the
-#: mean softmax of its K sub-models (``teachers``: none of them saw fold f, and their mean varies less), or that
-#: mean tempered per fold to the served model's confidence on unseen rows (``matched_teachers``, ``_matched``)
-PIPELINE_LABEL = ("distilled", "teachers", "matched_teachers")
+#: mean softmax of its K sub-models (``teachers``: none of them saw fold f, and their mean varies less), or either
+#: tempered per fold to the served model's confidence on unseen rows (``matched_*``, ``_matched``)
+PIPELINE_LABEL = ("distilled", "teachers", "matched_teachers", "matched_distilled")
+DISTILLED = ("distilled", "matched_distilled")  # labels from the pipeline's distilled students
+MATCHED = ("matched_teachers", "matched_distilled")
 #: ``relabel_by=selena``: fold f's sub-models start from the recipe's seed + FOLD_SEED·(f + 1)
 FOLD_SEED = 7_919
 #: ``students``: fold pipeline f's student s ≥ 1 distills from its seed + STUDENT_SEED·s

@@ -578,11 +578,51 @@ def test_matched_teachers_tempers_each_folds_labels_to_the_served_models_confide
         target = float(log_odds(predict_probs(served, X_val).float(), y_val).mean())
         for (rows, sub, sub_p), t in zip(pipelines, rounds[r], strict=True):
             val_soft = replacements._splits(sub, sub_p).soft_labels(*sub.members, False, X_val)[1]
-            assert val_soft is not None and t == matched_temperature(val_soft, y_val, target)
+            assert val_soft is not None and _grid_neighbours(t, matched_temperature(val_soft, y_val, target))
             assert torch.allclose(labels[rows], tempered(teachers[rows], t), atol=1e-6)
         assert torch.equal(labels[80:], teachers[80:])
     with pytest.raises(ValueError, match="match_rounds must be >= 1"):
         train_replacement_selena(ctx, {**params, "pipeline_label": "matched_teachers", "match_rounds": "0"})
+
+
+def _grid_neighbours(t: float, refit: float) -> bool:
+    """The fitted T and a refit on a batch of another shape: the same ``TEMPERATURES`` point, or (when the target
+    sits within float error of a midpoint) the next one."""
+    step = float(np.log(TEMPERATURES[1] / TEMPERATURES[0]))
+    return abs(float(np.log(t / refit))) <= step * 1.001
+
+
+def test_matched_distilled_tempers_the_students_mean_to_the_served_models_confidence(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``pipeline_label=matched_distilled students=2``: the labels of ``students=2`` (distilled by the first round
+    as they are), fold f's member labels then tempered by the T_f that brings its students' mean log-odds on the
+    validation rows to that served model's; the reference rows' labels unchanged."""
+    import defense_models.training.replacements as replacements
+    from defense_models.training.nets import predict_probs
+
+    ctx, _ = _replacement_context()  # members X[:80], reference X[80:100], validation X[100:]
+    params = {"K": "4", "L": "1", "cache": str(tmp_path), "distill_epochs": "2", "distill_on": "both",
+              "relabel_folds": "2", "relabel_by": "selena_reference", "students": "2"}  # fmt: skip
+    runs = _distillations(monkeypatch)
+    train_replacement_selena(ctx, params)
+    plain = runs[-1][1]  # [100, 4]: the students' labels
+    del runs[:]
+    _, record = train_replacement_selena(ctx, {**params, "pipeline_label": "matched_distilled"})
+    assert len(runs) == 2 * 2 + 2 and torch.equal(runs[-2][1], plain)  # the students, one round, the model
+    (t_folds,) = record["label_temperature_rounds"]
+    X_val, y_val = ctx.validation
+    target = float(log_odds(predict_probs(runs[-2][2], X_val).float(), y_val).mean())
+    labels = runs[-1][1]
+    students = [m for _, _, m in runs[:4]]  # pipeline 0's two students, then pipeline 1's
+    pipelines = replacements._fold_pipelines(ctx, replacements._selena_params(ctx, params), *ctx.members)
+    for f, ((rows, _, _), t) in enumerate(zip(pipelines, t_folds, strict=True)):
+        val = torch.stack([predict_probs(m, X_val).float() for m in students[2 * f:2 * f + 2]]).mean(0)  # [V, 4]
+        assert _grid_neighbours(t, matched_temperature(val, y_val, target))
+        assert torch.allclose(labels[rows], tempered(plain[rows], t), atol=1e-6)
+    assert torch.equal(labels[80:], plain[80:])
+    with pytest.raises(ValueError, match="students S >= 1"):
+        train_replacement_selena(ctx, {**params, "pipeline_label": "matched_teachers"})
 
 
 def test_students_average_several_distilled_models_of_each_fold_pipeline(
