@@ -8,6 +8,14 @@ BASELINE setting's), the best attack of the whole suite, the largest TPR at 0.1%
 attack's 95% bootstrap interval, in reports that have one), and the verdicts: test ≥ baseline − 3 points,
 best ≤ 0.60 and TPR@0.1% ≤ 1% (alone), best ≤ 0.56 and label loss 0 (with MemGuard on top).
 
+``--plot PNG --pick SHORT=SETTING ...`` draws the privacy-vs-utility panels (test accuracy against the best
+attack and against the largest TPR at 0.1% FPR) for the picked settings only, each under its short name, with
+the goals as dashed lines when ``--goals`` names the baseline (it prints no table then). Picks with the same
+short name are one series (e.g. three trainings of a recipe):
+
+    python bench/summarize.py reports/location30-selena-heldout/sweep.json --goals plain \
+        --plot docs/results/location30-selena-heldout/frontier.png --pick "plain=plain" --pick "..."
+
 Prints one Markdown row per setting: utility, the label-only floor, MemGuard's NN attack (shadow and
 adaptive views), the best attack of each family, and the goals' verdicts. ``--extra`` sweeps add their
 attacks to the settings with the same label (e.g. the flipped view run separately).
@@ -21,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from defense_models.audit.schema import Sweep, read
+from defense_models.audit.schema import Sweep, SweepRow, read
 
 FAMILIES = {
     "label-only": lambda k: k.startswith("label-only/"),
@@ -58,7 +66,13 @@ def main() -> None:
         help="a column per attacker view (its best confidence-based attack) and the cost to users",
     )
     parser.add_argument("--goals", metavar="BASELINE", help="issue 15's table, accuracy against this setting's")
+    parser.add_argument("--plot", type=Path, metavar="PNG", help="privacy vs utility of the --pick settings")
+    parser.add_argument("--pick", action="append", default=[], metavar="SHORT=SETTING",
+                        help="a setting to plot, under a short name (repeatable, in legend order)")  # fmt: skip
     args = parser.parse_args()
+    if args.plot:
+        plot(read(Sweep, args.sweep).rows, args.pick, args.plot, args.goals)
+        return
     rows = [r.model_dump() for r in read(Sweep, args.sweep).rows]
     for extra in args.extra:
         by_label = {r.setting: r for r in read(Sweep, extra).rows}
@@ -111,6 +125,29 @@ def by_view(rows: list[dict[str, Any]]) -> None:
         near = "—" if u.get("near_repeats_agree") is None else f"{u['near_repeats_agree']:.0%}"
         tail = f" | {worst - r['label_only_floor']:+.3f} | {tpr:.1%}{label} | {cost} | {near} | {r['mean_l1']:.3f} |"
         print(f"| {r['setting']} | {r['label_only_floor']:.3f} | " + " | ".join(cells) + tail)
+
+
+def plot(rows: list[SweepRow], picks: list[str], out: Path, baseline: str | None) -> None:
+    """The picked rows (``SHORT=SETTING``), renamed, on the two privacy-vs-utility panels; issue 15's goals
+    relative to ``baseline``'s test accuracy as dashed lines."""
+    from defense_models.audit.sweep import Goals, plot_privacy_utility
+
+    by_label = {r.setting: r for r in rows}
+    named = [_split_pick(pick, by_label) for pick in picks]
+    missing = [pick for pick, n in zip(picks, named, strict=True) if n is None]
+    if not picks or missing:
+        raise SystemExit(f"--plot needs --pick SHORT=SETTING with settings of the sweep; not found: {missing}")
+    picked = [by_label[setting].model_copy(update={"setting": short}) for short, setting in filter(None, named)]
+    goals = None if baseline is None else Goals(by_label[baseline].test_accuracy - 0.03, 0.60, 0.01)
+    plot_privacy_utility(picked, out, goals)
+    print(f"written to {out}")
+
+
+def _split_pick(pick: str, settings: dict[str, Any]) -> tuple[str, str] | None:
+    """(SHORT, SETTING) of ``SHORT=SETTING`` at the first "=" after which a setting of the sweep follows (both
+    names may hold "="), or None."""
+    cuts = [i for i, c in enumerate(pick) if c == "="]
+    return next(((pick[:i], pick[i + 1:]) for i in cuts if pick[i + 1:] in settings), None)
 
 
 def _mark(ok: bool) -> str:

@@ -23,7 +23,7 @@ import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from defense_models.audit.config import AuditConfig
 from defense_models.audit.queries import check_references
@@ -252,6 +252,42 @@ def plot_sweep(rows: list[SweepRow], path: Path) -> None:
     _privacy_utility(axes[0][-2], rows, lambda r: r.best_balanced_accuracy, "best attack balanced accuracy")
     _privacy_utility(axes[0][-1], rows, lambda r: r.max_tpr_at_01pct_fpr, "largest TPR at 0.1% FPR")
     _save(fig, path)
+
+
+def plot_privacy_utility(rows: list[SweepRow], path: Path, goals: Goals | None = None) -> None:
+    """Test accuracy against the best attack and against the largest TPR at 0.1% FPR (log scale), one colour
+    and legend entry per setting name: rows that share a name (e.g. trainings of one recipe, picked from a
+    sweep and renamed) are one series. The goals, when given, as dashed lines."""
+    from defense_models.audit.report import _pyplot, _save
+
+    plt = _pyplot()
+    series: dict[str, list[SweepRow]] = {}
+    for r in rows:
+        series.setdefault(r.setting, []).append(r)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), squeeze=False)
+    panels = ((lambda r: r.best_balanced_accuracy, "best attack balanced accuracy", "linear"),
+              (lambda r: max(r.max_tpr_at_01pct_fpr, TPR_FLOOR), "largest TPR at 0.1% FPR", "log"))  # fmt: skip
+    for ax, (y, ylabel, scale), limit in zip(axes[0], panels, (goals[1:] if goals else (None, None)), strict=True):
+        for name, pts in series.items():
+            ax.scatter([r.test_accuracy for r in pts], [y(r) for r in pts], s=22, label=name)
+        if goals is not None:
+            ax.axvline(goals.min_test_accuracy, color="gray", linestyle="--", linewidth=0.8)
+            ax.axhline(limit, color="gray", linestyle="--", linewidth=0.8)
+        ax.set(xlabel="test accuracy", ylabel=ylabel, yscale=scale, title=f"privacy vs utility: {ylabel}")
+    axes[0][1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    _save(fig, path)
+
+
+#: the log-scale TPR panel draws a TPR of 0 here (0.1%: no attack measured above its own FPR)
+TPR_FLOOR = 1e-3
+
+
+class Goals(NamedTuple):
+    """Where a privacy-utility plot draws its goal lines: test accuracy at least, best attack and TPR at most."""
+
+    min_test_accuracy: float
+    max_best_attack: float
+    max_tpr_at_01pct_fpr: float
 
 
 def _privacy_utility(ax: Any, rows: list[SweepRow], y: Callable[[SweepRow], float], ylabel: str) -> None:
