@@ -265,9 +265,11 @@ def plot_privacy_utility(rows: list[SweepRow], path: Path, goals: Goals | None =
     for r in rows:
         series.setdefault(r.setting, []).append(r)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), squeeze=False)
-    panels = ((lambda r: r.best_balanced_accuracy, "best attack balanced accuracy", "linear"),
-              (lambda r: max(r.max_tpr_at_01pct_fpr, TPR_FLOOR), "largest TPR at 0.1% FPR", "log"))  # fmt: skip
-    for ax, (y, ylabel, scale), limit in zip(axes[0], panels, (goals[1:] if goals else (None, None)), strict=True):
+    panels = ((lambda r: r.best_balanced_accuracy, "best attack balanced accuracy", "linear",
+               goals and goals.max_best_attack),
+              (lambda r: max(r.max_tpr_at_01pct_fpr, TPR_FLOOR), "largest TPR at 0.1% FPR", "log",
+               goals and goals.max_tpr_at_01pct_fpr))  # fmt: skip
+    for ax, (y, ylabel, scale, limit) in zip(axes[0], panels, strict=True):
         for name, pts in series.items():
             ax.scatter([r.test_accuracy for r in pts], [y(r) for r in pts], s=22, label=name)
         if goals is not None:
